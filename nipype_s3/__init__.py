@@ -1,0 +1,48 @@
+"""nipype_s3: Nipype pipelines in AWS.
+
+Read inputs from S3, write results to S3, run containers next to the data on EC2, and
+scale a workflow out to EC2 instances with no shared file system.
+"""
+
+import logging
+
+__version__ = "0.1.0"
+
+from .exceptions import (  # noqa: E402
+    ConfigurationError,
+    CredentialsError,
+    EC2Error,
+    InputFileNotFound,
+    InstanceLaunchError,
+    InstanceTimeout,
+    NipypeS3Error,
+    RemoteNodeError,
+    S3AccessDenied,
+    S3BucketNotFound,
+    S3Error,
+    S3ObjectNotFound,
+    S3WrongRegion,
+    TransferFailed,
+)
+from .interfaces import S3DataSink  # noqa: E402
+
+logging.getLogger(__name__).addHandler(logging.NullHandler())
+
+__all__ = [
+    "__version__",
+    "S3DataSink",
+    "NipypeS3Error",
+    "ConfigurationError",
+    "CredentialsError",
+    "InputFileNotFound",
+    "S3Error",
+    "S3BucketNotFound",
+    "S3ObjectNotFound",
+    "S3AccessDenied",
+    "S3WrongRegion",
+    "TransferFailed",
+    "EC2Error",
+    "InstanceLaunchError",
+    "InstanceTimeout",
+    "RemoteNodeError",
+]

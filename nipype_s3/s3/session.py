@@ -1,0 +1,124 @@
+"""Make S3 clients: endpoint, region, retries, timeouts and a pool sized to the work."""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+import boto3
+import botocore.exceptions
+from botocore import UNSIGNED
+from botocore.config import Config
+
+from .. import config as cfg
+from .errors import s3_errors
+
+__all__ = ["make_s3_client", "bucket_region", "client_config", "endpoint_of"]
+
+logger = logging.getLogger(__name__)
+
+_region_cache: dict[tuple[str | None, str], str] = {}
+_region_lock = threading.Lock()
+
+
+def client_config(*, max_concurrency: int = cfg.DEFAULT_MAX_CONCURRENCY, anon: bool = False,
+                  region: str | None = None) -> Config:
+    """botocore ``Config`` for our clients.
+
+    Adaptive retries with backoff, bounded connect and read timeouts (a stalled
+    connection ends in a retry, never a hang) and a connection pool large enough for
+    ``max_concurrency`` transfers at once.
+    """
+    kwargs = dict(
+        retries={"mode": "adaptive", "max_attempts": cfg.DEFAULT_MAX_ATTEMPTS},
+        connect_timeout=cfg.DEFAULT_CONNECT_TIMEOUT,
+        read_timeout=cfg.DEFAULT_READ_TIMEOUT,
+        max_pool_connections=max(10, int(max_concurrency) + 4),
+        tcp_keepalive=True,
+        region_name=region,
+        # checksums only where an operation requires them: S3-compatible stores
+        # (and older moto) reject or ignore the newer default CRC headers.
+        request_checksum_calculation="when_required",
+        response_checksum_validation="when_required",
+    )
+    if anon:
+        kwargs["signature_version"] = UNSIGNED
+    return Config(**kwargs)
+
+
+def _drop_expect_header(request, **kwargs) -> None:
+    # botocore sends "Expect: 100-continue" for larger bodies and can wait forever when
+    # a connection closes right after the interim status line. The header is not
+    # signed, so dropping it is safe; the body is simply sent at once.
+    request.headers.pop("Expect", None)
+
+
+def endpoint_of(client) -> str | None:
+    """The custom endpoint URL of a client, or ``None`` for AWS's own endpoints."""
+    url = getattr(client.meta, "endpoint_url", None) or ""
+    return None if url.endswith(".amazonaws.com") or "amazonaws.com" in url else url
+
+
+def bucket_region(bucket: str, session: boto3.Session, *, anon: bool = False,
+                  endpoint_url: str | None = None) -> str:
+    """Find the region a bucket lives in (one ``HeadBucket``, cached per process).
+
+    For a custom endpoint (MinIO, SeaweedFS, moto...) the session's region, or
+    ``us-east-1``, is returned without a request.
+    """
+    if endpoint_url:
+        return session.region_name or "us-east-1"
+    key = (None, bucket)
+    with _region_lock:
+        if key in _region_cache:
+            return _region_cache[key]
+    probe = session.client("s3", region_name="us-east-1",
+                           config=client_config(anon=anon, region="us-east-1"))
+    region = None
+    try:
+        resp = probe.head_bucket(Bucket=bucket)
+        region = resp["ResponseMetadata"]["HTTPHeaders"].get("x-amz-bucket-region")
+    except botocore.exceptions.ClientError as exc:
+        headers = exc.response.get("ResponseMetadata", {}).get("HTTPHeaders", {}) or {}
+        region = headers.get("x-amz-bucket-region")
+        if not region:
+            with s3_errors(bucket=bucket, action="find the region of"):
+                raise
+    region = region or "us-east-1"
+    with _region_lock:
+        _region_cache[key] = region
+    logger.debug("bucket %s is in region %s", bucket, region)
+    return region
+
+
+def make_s3_client(session: boto3.Session, *, bucket: str | None = None,
+                   endpoint_url: str | None = None, region: str | None = None,
+                   anon: bool = False, max_concurrency: int = cfg.DEFAULT_MAX_CONCURRENCY):
+    """An S3 client for ``bucket``.
+
+    Parameters
+    ----------
+    session : boto3.Session
+        From :func:`nipype_s3.s3.credentials.resolve_session`.
+    bucket : str, optional
+        When given and ``region`` is not, the region is found from the bucket.
+    endpoint_url : str, optional
+        An S3-compatible server; defaults to ``AWS_ENDPOINT_URL_S3``/``AWS_ENDPOINT_URL``.
+    region : str, optional
+        The bucket's region.
+    anon : bool
+        Unsigned requests, for public buckets.
+    max_concurrency : int
+        Transfers at once; sizes the connection pool.
+    """
+    endpoint_url = endpoint_url or cfg.env_endpoint_url()
+    if not region:
+        if bucket and not endpoint_url:
+            region = bucket_region(bucket, session, anon=anon)
+        else:
+            region = session.region_name or "us-east-1"
+    client = session.client(
+        "s3", endpoint_url=endpoint_url, region_name=region,
+        config=client_config(max_concurrency=max_concurrency, anon=anon, region=region))
+    client.meta.events.register("before-send.s3", _drop_expect_header)
+    return client

@@ -1,0 +1,127 @@
+"""Shared transfer machinery: settings, the s3transfer manager, progress and summaries.
+
+The operations themselves live in :mod:`.upload`, :mod:`.download` and :mod:`.delete`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+from s3transfer.manager import TransferConfig as _S3TConfig
+from s3transfer.manager import TransferManager
+from s3transfer.subscribers import BaseSubscriber
+
+from .. import config as cfg
+
+__all__ = ["TransferSettings", "TransferSummary", "make_manager", "Progress", "format_bytes"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TransferSettings:
+    """How transfers run. Tuning only: none of it changes what ends up where.
+
+    Parameters
+    ----------
+    max_concurrency : int
+        Requests in flight at once (files, and parts of large files).
+    multipart_threshold, multipart_chunksize : int
+        Files at least ``multipart_threshold`` bytes go in parts of ``multipart_chunksize``.
+    progress : bool
+        Show a tqdm progress bar (bytes) on stderr.
+    """
+
+    max_concurrency: int = cfg.DEFAULT_MAX_CONCURRENCY
+    multipart_threshold: int = cfg.DEFAULT_MULTIPART_THRESHOLD
+    multipart_chunksize: int = cfg.DEFAULT_MULTIPART_CHUNKSIZE
+    progress: bool = False
+
+
+def make_manager(client, settings: TransferSettings) -> TransferManager:
+    """An s3transfer ``TransferManager`` around ``client`` for ``settings``."""
+    conf = _S3TConfig(
+        multipart_threshold=settings.multipart_threshold,
+        multipart_chunksize=settings.multipart_chunksize,
+        max_request_concurrency=max(1, settings.max_concurrency),
+        max_submission_concurrency=max(2, min(8, settings.max_concurrency)),
+        max_io_queue_size=1000,
+        num_download_attempts=cfg.DEFAULT_MAX_ATTEMPTS,
+    )
+    return TransferManager(client, conf)
+
+
+def format_bytes(n: float) -> str:
+    """``1536`` → ``'1.5 KiB'``."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"  # pragma: no cover
+
+
+@dataclass
+class TransferSummary:
+    """What a batch of transfers did: counted, never guessed."""
+
+    verb: str = "Transferred"
+    target: str = ""
+    files: int = 0
+    bytes: int = 0
+    skipped: int = 0
+    skipped_bytes: int = 0
+    deleted: int = 0
+    seconds: float = 0.0
+    done: list = field(default_factory=list)
+
+    @property
+    def rate(self) -> float:
+        """Bytes per second moved (0 when nothing moved)."""
+        return self.bytes / self.seconds if self.seconds > 0 and self.bytes else 0.0
+
+    def line(self) -> str:
+        """One log line: files, bytes, skipped, speed."""
+        text = (f"{self.verb} {self.files} file{'s' if self.files != 1 else ''} "
+                f"({format_bytes(self.bytes)}) {self.target} in {self.seconds:.2f} s")
+        if self.bytes and self.seconds > 0:
+            text += f" ({format_bytes(self.rate)}/s)"
+        if self.skipped:
+            text += f"; {self.skipped} unchanged skipped ({format_bytes(self.skipped_bytes)})"
+        if self.deleted:
+            text += f"; {self.deleted} stale deleted"
+        return text
+
+
+class Progress(BaseSubscriber):
+    """Feeds a tqdm bar from s3transfer's progress callbacks (one bar per batch)."""
+
+    def __init__(self, total: int, desc: str, enabled: bool) -> None:
+        self._bar = None
+        if enabled and total:
+            from tqdm.auto import tqdm
+
+            self._bar = tqdm(total=total, desc=desc, unit="B", unit_scale=True,
+                             unit_divisor=1024, leave=False)
+
+    def on_progress(self, future, bytes_transferred, **kwargs):  # noqa: D401 - s3transfer API
+        if self._bar is not None:
+            self._bar.update(bytes_transferred)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+
+
+class Timer:
+    """``with Timer() as t: ...; t.seconds``."""
+
+    def __enter__(self):
+        self._start = time.perf_counter()
+        self.seconds = 0.0
+        return self
+
+    def __exit__(self, *exc):
+        self.seconds = time.perf_counter() - self._start
+        return False

@@ -1,0 +1,206 @@
+"""Upload many local files to S3: concurrent, skip-unchanged, encrypted, nothing half-done.
+
+One LIST of the destination prefix tells which keys already hold the same bytes
+(compared by ETag, multipart ETags included), so an unchanged re-run sends no object
+data and makes no HEAD request. A failed multipart upload is aborted by s3transfer, so
+no incomplete upload is left behind.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import botocore.exceptions
+
+from ..config import METADATA_MD5_KEY
+from ..exceptions import ConfigurationError, InputFileNotFound, NipypeS3Error, TransferFailed
+from .errors import s3_errors, translate
+from .hashing import etag_matches, file_md5
+from .listing import ObjectInfo, common_prefix, list_objects
+from .session import endpoint_of
+from .transfer import Progress, Timer, TransferSettings, TransferSummary, make_manager
+
+__all__ = ["UploadItem", "upload_files", "sse_args"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class UploadItem:
+    """One local file and the key it goes to."""
+
+    source: str
+    key: str
+
+
+def sse_args(sse: str | None = None, kms_key_id: str | None = None) -> dict:
+    """``ExtraArgs`` for server-side encryption.
+
+    ``sse`` is ``None``, ``"AES256"`` or ``"aws:kms"``; a ``kms_key_id`` implies
+    ``aws:kms``.
+    """
+    if kms_key_id:
+        if sse not in (None, "aws:kms"):
+            raise ConfigurationError(
+                f"kms_key_id is set but the encryption asked for is {sse!r}; a KMS key needs "
+                "'aws:kms' (leave the encryption unset, or drop kms_key_id for AES256).")
+        return {"ServerSideEncryption": "aws:kms", "SSEKMSKeyId": kms_key_id}
+    if sse in (None, ""):
+        return {}
+    if sse not in ("AES256", "aws:kms"):
+        raise ConfigurationError(
+            f"Unknown server-side encryption {sse!r}: use 'AES256' or 'aws:kms'.")
+    return {"ServerSideEncryption": sse}
+
+
+def _check_sources(items) -> list[int]:
+    sizes = []
+    for item in items:
+        try:
+            st = os.stat(item.source)
+        except FileNotFoundError:
+            raise InputFileNotFound(
+                f"Cannot upload {item.source!r} to key {item.key!r}: the file does not exist. "
+                "Check the path connected to this input.") from None
+        except PermissionError as exc:
+            raise InputFileNotFound(
+                f"Cannot upload {item.source!r}: it is not readable by this user.") from exc
+        if not os.path.isfile(item.source):
+            raise InputFileNotFound(
+                f"Cannot upload {item.source!r} as key {item.key!r}: it is not a regular file.")
+        sizes.append(st.st_size)
+    return sizes
+
+
+def _unchanged(client, bucket: str, item: UploadItem, size: int, remote: ObjectInfo | None,
+               settings: TransferSettings, kms: bool) -> bool:
+    if remote is None or remote.size != size:
+        return False
+    if etag_matches(item.source, remote.etag, part_size=settings.multipart_chunksize):
+        return True
+    if kms or "-" in remote.etag:
+        # ETag is not the MD5 of the bytes (SSE-KMS, or parts of another size):
+        # compare the MD5 kept in the object's metadata.
+        with s3_errors(bucket=bucket, key=item.key, action="read the metadata of",
+                       endpoint=endpoint_of(client)):
+            head = client.head_object(Bucket=bucket, Key=item.key)
+        stored = head.get("Metadata", {}).get(METADATA_MD5_KEY)
+        return bool(stored) and stored == file_md5(item.source)
+    return False
+
+
+def upload_files(client, bucket: str, items, *, settings: TransferSettings | None = None,
+                 sse: str | None = None, kms_key_id: str | None = None,
+                 skip_unchanged: bool = True, existing: dict[str, ObjectInfo] | None = None,
+                 extra_args: dict | None = None, target: str | None = None) -> TransferSummary:
+    """Upload ``items`` (:class:`UploadItem`) to ``bucket``.
+
+    Parameters
+    ----------
+    client
+        A boto3 S3 client.
+    bucket : str
+        The destination bucket.
+    items : iterable of UploadItem
+        Local files and their keys. Every source is checked before anything is sent.
+    settings : TransferSettings
+        Concurrency, part sizes, progress bar.
+    sse, kms_key_id : str, optional
+        Server-side encryption (see :func:`sse_args`).
+    skip_unchanged : bool
+        Skip files whose key already holds the same bytes (one LIST, no HEAD).
+    existing : dict, optional
+        A listing already made (``{key: ObjectInfo}``); saves the LIST.
+    extra_args : dict, optional
+        More ``ExtraArgs`` for every object (e.g. ``ContentType``).
+    target : str, optional
+        How to name the destination in the summary line.
+
+    Returns
+    -------
+    TransferSummary
+        Files and bytes sent, files skipped; ``done`` lists the keys written.
+
+    Raises
+    ------
+    InputFileNotFound
+        A source is missing (nothing is sent).
+    TransferFailed
+        Some files did not upload after retries; the others did. ``failures`` lists them.
+    """
+    settings = settings or TransferSettings()
+    items = list(items)
+    sizes = _check_sources(items)
+    args = dict(extra_args or {})
+    args.update(sse_args(sse, kms_key_id))
+    kms = args.get("ServerSideEncryption") == "aws:kms"
+    endpoint = endpoint_of(client)
+    summary = TransferSummary(verb="Uploaded", target=target or f"to s3://{bucket}")
+
+    with Timer() as timer:
+        todo = list(zip(items, sizes))
+        if skip_unchanged and items:
+            if existing is None:
+                existing = list_objects(client, bucket, common_prefix(i.key for i in items))
+            with ThreadPoolExecutor(max_workers=min(8, max(1, settings.max_concurrency))) as ex:
+                same = list(ex.map(
+                    lambda pair: _unchanged(client, bucket, pair[0], pair[1],
+                                            existing.get(pair[0].key), settings, kms), todo))
+            keep = []
+            for (item, size), unchanged in zip(todo, same):
+                if unchanged:
+                    summary.skipped += 1
+                    summary.skipped_bytes += size
+                    logger.debug("unchanged, skipped: s3://%s/%s", bucket, item.key)
+                else:
+                    keep.append((item, size))
+            todo = keep
+
+        failures = []
+        if todo:
+            progress = Progress(sum(s for _, s in todo), "upload", settings.progress)
+            manager = make_manager(client, settings)
+            try:
+                futures = []
+                for item, size in todo:
+                    obj_args = dict(args)
+                    if kms:
+                        obj_args["Metadata"] = {METADATA_MD5_KEY: file_md5(item.source)}
+                    futures.append((item, size, manager.upload(
+                        item.source, bucket, item.key, extra_args=obj_args,
+                        subscribers=[progress])))
+                for item, size, future in futures:
+                    try:
+                        future.result()
+                    except (botocore.exceptions.BotoCoreError,
+                            botocore.exceptions.ClientError, NipypeS3Error, OSError) as exc:
+                        err = translate(exc, bucket=bucket, key=item.key, action="upload",
+                                        endpoint=endpoint) if not isinstance(exc, OSError) \
+                            else exc
+                        failures.append((item.source, err))
+                        logger.debug("upload failed: %s -> s3://%s/%s: %s", item.source,
+                                     bucket, item.key, err)
+                    else:
+                        summary.files += 1
+                        summary.bytes += size
+                        summary.done.append(item.key)
+                        logger.debug("uploaded %s -> s3://%s/%s", item.source, bucket, item.key)
+            except BaseException:
+                manager.shutdown(cancel=True)
+                raise
+            else:
+                manager.shutdown()
+            finally:
+                progress.close()
+    summary.seconds = timer.seconds
+    if failures:
+        first_src, first_err = failures[0]
+        raise TransferFailed(
+            f"{len(failures)} of {len(items)} files failed to upload to s3://{bucket} "
+            f"({summary.files} uploaded, {summary.skipped} unchanged). First failure, "
+            f"{first_src!r}: {first_err}", failures=failures, bucket=bucket) from first_err
+    logger.debug("%s", summary.line())
+    return summary

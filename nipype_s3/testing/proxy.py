@@ -1,0 +1,192 @@
+"""An HTTP proxy on 127.0.0.1 that records every S3 request (and can inject faults).
+
+Put it between a client and a local S3 server to count what a transfer really sends:
+
+>>> with RecordingProxy("http://127.0.0.1:8333") as proxy:     # doctest: +SKIP
+...     client = boto3.client("s3", endpoint_url=proxy.url)
+...     ...
+...     proxy.count("PUT")
+
+Requests are forwarded with their ``Host`` header unchanged, so SigV4 signatures made
+for the proxy's address stay valid upstream.
+"""
+
+from __future__ import annotations
+
+import http.client
+import random
+import threading
+import time
+import urllib.parse
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+__all__ = ["RecordingProxy", "Recorded"]
+
+_HOP = {"connection", "keep-alive", "proxy-connection", "transfer-encoding", "te",
+        "trailer", "upgrade", "expect"}
+
+
+@dataclass(frozen=True)
+class Recorded:
+    """One request seen by the proxy."""
+
+    method: str
+    path: str
+    query: str
+    status: int
+
+    @property
+    def key(self) -> str:
+        """``bucket/key`` part of a path-style request."""
+        return urllib.parse.unquote(self.path.lstrip("/"))
+
+
+class RecordingProxy:
+    """Forwards to ``upstream``; records requests; optionally fails some of them.
+
+    Parameters
+    ----------
+    upstream : str
+        ``http://host:port`` of the real server.
+    fault_rate : float
+        Fraction of requests answered with a fault instead of being forwarded.
+    faults : tuple of str
+        Which faults: ``"503"`` (SlowDown), ``"500"``, ``"drop"`` (close the connection
+        without an answer), ``"stall"`` (answer nothing for ``stall_seconds``).
+    """
+
+    def __init__(self, upstream: str, *, fault_rate: float = 0.0,
+                 faults: tuple[str, ...] = ("503",), stall_seconds: float = 5.0,
+                 seed: int = 0) -> None:
+        parsed = urllib.parse.urlsplit(upstream)
+        self.upstream_host = parsed.hostname or "127.0.0.1"
+        self.upstream_port = parsed.port or 80
+        self.fault_rate = fault_rate
+        self.faults = faults
+        self.stall_seconds = stall_seconds
+        self.requests: list[Recorded] = []
+        self._lock = threading.Lock()
+        self._random = random.Random(seed)
+        self._server: ThreadingHTTPServer | None = None
+        self._thread: threading.Thread | None = None
+        self.url = ""
+
+    # -- bookkeeping ----------------------------------------------------------------
+    def clear(self) -> None:
+        with self._lock:
+            self.requests.clear()
+
+    def count(self, method: str | None = None, *, query_has: str | None = None) -> int:
+        """How many requests (of ``method``, with ``query_has`` in the query) were seen."""
+        with self._lock:
+            return sum(1 for r in self.requests
+                       if (method is None or r.method == method)
+                       and (query_has is None or query_has in r.query))
+
+    def _record(self, rec: Recorded) -> None:
+        with self._lock:
+            self.requests.append(rec)
+
+    def _pick_fault(self) -> str | None:
+        with self._lock:
+            if self.fault_rate and self._random.random() < self.fault_rate:
+                return self._random.choice(self.faults)
+        return None
+
+    # -- server ---------------------------------------------------------------------
+    def start(self) -> RecordingProxy:
+        proxy = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):  # quiet
+                pass
+
+            def _body(self) -> bytes:
+                if "chunked" in (self.headers.get("Transfer-Encoding") or "").lower():
+                    chunks = []
+                    while True:
+                        size = int(self.rfile.readline().split(b";")[0].strip() or b"0", 16)
+                        if size == 0:
+                            while self.rfile.readline() not in (b"\r\n", b"\n", b""):
+                                pass
+                            break
+                        chunks.append(self.rfile.read(size))
+                        self.rfile.readline()
+                    return b"".join(chunks)
+                length = int(self.headers.get("Content-Length") or 0)
+                return self.rfile.read(length) if length else b""
+
+            def _handle(self):
+                body = self._body()
+                path, _, query = self.path.partition("?")
+                fault = proxy._pick_fault()
+                if fault == "drop":
+                    proxy._record(Recorded(self.command, path, query, 0))
+                    self.close_connection = True
+                    self.connection.shutdown(2)
+                    return
+                if fault == "stall":
+                    proxy._record(Recorded(self.command, path, query, 0))
+                    time.sleep(proxy.stall_seconds)
+                    self.close_connection = True
+                    return
+                if fault in ("500", "503"):
+                    code = int(fault)
+                    err = "SlowDown" if code == 503 else "InternalError"
+                    payload = (f"<?xml version=\"1.0\" encoding=\"UTF-8\"?><Error><Code>{err}"
+                               f"</Code><Message>injected fault</Message></Error>").encode()
+                    proxy._record(Recorded(self.command, path, query, code))
+                    self.send_response(code)
+                    self.send_header("Content-Type", "application/xml")
+                    self.send_header("Content-Length", str(len(payload)))
+                    self.end_headers()
+                    self.wfile.write(payload)
+                    return
+                headers = {k: v for k, v in self.headers.items() if k.lower() not in _HOP}
+                if "chunked" in (self.headers.get("Transfer-Encoding") or "").lower():
+                    headers["Content-Length"] = str(len(body))
+                conn = http.client.HTTPConnection(proxy.upstream_host, proxy.upstream_port,
+                                                  timeout=120)
+                try:
+                    conn.request(self.command, self.path, body=body or None, headers=headers)
+                    resp = conn.getresponse()
+                    data = resp.read()
+                finally:
+                    conn.close()
+                proxy._record(Recorded(self.command, path, query, resp.status))
+                self.send_response(resp.status)
+                for key, value in resp.getheaders():
+                    if key.lower() not in _HOP and key.lower() != "content-length":
+                        self.send_header(key, value)
+                if self.command == "HEAD":
+                    self.send_header("Content-Length", resp.getheader("Content-Length") or "0")
+                else:
+                    self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(data)
+
+            do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _handle
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True,
+                                        name="nipype-s3-proxy")
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
+
+    def __enter__(self) -> RecordingProxy:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
