@@ -38,11 +38,16 @@ class DownloadItem:
 
 
 class _ProvideSize(BaseSubscriber):
-    def __init__(self, size: int) -> None:
+    """Hands s3transfer what a LIST already said, so it sends no HEAD request."""
+
+    def __init__(self, size: int, etag: str | None) -> None:
         self._size = size
+        self._etag = etag
 
     def on_queued(self, future, **kwargs):
         future.meta.provide_transfer_size(self._size)
+        if self._etag and hasattr(future.meta, "provide_object_etag"):
+            future.meta.provide_object_etag(f'"{self._etag.strip(chr(34))}"')
 
 
 def _unchanged(item: DownloadItem, settings: TransferSettings) -> bool:
@@ -90,7 +95,7 @@ def download_files(client, bucket: str, items, *, settings: TransferSettings | N
             with ThreadPoolExecutor(max_workers=min(8, max(1, settings.max_concurrency))) as ex:
                 same = list(ex.map(lambda it: _unchanged(it, settings), items))
             todo = []
-            for item, unchanged in zip(items, same):
+            for item, unchanged in zip(items, same, strict=True):
                 if unchanged:
                     summary.skipped += 1
                     summary.skipped_bytes += item.size or 0
@@ -108,7 +113,7 @@ def download_files(client, bucket: str, items, *, settings: TransferSettings | N
                 for item in todo:
                     subs = [progress]
                     if item.size is not None:
-                        subs.insert(0, _ProvideSize(item.size))
+                        subs.insert(0, _ProvideSize(item.size, item.etag))
                     futures.append((item, manager.download(
                         bucket, item.key, item.dest, extra_args=extra, subscribers=subs)))
                 for item, future in futures:

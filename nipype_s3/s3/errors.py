@@ -106,7 +106,8 @@ def translate(exc: BaseException, *, bucket: str | None = None, key: str | None 
     where = _where(err_bucket, key)
     kw = {"bucket": err_bucket, "key": key, "code": code}
 
-    if code in _NOT_FOUND_BUCKET:
+    if code in _NOT_FOUND_BUCKET or (code in ("404", "NotFound") and err_bucket and not key):
+        # HeadBucket answers a bare 404 for a missing bucket
         return S3BucketNotFound(
             f"Bucket {err_bucket!r} does not exist{at} (while trying to {action} {where}). "
             "Check the bucket name, the endpoint, and the account you use.", **kw)

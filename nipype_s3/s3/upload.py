@@ -141,7 +141,7 @@ def upload_files(client, bucket: str, items, *, settings: TransferSettings | Non
     summary = TransferSummary(verb="Uploaded", target=target or f"to s3://{bucket}")
 
     with Timer() as timer:
-        todo = list(zip(items, sizes))
+        todo = list(zip(items, sizes, strict=True))
         if skip_unchanged and items:
             if existing is None:
                 existing = list_objects(client, bucket, common_prefix(i.key for i in items))
@@ -150,7 +150,7 @@ def upload_files(client, bucket: str, items, *, settings: TransferSettings | Non
                     lambda pair: _unchanged(client, bucket, pair[0], pair[1],
                                             existing.get(pair[0].key), settings, kms), todo))
             keep = []
-            for (item, size), unchanged in zip(todo, same):
+            for (item, size), unchanged in zip(todo, same, strict=True):
                 if unchanged:
                     summary.skipped += 1
                     summary.skipped_bytes += size

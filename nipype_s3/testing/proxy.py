@@ -35,6 +35,12 @@ class Recorded:
     path: str
     query: str
     status: int
+    headers: tuple = ()
+
+    def header(self, name: str) -> str | None:
+        """A request header's value (names compared without case)."""
+        name = name.lower()
+        return next((v for k, v in self.headers if k == name), None)
 
     @property
     def key(self) -> str:
@@ -122,14 +128,16 @@ class RecordingProxy:
             def _handle(self):
                 body = self._body()
                 path, _, query = self.path.partition("?")
+                seen = tuple((k.lower(), v) for k, v in self.headers.items()
+                             if k.lower() not in ("authorization", "x-amz-security-token"))
                 fault = proxy._pick_fault()
                 if fault == "drop":
-                    proxy._record(Recorded(self.command, path, query, 0))
+                    proxy._record(Recorded(self.command, path, query, 0, seen))
                     self.close_connection = True
                     self.connection.shutdown(2)
                     return
                 if fault == "stall":
-                    proxy._record(Recorded(self.command, path, query, 0))
+                    proxy._record(Recorded(self.command, path, query, 0, seen))
                     time.sleep(proxy.stall_seconds)
                     self.close_connection = True
                     return
@@ -138,7 +146,7 @@ class RecordingProxy:
                     err = "SlowDown" if code == 503 else "InternalError"
                     payload = (f"<?xml version=\"1.0\" encoding=\"UTF-8\"?><Error><Code>{err}"
                                f"</Code><Message>injected fault</Message></Error>").encode()
-                    proxy._record(Recorded(self.command, path, query, code))
+                    proxy._record(Recorded(self.command, path, query, code, seen))
                     self.send_response(code)
                     self.send_header("Content-Type", "application/xml")
                     self.send_header("Content-Length", str(len(payload)))
@@ -156,7 +164,7 @@ class RecordingProxy:
                     data = resp.read()
                 finally:
                     conn.close()
-                proxy._record(Recorded(self.command, path, query, resp.status))
+                proxy._record(Recorded(self.command, path, query, resp.status, seen))
                 self.send_response(resp.status)
                 for key, value in resp.getheaders():
                     if key.lower() not in _HOP and key.lower() != "content-length":

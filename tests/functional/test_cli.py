@@ -1,0 +1,60 @@
+"""The command line: --version, help, the demo end to end, errors as one line."""
+
+import subprocess
+import sys
+
+import pytest
+
+import nipype_s3
+from nipype_s3.cli import main
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    assert exit_.value.code == 0
+    assert capsys.readouterr().out.strip() == f"nipype-s3 {nipype_s3.__version__}"
+
+
+def test_no_command_prints_help(capsys):
+    assert main([]) == 2
+    assert "demo" in capsys.readouterr().out
+
+
+def test_demo_runs_end_to_end_and_leaves_no_process(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "nipype_s3.cli", "demo", "--keep",
+                           str(tmp_path / "keep")], capture_output=True, text=True,
+                          timeout=300, cwd=str(tmp_path))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    out = proc.stdout
+    assert "s3://nipype-s3-demo/" in out
+    for name in ("sub-01_task-rest_bold_mean.nii.gz", "sub-02_task-rest_bold_tsnr.nii.gz"):
+        assert name in out
+    kept = sorted(p.name for p in (tmp_path / "keep").rglob("*.nii.gz"))
+    assert len(kept) == 4
+    import nibabel as nib
+
+    mean = nib.load(next((tmp_path / "keep").rglob("sub-02_task-rest_bold_mean.nii.gz")))
+    assert mean.shape == (128, 96, 24)
+    import re
+    import socket
+
+    port = int(re.search(r"embedded S3 server at http://127.0.0.1:(\d+)", out).group(1))
+    with pytest.raises(OSError):  # the server is gone
+        socket.create_connection(("127.0.0.1", port), timeout=2).close()
+    leftover = subprocess.run(["pgrep", "-f", f"moto.server .*-p {port}"],
+                              capture_output=True, text=True)
+    assert leftover.stdout.strip() == ""
+
+
+def test_errors_are_one_line(capsys, monkeypatch):
+    from nipype_s3 import cli
+
+    def boom(args):
+        raise nipype_s3.ConfigurationError("bad value 'x': do y")
+
+    parser = cli.build_parser()
+    monkeypatch.setattr(cli, "build_parser", lambda: parser)
+    parser._subparsers._group_actions[0].choices["demo"].set_defaults(func=boom)
+    assert main(["demo"]) == 1
+    assert capsys.readouterr().err == "nipype-s3 demo: error: bad value 'x': do y\n"

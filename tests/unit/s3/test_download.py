@@ -1,0 +1,83 @@
+"""download_files on in-process moto: round trip, skip, no partial files, one request each."""
+
+import os
+
+import boto3
+import pytest
+from botocore.stub import Stubber
+
+from nipype_s3.exceptions import ConfigurationError, TransferFailed
+from nipype_s3.s3.download import DownloadItem, download_files
+from nipype_s3.s3.listing import common_prefix, list_objects
+from nipype_s3.s3.session import make_s3_client
+from nipype_s3.s3.transfer import TransferSettings
+
+
+def test_known_size_means_no_head(tmp_path):
+    client = make_s3_client(boto3.Session(), endpoint_url="http://127.0.0.1:9")
+    with Stubber(client) as stub:
+        stub.add_response("get_object", {"Body": _Body(b"abc"), "ContentLength": 3,
+                                          "ETag": '"x"'},
+                          {"Bucket": "bkt", "Key": "a/b.txt"})
+        summary = download_files(client, "bkt", [DownloadItem("a/b.txt", str(tmp_path / "b.txt"),
+                                                              size=3, etag="x")],
+                                 settings=TransferSettings(max_concurrency=1))
+        stub.assert_no_pending_responses()
+    assert (tmp_path / "b.txt").read_bytes() == b"abc" and summary.files == 1
+
+
+class _Body:
+    def __init__(self, data):
+        self._data = data
+
+    def read(self, n=-1):
+        data, self._data = (self._data, b"") if n < 0 else (self._data[:n], self._data[n:])
+        return data
+
+    def close(self):
+        pass
+
+    def set_socket_timeout(self, t):
+        pass
+
+
+def test_round_trip_and_skip(s3_inprocess, tmp_path):
+    s3_inprocess.create_bucket(Bucket="bkt")
+    blobs = {f"data/sub-0{i}/x.bin": os.urandom(500 + i) for i in range(6)}
+    for key, data in blobs.items():
+        s3_inprocess.put_object(Bucket="bkt", Key=key, Body=data)
+    listing = list_objects(s3_inprocess, "bkt", "data/")
+    items = [DownloadItem(k, str(tmp_path / k), info.size, info.etag)
+             for k, info in listing.items()]
+    first = download_files(s3_inprocess, "bkt", items)
+    assert first.files == 6
+    for key, data in blobs.items():
+        assert (tmp_path / key).read_bytes() == data
+    assert download_files(s3_inprocess, "bkt", items).skipped == 6
+    (tmp_path / "data/sub-01/x.bin").write_bytes(b"tampered")
+    assert download_files(s3_inprocess, "bkt", items).files == 1
+    assert (tmp_path / "data/sub-01/x.bin").read_bytes() == blobs["data/sub-01/x.bin"]
+
+
+def test_missing_key_leaves_no_file(s3_inprocess, tmp_path):
+    s3_inprocess.create_bucket(Bucket="bkt")
+    dest = tmp_path / "out" / "gone.nii"
+    with pytest.raises(TransferFailed) as err:
+        download_files(s3_inprocess, "bkt", [DownloadItem("gone.nii", str(dest), size=10)])
+    assert "1 of 1 objects failed to download from s3://bkt" in str(err.value)
+    assert not dest.exists()
+    assert os.listdir(dest.parent) == []
+
+
+def test_duplicate_destinations_refused(tmp_path):
+    with pytest.raises(ConfigurationError, match="same path"):
+        download_files(None, "bkt", [DownloadItem("a", str(tmp_path / "x")),
+                                     DownloadItem("b", str(tmp_path / "x"))])
+
+
+def test_common_prefix():
+    assert common_prefix(["a/b/c", "a/b/d/e"]) == "a/b/"
+    assert common_prefix(["a/bc", "a/bd"]) == "a/"
+    assert common_prefix(["x", "y"]) == ""
+    assert common_prefix([]) == ""
+    assert common_prefix(["only/one/key.nii"]) == "only/one/"

@@ -1,0 +1,106 @@
+"""Client construction: endpoint, region discovery, retries, pool, no Expect header."""
+
+import boto3
+import pytest
+from botocore.stub import Stubber
+
+from nipype_s3.exceptions import S3BucketNotFound
+from nipype_s3.s3 import session as s3session
+from nipype_s3.s3.session import bucket_region, client_config, make_s3_client
+
+
+def test_config_bounds_every_wait_and_sizes_pool():
+    conf = client_config(max_concurrency=40)
+    assert conf.max_pool_connections == 44
+    assert conf.retries == {"mode": "adaptive", "max_attempts": 8}
+    assert conf.connect_timeout == 10 and conf.read_timeout == 60
+
+
+def test_endpoint_from_environment(monkeypatch):
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
+    client = make_s3_client(boto3.Session(), bucket="anything")
+    assert client.meta.endpoint_url == "http://127.0.0.1:9"
+    assert client.meta.region_name == "us-east-1"
+
+
+def test_explicit_endpoint_beats_environment(monkeypatch):
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
+    client = make_s3_client(boto3.Session(), endpoint_url="http://127.0.0.1:10")
+    assert client.meta.endpoint_url == "http://127.0.0.1:10"
+
+
+def test_anonymous_client_does_not_sign():
+    from botocore import UNSIGNED
+
+    client = make_s3_client(boto3.Session(), endpoint_url="http://127.0.0.1:9", anon=True)
+    assert client.meta.config.signature_version is UNSIGNED
+
+
+def test_region_found_from_bucket(monkeypatch):
+    probe = boto3.client("s3", region_name="us-east-1")
+    stub = Stubber(probe)
+    stub.add_response("head_bucket", {"ResponseMetadata": {
+        "HTTPStatusCode": 200, "HTTPHeaders": {"x-amz-bucket-region": "eu-central-1"}}},
+        {"Bucket": "abcd-data"})
+    stub.activate()
+    session = boto3.Session()
+    monkeypatch.setattr(session, "client", lambda *a, **k: probe)
+    assert bucket_region("abcd-data", session) == "eu-central-1"
+    # cached: the stub has no more responses, a second request would fail
+    assert bucket_region("abcd-data", session) == "eu-central-1"
+    stub.assert_no_pending_responses()
+
+
+def test_region_from_a_403_answer(monkeypatch):
+    probe = boto3.client("s3", region_name="us-east-1")
+    stub = Stubber(probe)
+    stub.add_client_error("head_bucket", service_error_code="403", http_status_code=403,
+                          response_meta={"HTTPHeaders": {"x-amz-bucket-region": "us-west-2"}})
+    stub.activate()
+    session = boto3.Session()
+    monkeypatch.setattr(session, "client", lambda *a, **k: probe)
+    assert bucket_region("private-bucket", session) == "us-west-2"
+
+
+def test_region_of_missing_bucket_is_a_clear_error(monkeypatch):
+    probe = boto3.client("s3", region_name="us-east-1")
+    stub = Stubber(probe)
+    stub.add_client_error("head_bucket", service_error_code="NoSuchBucket",
+                          http_status_code=404)
+    stub.activate()
+    session = boto3.Session()
+    monkeypatch.setattr(session, "client", lambda *a, **k: probe)
+    with pytest.raises(S3BucketNotFound, match="'no-such-bucket-x' does not exist"):
+        bucket_region("no-such-bucket-x", session)
+
+
+def test_expect_header_is_dropped():
+    class Req:
+        headers = {"Expect": "100-continue", "Content-Length": "5"}
+
+    s3session._drop_expect_header(Req())
+    assert Req.headers == {"Content-Length": "5"}
+
+
+@pytest.mark.parametrize("ours", [True, False])
+def test_client_registers_expect_handler(ours):
+    if ours:
+        client = make_s3_client(boto3.Session(), endpoint_url="http://127.0.0.1:9")
+    else:  # control: a plain client sends the header, so the test can see it go
+        client = boto3.client("s3", endpoint_url="http://127.0.0.1:9", region_name="us-east-1")
+    sent = {}
+
+    def capture(request, **kwargs):
+        sent.update(request.headers)
+        from botocore.awsrequest import AWSResponse
+
+        class Raw:
+            def stream(self):
+                yield b""
+
+        return AWSResponse(request.url, 200, {}, Raw())
+
+    client.meta.events.register_last("before-send.s3", capture)
+    client.put_object(Bucket="bkt", Key="k", Body=b"x" * (2 * 1024 * 1024))
+    assert ("Expect" in sent) is not ours
+    assert sent.get("Content-Length") == str(2 * 1024 * 1024)
