@@ -24,13 +24,14 @@ from .exceptions import (  # noqa: E402
     S3WrongRegion,
     TransferFailed,
 )
-from .interfaces import S3DataSink  # noqa: E402
+from .interfaces import S3DataGrabber, S3DataSink  # noqa: E402
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())
 
 __all__ = [
     "__version__",
     "S3DataSink",
+    "S3DataGrabber",
     "NipypeS3Error",
     "ConfigurationError",
     "CredentialsError",

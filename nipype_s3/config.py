@@ -15,6 +15,7 @@ __all__ = [
     "SECRET_ENV_VARS",
     "METADATA_MD5_KEY",
     "env_endpoint_url",
+    "max_attempts",
 ]
 
 MiB = 1024 * 1024
@@ -30,7 +31,8 @@ DEFAULT_MULTIPART_CHUNKSIZE = 16 * MiB
 #: wait is bounded: a stalled connection ends in a retry, never a hang.
 DEFAULT_CONNECT_TIMEOUT = 10
 DEFAULT_READ_TIMEOUT = 60
-#: Attempts per request (botocore's adaptive retry mode, with backoff).
+#: Attempts per request (botocore's adaptive retry mode, with backoff). Override with
+#: the environment variable ``NIPYPE_S3_MAX_ATTEMPTS``.
 DEFAULT_MAX_ATTEMPTS = 8
 
 #: Variables whose values must never be recorded in a node's result or report.
@@ -44,6 +46,19 @@ SECRET_ENV_VARS = (
 #: User metadata key holding the hex MD5 of an uploaded file. It lets skip-unchanged
 #: compare files whose ETag is not an MD5 (SSE-KMS, or another tool's part size).
 METADATA_MD5_KEY = "nipype-s3-md5"
+
+
+def max_attempts() -> int:
+    """Attempts per request: ``NIPYPE_S3_MAX_ATTEMPTS`` or :data:`DEFAULT_MAX_ATTEMPTS`."""
+    value = os.environ.get("NIPYPE_S3_MAX_ATTEMPTS", "")
+    try:
+        return max(1, int(value)) if value.strip() else DEFAULT_MAX_ATTEMPTS
+    except ValueError:
+        from .exceptions import ConfigurationError
+
+        raise ConfigurationError(
+            f"NIPYPE_S3_MAX_ATTEMPTS={value!r} is not a whole number; set it to the attempts "
+            "per request (e.g. 8) or unset it.") from None
 
 
 def env_endpoint_url() -> str | None:

@@ -22,6 +22,9 @@ os.environ["NIPYPE_NO_ET"] = "1"
 
 from nipype_s3.testing.servers import FAKE_ACCESS_KEY, FAKE_SECRET_KEY  # noqa: E402
 
+#: A bucket on the SeaweedFS server that anyone may list and read (like OpenNeuro's).
+PUBLIC_BUCKET = "nipype-s3-public"
+
 _FIXTURE_MARKERS = {"moto_server": "moto_server", "moto_endpoint": "moto_server",
                     "seaweedfs": "seaweedfs", "weed_bucket": "seaweedfs"}
 
@@ -98,7 +101,7 @@ def moto_server(_moto_server_session, monkeypatch):
 def _seaweedfs_session():
     from nipype_s3.testing import SeaweedFS
 
-    server = SeaweedFS()
+    server = SeaweedFS(public_buckets=(PUBLIC_BUCKET,))
     server.start()
     yield server
     server.stop()

@@ -1,5 +1,6 @@
-"""Nipype interfaces: S3DataSink (and, as they land, S3DataGrabber, EC2ContainerRun)."""
+"""Nipype interfaces: S3DataSink, S3DataGrabber (and, as it lands, EC2ContainerRun)."""
 
+from .grabber import S3DataGrabber
 from .sink import S3DataSink
 
-__all__ = ["S3DataSink"]
+__all__ = ["S3DataSink", "S3DataGrabber"]

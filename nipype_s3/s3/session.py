@@ -30,7 +30,7 @@ def client_config(*, max_concurrency: int = cfg.DEFAULT_MAX_CONCURRENCY, anon: b
     ``max_concurrency`` transfers at once.
     """
     kwargs = dict(
-        retries={"mode": "adaptive", "max_attempts": cfg.DEFAULT_MAX_ATTEMPTS},
+        retries={"mode": "adaptive", "max_attempts": cfg.max_attempts()},
         connect_timeout=cfg.DEFAULT_CONNECT_TIMEOUT,
         read_timeout=cfg.DEFAULT_READ_TIMEOUT,
         max_pool_connections=max(10, int(max_concurrency) + 4),

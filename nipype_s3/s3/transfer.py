@@ -48,7 +48,8 @@ def make_manager(client, settings: TransferSettings) -> TransferManager:
         max_request_concurrency=max(1, settings.max_concurrency),
         max_submission_concurrency=max(2, min(8, settings.max_concurrency)),
         max_io_queue_size=1000,
-        num_download_attempts=cfg.DEFAULT_MAX_ATTEMPTS,
+        # each attempt already has botocore's retries; these cover a body cut mid-stream
+        num_download_attempts=3,
     )
     return TransferManager(client, conf)
 

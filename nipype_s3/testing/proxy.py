@@ -60,11 +60,15 @@ class RecordingProxy:
     faults : tuple of str
         Which faults: ``"503"`` (SlowDown), ``"500"``, ``"drop"`` (close the connection
         without an answer), ``"stall"`` (answer nothing for ``stall_seconds``).
+    fault_filter : callable, optional
+        ``fault_filter(method, path, query) -> bool``: only matching requests may fail
+        (e.g. object GETs but not LISTs).
     """
 
     def __init__(self, upstream: str, *, fault_rate: float = 0.0,
                  faults: tuple[str, ...] = ("503",), stall_seconds: float = 5.0,
-                 seed: int = 0) -> None:
+                 fault_filter=None, seed: int = 0) -> None:
+        self.fault_filter = fault_filter
         parsed = urllib.parse.urlsplit(upstream)
         self.upstream_host = parsed.hostname or "127.0.0.1"
         self.upstream_port = parsed.port or 80
@@ -94,7 +98,9 @@ class RecordingProxy:
         with self._lock:
             self.requests.append(rec)
 
-    def _pick_fault(self) -> str | None:
+    def _pick_fault(self, method: str = "", path: str = "", query: str = "") -> str | None:
+        if self.fault_filter is not None and not self.fault_filter(method, path, query):
+            return None
         with self._lock:
             if self.fault_rate and self._random.random() < self.fault_rate:
                 return self._random.choice(self.faults)
@@ -130,7 +136,7 @@ class RecordingProxy:
                 path, _, query = self.path.partition("?")
                 seen = tuple((k.lower(), v) for k, v in self.headers.items()
                              if k.lower() not in ("authorization", "x-amz-security-token"))
-                fault = proxy._pick_fault()
+                fault = proxy._pick_fault(self.command, path, query)
                 if fault == "drop":
                     proxy._record(Recorded(self.command, path, query, 0, seen))
                     self.close_connection = True

@@ -146,10 +146,14 @@ class SeaweedFS:
     access_key, secret_key : str
         The only keys it accepts; requests with others get ``InvalidAccessKeyId`` or
         ``SignatureDoesNotMatch``.
+    public_buckets : tuple of str
+        Buckets anyone may list and read without signing (as a public-read bucket on
+        AWS); every other anonymous request is refused with ``AccessDenied``.
     """
 
     def __init__(self, directory: str | None = None, *, access_key: str = FAKE_ACCESS_KEY,
-                 secret_key: str = FAKE_SECRET_KEY) -> None:
+                 secret_key: str = FAKE_SECRET_KEY, public_buckets: tuple = ()) -> None:
+        self.public_buckets = tuple(public_buckets)
         self._own_dir = directory is None
         self.directory = directory or tempfile.mkdtemp(prefix="nipype-s3-weed-")
         self.access_key = access_key
@@ -176,11 +180,16 @@ class SeaweedFS:
         data = os.path.join(self.directory, "data")
         os.makedirs(data, exist_ok=True)
         identity = os.path.join(self.directory, "s3.json")
+        identities = [{
+            "name": "nipype-s3-test",
+            "credentials": [{"accessKey": self.access_key, "secretKey": self.secret_key}],
+            "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]
+        if self.public_buckets:
+            identities.append({"name": "anonymous", "actions": [
+                f"{action}:{name}" for name in self.public_buckets
+                for action in ("Read", "List")]})
         with open(identity, "w") as fobj:
-            json.dump({"identities": [{
-                "name": "nipype-s3-test",
-                "credentials": [{"accessKey": self.access_key, "secretKey": self.secret_key}],
-                "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]}, fobj)
+            json.dump({"identities": identities}, fobj)
         ports = {name: free_port() for name in (
             "master.port", "master.port.grpc", "volume.port", "volume.port.grpc",
             "filer.port", "filer.port.grpc", "s3.port.grpc", "admin.port", "admin.port.grpc")}

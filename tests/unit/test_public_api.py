@@ -5,6 +5,7 @@ import nipype_s3
 EXPECTED = {
     "__version__",
     "S3DataSink",
+    "S3DataGrabber",
     "NipypeS3Error",
     "ConfigurationError",
     "CredentialsError",
