@@ -25,6 +25,7 @@ from .exceptions import (  # noqa: E402
     TransferFailed,
 )
 from .interfaces import S3DataGrabber, S3DataSink  # noqa: E402
+from .plugins import EC2Plugin  # noqa: E402
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())
 
@@ -32,6 +33,7 @@ __all__ = [
     "__version__",
     "S3DataSink",
     "S3DataGrabber",
+    "EC2Plugin",
     "NipypeS3Error",
     "ConfigurationError",
     "CredentialsError",

@@ -1,5 +1,7 @@
-"""Testing helpers: local S3 servers (and LocalCloud, an AWS account on loopback)."""
+"""Testing helpers: LocalCloud (an AWS account on loopback), local S3 servers, a proxy."""
 
+from .localcloud import LocalCloud, LocalInstance
 from .servers import MotoServer, SeaweedFS, ServerError, free_port
 
-__all__ = ["MotoServer", "SeaweedFS", "ServerError", "free_port"]
+__all__ = ["LocalCloud", "LocalInstance", "MotoServer", "SeaweedFS", "ServerError",
+           "free_port"]

@@ -36,6 +36,7 @@ class Recorded:
     query: str
     status: int
     headers: tuple = ()
+    action: str = ""
 
     def header(self, name: str) -> str | None:
         """A request header's value (names compared without case)."""
@@ -46,6 +47,18 @@ class Recorded:
     def key(self) -> str:
         """``bucket/key`` part of a path-style request."""
         return urllib.parse.unquote(self.path.lstrip("/"))
+
+
+def _action(method: str, headers, body: bytes, query: str) -> str:
+    target = headers.get("X-Amz-Target")
+    if target:
+        return target
+    for source in (query, body[:4096].decode("latin-1") if body else ""):
+        for pair in source.split("&"):
+            name, _, value = pair.partition("=")
+            if name == "Action":
+                return urllib.parse.unquote_plus(value)
+    return f"S3:{method}"
 
 
 class RecordingProxy:
@@ -63,12 +76,19 @@ class RecordingProxy:
     fault_filter : callable, optional
         ``fault_filter(method, path, query) -> bool``: only matching requests may fail
         (e.g. object GETs but not LISTs).
+    responder : callable, optional
+        ``responder(request: Recorded) -> (status, body, content_type) or None``: answer
+        a request without forwarding it (an injected AWS error, say).
+
+    Each request is recorded with its ``action``: the API operation for JSON and query
+    protocols (``AmazonSQS.ReceiveMessage``, ``RunInstances``), else ``S3:<METHOD>``.
     """
 
     def __init__(self, upstream: str, *, fault_rate: float = 0.0,
                  faults: tuple[str, ...] = ("503",), stall_seconds: float = 5.0,
-                 fault_filter=None, seed: int = 0) -> None:
+                 fault_filter=None, responder=None, seed: int = 0) -> None:
         self.fault_filter = fault_filter
+        self.responder = responder
         parsed = urllib.parse.urlsplit(upstream)
         self.upstream_host = parsed.hostname or "127.0.0.1"
         self.upstream_port = parsed.port or 80
@@ -87,12 +107,23 @@ class RecordingProxy:
         with self._lock:
             self.requests.clear()
 
-    def count(self, method: str | None = None, *, query_has: str | None = None) -> int:
-        """How many requests (of ``method``, with ``query_has`` in the query) were seen."""
+    def count(self, method: str | None = None, *, query_has: str | None = None,
+              action: str | None = None) -> int:
+        """How many requests (of ``method``, with ``query_has`` in the query, of
+        ``action``) were seen."""
         with self._lock:
             return sum(1 for r in self.requests
                        if (method is None or r.method == method)
-                       and (query_has is None or query_has in r.query))
+                       and (query_has is None or query_has in r.query)
+                       and (action is None or r.action == action))
+
+    def actions(self) -> dict:
+        """``{action: count}`` of every request seen."""
+        out: dict = {}
+        with self._lock:
+            for r in self.requests:
+                out[r.action] = out.get(r.action, 0) + 1
+        return out
 
     def _record(self, rec: Recorded) -> None:
         with self._lock:
@@ -136,14 +167,27 @@ class RecordingProxy:
                 path, _, query = self.path.partition("?")
                 seen = tuple((k.lower(), v) for k, v in self.headers.items()
                              if k.lower() not in ("authorization", "x-amz-security-token"))
+                action = _action(self.command, self.headers, body, query)
+                rec = Recorded(self.command, path, query, 0, seen, action)
+                if proxy.responder is not None:
+                    canned = proxy.responder(rec)
+                    if canned is not None:
+                        code, payload, ctype = canned
+                        proxy._record(Recorded(self.command, path, query, code, seen, action))
+                        self.send_response(code)
+                        self.send_header("Content-Type", ctype)
+                        self.send_header("Content-Length", str(len(payload)))
+                        self.end_headers()
+                        self.wfile.write(payload)
+                        return
                 fault = proxy._pick_fault(self.command, path, query)
                 if fault == "drop":
-                    proxy._record(Recorded(self.command, path, query, 0, seen))
+                    proxy._record(Recorded(self.command, path, query, 0, seen, action))
                     self.close_connection = True
                     self.connection.shutdown(2)
                     return
                 if fault == "stall":
-                    proxy._record(Recorded(self.command, path, query, 0, seen))
+                    proxy._record(Recorded(self.command, path, query, 0, seen, action))
                     time.sleep(proxy.stall_seconds)
                     self.close_connection = True
                     return
@@ -152,7 +196,7 @@ class RecordingProxy:
                     err = "SlowDown" if code == 503 else "InternalError"
                     payload = (f"<?xml version=\"1.0\" encoding=\"UTF-8\"?><Error><Code>{err}"
                                f"</Code><Message>injected fault</Message></Error>").encode()
-                    proxy._record(Recorded(self.command, path, query, code, seen))
+                    proxy._record(Recorded(self.command, path, query, code, seen, action))
                     self.send_response(code)
                     self.send_header("Content-Type", "application/xml")
                     self.send_header("Content-Length", str(len(payload)))
@@ -170,7 +214,8 @@ class RecordingProxy:
                     data = resp.read()
                 finally:
                     conn.close()
-                proxy._record(Recorded(self.command, path, query, resp.status, seen))
+                proxy._record(Recorded(self.command, path, query, resp.status, seen,
+                                             action))
                 self.send_response(resp.status)
                 for key, value in resp.getheaders():
                     if key.lower() not in _HOP and key.lower() != "content-length":

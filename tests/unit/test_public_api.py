@@ -6,6 +6,7 @@ EXPECTED = {
     "__version__",
     "S3DataSink",
     "S3DataGrabber",
+    "EC2Plugin",
     "NipypeS3Error",
     "ConfigurationError",
     "CredentialsError",

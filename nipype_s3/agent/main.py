@@ -1,0 +1,351 @@
+"""The agent: the same code on EC2 and in tests (``python -m nipype_s3.agent``).
+
+It long-polls its run's jobs queue, checks each message's signature, fetches the
+signed spec, and starts one worker process per job while the jobs fit the machine's
+vCPUs and memory. While a job runs it keeps the message invisible (heartbeat); when the
+worker ends it uploads the log, writes ``done/<job>.json`` with ``IfNoneMatch='*'``
+(the first finished attempt wins, a late duplicate is dropped), tells the controller on
+the events queue and deletes the message. A job whose message was received more than
+``max_attempts`` times (its agents died) is reported as an infrastructure failure.
+
+It stops — and on EC2 the bootstrap then shuts the instance down, which terminates it —
+after ``idle_timeout`` without work, when the controller's lease goes stale, or at
+``max_lifetime``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+
+import boto3
+import botocore.exceptions
+
+from ..ec2.jobs import MessageRejected, open_message, verify
+from ..s3.session import make_s3_client
+from .config import AgentConfig
+
+__all__ = ["Agent", "main"]
+
+logger = logging.getLogger("nipype_s3.agent")
+
+_LOG_TAIL = 40
+
+
+@dataclass
+class _Running:
+    job_id: str
+    receipt: str
+    attempt: int
+    proc: subprocess.Popen
+    log_path: str
+    outcome_path: str
+    n_procs: int
+    mem_gb: float
+    started: float
+    last_beat: float
+
+
+class Agent:
+    """Serve one run's jobs until idle, orphaned or too old."""
+
+    def __init__(self, config: AgentConfig, *, instance_id: str | None = None) -> None:
+        self.cfg = config
+        self.layout = config.layout
+        self.instance_id = instance_id or os.environ.get("NIPYPE_S3_INSTANCE_ID") \
+            or _imds_instance_id() or "local"
+        session = boto3.Session(region_name=config.region)
+        self.s3 = make_s3_client(session, endpoint_url=config.endpoint_url,
+                                 region=config.region)
+        kwargs = {"region_name": config.region}
+        if config.endpoint_url:
+            kwargs["endpoint_url"] = config.endpoint_url
+        self.sqs = session.client("sqs", **kwargs)
+        self.ssm = session.client("ssm", **kwargs)
+        self.vcpus = config.machine_vcpus()
+        self.mem_gb = config.machine_mem_gb()
+        self.running: dict[str, _Running] = {}
+        self.jobs_done = 0
+        self._key: bytes | None = None
+        self._stop = False
+        self.stop_reason = ""
+
+    # -- helpers ------------------------------------------------------------------------
+    def _job_key(self) -> bytes:
+        if self._key is None:
+            value = self.ssm.get_parameter(Name=self.cfg.job_key_parameter,
+                                           WithDecryption=True)["Parameter"]["Value"]
+            self._key = bytes.fromhex(value)
+        return self._key
+
+    def _lease_stale(self) -> bool:
+        try:
+            body = self.s3.get_object(Bucket=self.cfg.bucket, Key=self.layout.lease_key)
+            lease = json.loads(body["Body"].read())
+        except botocore.exceptions.ClientError:
+            return True
+        except ValueError:
+            return True
+        return time.time() > float(lease.get("expires", 0))
+
+    def _free(self) -> tuple[int, float]:
+        cpus = self.vcpus - sum(r.n_procs for r in self.running.values())
+        mem = self.mem_gb - sum(r.mem_gb for r in self.running.values())
+        return cpus, mem
+
+    def _send_event(self, job_id: str, status: str) -> None:
+        try:
+            self.sqs.send_message(QueueUrl=self.cfg.events_queue_url, MessageBody=json.dumps(
+                {"job_id": job_id, "status": status, "instance_id": self.instance_id}))
+        except botocore.exceptions.ClientError as exc:  # the controller also LISTs done/
+            logger.warning("could not send the event for job %s: %s", job_id, exc)
+
+    def _write_done(self, job_id: str, report: dict) -> bool:
+        """Write the done report once; False when another attempt already did."""
+        try:
+            self.s3.put_object(Bucket=self.cfg.bucket, Key=self.layout.done_key(job_id),
+                               Body=json.dumps(report).encode(), IfNoneMatch="*",
+                               ContentType="application/json")
+            return True
+        except botocore.exceptions.ClientError as exc:
+            code = exc.response.get("Error", {}).get("Code")
+            if code in ("PreconditionFailed", "ConditionalRequestConflict") or \
+                    exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") == 412:
+                logger.info("job %s already has a result; this attempt's is dropped", job_id)
+                return False
+            raise
+
+    def _delete(self, receipt: str) -> None:
+        try:
+            self.sqs.delete_message(QueueUrl=self.cfg.jobs_queue_url, ReceiptHandle=receipt)
+        except botocore.exceptions.ClientError as exc:
+            logger.warning("could not delete a job message: %s", exc)
+
+    # -- one message --------------------------------------------------------------------
+    def _take(self, msg: dict) -> None:
+        receipt = msg["ReceiptHandle"]
+        try:
+            body = open_message(msg["Body"], self.layout)
+            spec_bytes = self.s3.get_object(Bucket=self.cfg.bucket,
+                                            Key=body["spec_key"])["Body"].read()
+            if not verify(self._job_key(), spec_bytes, body["hmac"]):
+                raise MessageRejected(f"job {body['job_id']}: the signature does not verify")
+            spec = json.loads(spec_bytes)
+            if spec.get("job_id") != body["job_id"]:
+                raise MessageRejected("the spec names another job than its message")
+        except (MessageRejected, botocore.exceptions.ClientError, ValueError) as exc:
+            logger.error("refused a job message: %s", exc)
+            self._delete(receipt)
+            return
+        job_id = spec["job_id"]
+        attempt = int(msg.get("Attributes", {}).get("ApproximateReceiveCount", "1"))
+        if self._exists(self.layout.done_key(job_id)):
+            self._delete(receipt)  # a duplicate of a finished job
+            return
+        if attempt > self.cfg.max_attempts:
+            report = {"job_id": job_id, "status": "failed", "attempt": attempt,
+                      "instance_id": self.instance_id, "started": time.time(),
+                      "finished": time.time(), "outputs": [],
+                      "error": (f"the job was started {attempt - 1} times and no attempt "
+                                "finished: the agents running it died (instance terminated, "
+                                "out of memory, or killed). Giving up after max_attempts="
+                                f"{self.cfg.max_attempts}.")}
+            if self._write_done(job_id, report):
+                self._send_event(job_id, "failed")
+            self._delete(receipt)
+            return
+        n_procs = max(1, int(spec.get("n_procs") or 1))
+        mem_gb = float(spec.get("mem_gb") or 0)
+        cpus, mem = self._free()
+        if self.running and (n_procs > cpus or mem_gb > mem):
+            self.sqs.change_message_visibility(QueueUrl=self.cfg.jobs_queue_url,
+                                               ReceiptHandle=receipt, VisibilityTimeout=0)
+            return
+        self._start(spec, receipt, attempt, n_procs, mem_gb)
+
+    def _exists(self, key: str) -> bool:
+        try:
+            self.s3.head_object(Bucket=self.cfg.bucket, Key=key)
+            return True
+        except botocore.exceptions.ClientError:
+            return False
+
+    def _start(self, spec: dict, receipt: str, attempt: int, n_procs: int,
+               mem_gb: float) -> None:
+        job_id = spec["job_id"]
+        jobdir = os.path.join(self.cfg.worker_root, ".jobs", f"{job_id}-{attempt}")
+        os.makedirs(jobdir, exist_ok=True)
+        spec_path = os.path.join(jobdir, "spec.json")
+        with open(spec_path, "w") as fobj:
+            json.dump(spec, fobj)
+        log_path = os.path.join(jobdir, "log.txt")
+        outcome_path = os.path.join(jobdir, "outcome.json")
+        env = dict(os.environ, NIPYPE_S3_AGENT_CONFIG=self.cfg.to_json(), NIPYPE_NO_ET="1",
+                   OMP_NUM_THREADS=str(n_procs))
+        with open(log_path, "ab") as log:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "nipype_s3.agent.worker", spec_path, outcome_path],
+                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+                cwd=jobdir)
+        now = time.time()
+        self.running[job_id] = _Running(job_id, receipt, attempt, proc, log_path,
+                                        outcome_path, n_procs, mem_gb, now, now)
+        logger.info("job %s (%s) started, attempt %d", job_id, spec.get("node"), attempt)
+
+    # -- the loop -----------------------------------------------------------------------
+    def _heartbeat(self) -> None:
+        now = time.time()
+        for run in self.running.values():
+            if now - run.last_beat >= self.cfg.heartbeat:
+                try:
+                    self.sqs.change_message_visibility(
+                        QueueUrl=self.cfg.jobs_queue_url, ReceiptHandle=run.receipt,
+                        VisibilityTimeout=int(self.cfg.visibility_timeout))
+                    run.last_beat = now
+                except botocore.exceptions.ClientError as exc:
+                    logger.warning("heartbeat for job %s failed: %s", run.job_id, exc)
+
+    def _reap(self) -> None:
+        for job_id, run in list(self.running.items()):
+            code = run.proc.poll()
+            if code is None:
+                continue
+            del self.running[job_id]
+            self._finish(run, code)
+
+    def _finish(self, run: _Running, code: int) -> None:
+        log_key = self.layout.log_key(run.job_id, run.attempt)
+        tail = _tail(run.log_path)
+        try:
+            self.s3.upload_file(run.log_path, self.cfg.bucket, log_key)
+        except (botocore.exceptions.ClientError, OSError) as exc:
+            logger.warning("could not upload the log of job %s: %s", run.job_id, exc)
+        outcome = None
+        if os.path.exists(run.outcome_path):
+            with open(run.outcome_path) as fobj:
+                outcome = json.load(fobj)
+        if outcome is None:
+            outcome = {"job_id": run.job_id, "status": "error", "outputs": [],
+                       "started": run.started, "finished": time.time(),
+                       "traceback": [f"The worker process for this job died (exit code "
+                                     f"{code}) before reporting; see the log tail below.\n"]}
+        report = dict(outcome, attempt=run.attempt, instance_id=self.instance_id,
+                      log_key=log_key, log_tail=tail, exit_code=code)
+        if self._write_done(run.job_id, report):
+            self._send_event(run.job_id, report["status"])
+        self._delete(run.receipt)
+        self.jobs_done += 1
+        logger.info("job %s finished: %s", run.job_id, report["status"])
+
+    def _kill_all(self) -> None:
+        for run in self.running.values():
+            if run.proc.poll() is None:
+                run.proc.kill()
+                run.proc.wait()
+        self.running.clear()
+
+    def stop(self, *_args) -> None:
+        self._stop = True
+        self.stop_reason = self.stop_reason or "signal"
+
+    def run(self) -> int:
+        """Serve until a stop condition; return the process exit status."""
+        cfg = self.cfg
+        os.makedirs(cfg.worker_root, exist_ok=True)
+        start = time.monotonic()
+        last_work = time.monotonic()
+        last_lease = 0.0
+        logger.info("agent on %s serving run %s (%d vCPU, %.1f GiB)", self.instance_id,
+                    cfg.run_id, self.vcpus, self.mem_gb)
+        try:
+            while not self._stop:
+                now = time.monotonic()
+                if now - start > cfg.max_lifetime:
+                    self.stop_reason = "max lifetime reached"
+                    break
+                if now - last_lease >= cfg.lease_check:
+                    last_lease = now
+                    if self._lease_stale():
+                        self.stop_reason = "the controller's lease is stale"
+                        break
+                self._reap()
+                self._heartbeat()
+                if self.running:
+                    last_work = now
+                elif now - last_work > cfg.idle_timeout:
+                    self.stop_reason = f"idle for {cfg.idle_timeout:.0f} s"
+                    break
+                cpus, _ = self._free()
+                if cpus <= 0 and self.running:
+                    time.sleep(0.2)
+                    continue
+                wait = 0 if self.running else int(min(cfg.poll_wait, max(
+                    0, cfg.idle_timeout - (now - last_work)), cfg.lease_check))
+                resp = self.sqs.receive_message(
+                    QueueUrl=cfg.jobs_queue_url, MaxNumberOfMessages=max(1, min(10, cpus)),
+                    WaitTimeSeconds=wait, VisibilityTimeout=int(cfg.visibility_timeout),
+                    MessageSystemAttributeNames=["ApproximateReceiveCount"])
+                messages = resp.get("Messages", [])
+                for msg in messages:
+                    self._take(msg)
+                if messages:
+                    last_work = time.monotonic()
+                elif self.running:
+                    time.sleep(0.2)
+        finally:
+            if self.running:
+                logger.warning("stopping with %d jobs running (%s): killing them",
+                               len(self.running), self.stop_reason or "error")
+                self._kill_all()
+        logger.info("agent stops: %s (%d jobs done)", self.stop_reason, self.jobs_done)
+        return 0
+
+
+def _tail(path: str, lines: int = _LOG_TAIL) -> str:
+    try:
+        with open(path, errors="replace") as fobj:
+            return "".join(fobj.readlines()[-lines:])
+    except OSError:
+        return ""
+
+
+def _imds_instance_id() -> str | None:
+    if os.environ.get("AWS_EC2_METADATA_DISABLED", "").lower() == "true":
+        return None
+    try:
+        from botocore.utils import IMDSFetcher
+
+        fetcher = IMDSFetcher(timeout=1, num_attempts=1)
+        token = fetcher._fetch_metadata_token()
+        resp = fetcher._get_request("/latest/meta-data/instance-id", None, token)
+        return resp.text.strip() or None
+    except Exception:
+        return None
+
+
+def main(argv=None) -> int:
+    """``nipype-s3 agent --config FILE`` (or the config JSON in NIPYPE_S3_AGENT_CONFIG)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="nipype-s3 agent",
+                                     description="Serve a run's jobs (runs on EC2).")
+    parser.add_argument("--config", help="agent configuration (JSON file)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    if args.config:
+        cfg = AgentConfig.from_file(args.config)
+    elif os.environ.get("NIPYPE_S3_AGENT_CONFIG"):
+        cfg = AgentConfig.from_json(os.environ["NIPYPE_S3_AGENT_CONFIG"])
+    else:
+        parser.error("give --config FILE (or set NIPYPE_S3_AGENT_CONFIG)")
+    if os.environ.get("NIPYPE_S3_WORKER_ROOT"):
+        cfg.worker_root = os.environ["NIPYPE_S3_WORKER_ROOT"]
+    agent = Agent(cfg)
+    signal.signal(signal.SIGTERM, agent.stop)
+    return agent.run()

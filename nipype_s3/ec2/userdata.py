@@ -1,0 +1,88 @@
+"""EC2 user-data that only boots the agent (no secrets: user-data is readable by anyone
+with API access to the account, and capped at 16 KB)."""
+
+from __future__ import annotations
+
+import shlex
+
+from ..exceptions import ConfigurationError
+
+__all__ = ["render_user_data", "agent_config_from_user_data", "USER_DATA_LIMIT"]
+
+USER_DATA_LIMIT = 16 * 1024
+_MARK = "NIPYPE_S3_AGENT_CONFIG="
+
+_TEMPLATE = """#!/bin/bash
+# nipype-s3 agent bootstrap for run {run_id}.
+# No credentials here: the agent uses the instance role. When the agent stops (idle,
+# stale controller lease, or maximum lifetime) the instance shuts down, which
+# terminates it (InstanceInitiatedShutdownBehavior=terminate).
+set -uo pipefail
+exec >>/var/log/nipype-s3-agent.log 2>&1
+trap 'shutdown -h now' EXIT
+{mark}{config}
+export NIPYPE_S3_AGENT_CONFIG
+export NIPYPE_S3_WORKER_ROOT={worker_root}
+export AWS_DEFAULT_REGION={region}
+VENV=/opt/nipype-s3
+if [ ! -x "$VENV/bin/python" ]; then
+  python3 -m venv "$VENV"
+  "$VENV/bin/python" -m pip install --quiet --upgrade pip
+  "$VENV/bin/python" -m pip install --quiet {requirements}
+  {install_self}
+fi
+{setup}
+"$VENV/bin/python" -m nipype_s3.agent
+"""
+
+
+def render_user_data(*, run_id: str, config_json: str, region: str, worker_root: str,
+                     requirements: list[str], package_s3_uri: str | None = None,
+                     setup_commands: str = "") -> str:
+    """The bootstrap script for an agent instance.
+
+    Parameters
+    ----------
+    config_json : str
+        :class:`~nipype_s3.agent.config.AgentConfig` as JSON (no secrets).
+    requirements : list of str
+        pip requirement specifiers pinned to the controller's versions.
+    package_s3_uri : str, optional
+        A zip of the controller's own ``nipype_s3`` package, copied into the agent's
+        environment so the agent runs the very same code.
+    setup_commands : str
+        Extra shell lines run before the agent starts (e.g. ``docker pull``).
+
+    Raises
+    ------
+    ConfigurationError
+        The script would exceed AWS's 16 KB limit.
+    """
+    if package_s3_uri:
+        install_self = (
+            f'aws s3 cp {shlex.quote(package_s3_uri)} /tmp/nipype_s3.zip && '
+            '"$VENV/bin/python" -c "import site, sys, zipfile; '
+            'zipfile.ZipFile(sys.argv[1]).extractall(site.getsitepackages()[0])" '
+            '/tmp/nipype_s3.zip')
+    else:
+        install_self = ":"
+    script = _TEMPLATE.format(
+        run_id=run_id, mark=_MARK, config=shlex.quote(config_json),
+        worker_root=shlex.quote(worker_root), region=shlex.quote(region),
+        requirements=" ".join(shlex.quote(r) for r in requirements),
+        install_self=install_self, setup=setup_commands.strip() or ":")
+    size = len(script.encode("utf-8"))
+    if size > USER_DATA_LIMIT:
+        raise ConfigurationError(
+            f"The agent's user-data would be {size} bytes; AWS allows {USER_DATA_LIMIT}. "
+            "Shorten setup_commands or the requirement list.")
+    return script
+
+
+def agent_config_from_user_data(user_data: str) -> str | None:
+    """The agent configuration JSON embedded in a bootstrap script (None if absent)."""
+    for line in user_data.splitlines():
+        if line.startswith(_MARK):
+            parts = shlex.split(line[len(_MARK):])
+            return parts[0] if parts else None
+    return None

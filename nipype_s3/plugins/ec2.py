@@ -1,0 +1,671 @@
+"""EC2Plugin: run a Nipype workflow's nodes on EC2 instances, with no shared file system.
+
+::
+
+    wf.run(plugin=EC2Plugin(plugin_args={"s3_prefix": "s3://my-bucket/nipype-runs",
+                                         "instance_type": "c6i.2xlarge",
+                                         "max_instances": 8}))
+
+How a node travels:
+
+1. The controller (this plugin) resolves the node's inputs, hashes them as nipype would,
+   stores its input files in S3 by content (``cas/sha256/<digest>``, skipping what is
+   already there), and writes the pickled node and a signed job spec below
+   ``runs/<run>/jobs/<job>/``; an SQS message announces the job.
+2. An agent on an instance fetches the files under its own root, runs the node as
+   nipype's batch plugins do, stores the node directory's files by content and writes
+   ``runs/<run>/done/<job>.json`` (once: the first finished attempt wins).
+3. The controller reads the run's events queue (one request per poll, whatever the
+   number of pending jobs), downloads the node directory into the node's own output
+   directory — data first, pickles last, with the agent's paths moved back — so nipype's
+   cache, crash files and downstream nodes work as on a shared file system.
+
+Cheap nodes (IdentityInterface, Merge, Select, MapNode collation, ``run_without_submitting``,
+or ``node.plugin_args = {"local": True}``) run on the controller. Instances are tagged
+with the run id, counted from EC2, capped by ``max_instances``, and all terminated when
+the run ends — whether it succeeded, a node crashed, or the controller was interrupted.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import logging
+import math
+import os
+import pickle
+import shutil
+import threading
+import time
+import zipfile
+from dataclasses import dataclass, field
+
+import botocore.exceptions
+from nipype.pipeline.engine import MapNode
+from nipype.pipeline.plugins.base import SGELikeBatchManagerBase
+from nipype.utils.filemanip import loadpkl, savepkl
+
+from .. import __version__
+from ..agent.config import DEFAULT_WORKER_ROOT, AgentConfig
+from ..agent.runner import run_node, write_failure_result
+from ..config import env_endpoint_url
+from ..ec2.instances import InstancePool, LaunchSpec, default_ami
+from ..ec2.jobs import (
+    RunLayout,
+    job_key_parameter,
+    make_message,
+    new_job_key,
+    new_run_id,
+    parse_s3_prefix,
+)
+from ..ec2.pricing import estimate_cost, instance_shape
+from ..ec2.userdata import render_user_data
+from ..exceptions import ConfigurationError, EC2Error, InstanceLaunchError
+from ..pickles import PathMap, rewrite_pickle_file, rewrite_text_file
+from ..s3.cas import ContentStore, ManifestEntry
+from ..s3.credentials import resolve_session
+from ..s3.errors import s3_errors, translate
+from ..s3.listing import iter_objects
+from ..s3.session import bucket_region, make_s3_client
+
+__all__ = ["EC2Plugin", "EC2Settings"]
+
+logger = logging.getLogger("nipype.workflow")
+
+_LOCAL_INTERFACES = {"IdentityInterface", "Merge", "Select", "Split", "Rename",
+                     "AssertEqual"}
+
+
+@dataclass
+class EC2Settings:
+    """``plugin_args`` of :class:`EC2Plugin`, with their defaults.
+
+    Parameters
+    ----------
+    s3_prefix : str
+        **Required.** ``s3://bucket/prefix`` for the run's files and the content store.
+    instance_type : str
+        EC2 instance type of the agents (default ``c6i.large``).
+    max_instances : int
+        Never more instances than this at once (default 4).
+    ami : str
+        AMI id; default: Amazon Linux 2023 from AWS's public SSM parameter.
+    iam_instance_profile : str
+        Name or ARN of the instance profile the agents run with (default
+        ``nipype-s3-agent``); it gives them S3, SQS and SSM access, so no key is ever
+        sent to an instance.
+    region : str
+        Default: the region of the ``s3_prefix`` bucket.
+    spot : bool
+        Ask for spot instances; after ``spot_retries`` capacity failures, on-demand.
+    idle_timeout, max_lifetime, lease_timeout : float
+        Seconds: an agent stops when idle this long, when older than ``max_lifetime``,
+        or when the controller has not renewed its lease for ``lease_timeout``.
+    visibility_timeout, heartbeat : float
+        SQS visibility of a running job and how often an agent extends it; a job whose
+        agent died runs again after ``visibility_timeout``.
+    max_attempts : int
+        Attempts of one job before it is reported as an infrastructure failure.
+    """
+
+    s3_prefix: str = ""
+    instance_type: str = "c6i.large"
+    max_instances: int = 4
+    ami: str | None = None
+    iam_instance_profile: str | None = "nipype-s3-agent"
+    region: str | None = None
+    endpoint_url: str | None = None
+    profile: str | None = None
+    creds_path: str | None = None
+    spot: bool = False
+    spot_retries: int = 2
+    idle_timeout: float = 180.0
+    max_lifetime: float = 6 * 3600.0
+    lease_timeout: float = 120.0
+    visibility_timeout: int = 120
+    heartbeat: float = 30.0
+    max_attempts: int = 3
+    poll_wait: int = 20
+    worker_root: str = DEFAULT_WORKER_ROOT
+    subnet_id: str | None = None
+    security_group_ids: list = field(default_factory=list)
+    key_name: str | None = None
+    volume_gb: int | None = None
+    requirements: list = field(default_factory=list)
+    setup_commands: str = ""
+    ship_package: bool = True
+    local_nodes: list = field(default_factory=list)
+    tags: dict = field(default_factory=dict)
+    done_scan_interval: float = 30.0
+    scale_interval: float = 2.0
+    agent_vcpus: int | None = None
+    agent_mem_gb: float | None = None
+
+    _NIPYPE_KEYS = {"max_jobs", "status_callback", "template", "qsub_args"}
+
+    @classmethod
+    def from_plugin_args(cls, args: dict | None) -> EC2Settings:
+        args = dict(args or {})
+        known = {f for f in cls.__dataclass_fields__ if not f.startswith("_")}
+        unknown = set(args) - known - cls._NIPYPE_KEYS
+        if unknown:
+            raise ConfigurationError(
+                f"EC2Plugin does not know plugin_args {sorted(unknown)}; the known ones are "
+                f"{sorted(known)}.")
+        settings = cls(**{k: v for k, v in args.items() if k in known})
+        parse_s3_prefix(settings.s3_prefix)
+        if int(settings.max_instances) < 1:
+            raise ConfigurationError(
+                f"max_instances must be at least 1, not {settings.max_instances!r}.")
+        if settings.heartbeat >= settings.visibility_timeout:
+            raise ConfigurationError(
+                f"heartbeat ({settings.heartbeat}) must be shorter than visibility_timeout "
+                f"({settings.visibility_timeout}), or running jobs would be handed out twice.")
+        return settings
+
+
+@dataclass
+class _Job:
+    taskid: int
+    job_id: str
+    node: object
+    node_dir: str
+    submitted: float
+    n_procs: int
+    mem_gb: float
+    remote: bool = True
+    done: bool = False
+    report: dict | None = None
+
+
+class EC2Plugin(SGELikeBatchManagerBase):
+    """Execute a workflow's nodes on EC2 instances (see the module docstring)."""
+
+    def __init__(self, plugin_args=None, **kwargs):
+        plugin_args = dict(plugin_args or {})
+        plugin_args.update(kwargs)
+        self.settings = EC2Settings.from_plugin_args(plugin_args)
+        super().__init__(template="", plugin_args=plugin_args)
+        self._jobs: dict[int, _Job] = {}
+        self._by_job_id: dict[str, _Job] = {}
+        self._next_taskid = 0
+        self._fatal: BaseException | None = None
+        self.run_id: str | None = None
+        self.layout: RunLayout | None = None
+        self.stats = {"submitted": 0, "local": 0, "remote_done": 0, "polls": 0}
+        self._lease_stop = threading.Event()
+        self._lease_thread: threading.Thread | None = None
+        self._last_poll = 0.0
+        self._last_scan = 0.0
+        self._last_scale = 0.0
+        self._busy_seconds = 0.0
+        self.cost_report: dict | None = None
+
+    # -- run lifecycle ------------------------------------------------------------------
+    def run(self, graph, config, updatehash=False):
+        """Run the graph; whatever happens, terminate the run's instances."""
+        try:
+            self._start_run()
+            try:
+                result = super().run(graph, config, updatehash=updatehash)
+            except RuntimeError as err:
+                if self._fatal is not None:  # the infrastructure failed, not a node
+                    raise self._fatal from err
+                raise
+            if self._fatal is not None:
+                raise self._fatal
+            return result
+        finally:
+            self._finish_run()
+
+    def _start_run(self) -> None:
+        s = self.settings
+        bucket, prefix = parse_s3_prefix(s.s3_prefix)
+        self.run_id = new_run_id()
+        self.layout = RunLayout(bucket, prefix, self.run_id)
+        self.started = time.time()
+        session = resolve_session(creds_path=s.creds_path, profile=s.profile)
+        endpoint = s.endpoint_url or env_endpoint_url()
+        region = s.region or session.region_name
+        if not region:
+            region = bucket_region(bucket, session, endpoint_url=endpoint)
+        self.region = region
+        self.endpoint_url = endpoint
+        kwargs = {"region_name": region}
+        ec2_endpoint = os.environ.get("AWS_ENDPOINT_URL_EC2") or endpoint
+        self.s3 = make_s3_client(session, bucket=bucket, endpoint_url=endpoint, region=region)
+        self.sqs = session.client("sqs", endpoint_url=os.environ.get("AWS_ENDPOINT_URL_SQS")
+                                  or endpoint, **kwargs)
+        self.ssm = session.client("ssm", endpoint_url=os.environ.get("AWS_ENDPOINT_URL_SSM")
+                                  or endpoint, **kwargs)
+        self.ec2 = session.client("ec2", endpoint_url=ec2_endpoint, **kwargs)
+        self.store = ContentStore(self.s3, bucket, prefix)
+        logger.info("EC2Plugin: run %s, files in s3://%s/%s, up to %d x %s in %s",
+                    self.run_id, bucket, self.layout.run_prefix, s.max_instances,
+                    s.instance_type, region)
+        with s3_errors(bucket=bucket, key=self.layout.lease_key, action="write the lease to",
+                       endpoint=endpoint):
+            self._write_lease()
+        self.jobs_queue = self.sqs.create_queue(
+            QueueName=self.layout.queue_name("jobs"),
+            Attributes={"VisibilityTimeout": str(int(s.visibility_timeout)),
+                        "MessageRetentionPeriod": "1209600"})["QueueUrl"]
+        self.events_queue = self.sqs.create_queue(
+            QueueName=self.layout.queue_name("events"))["QueueUrl"]
+        self._job_key = new_job_key()
+        self.ssm.put_parameter(Name=job_key_parameter(self.run_id), Type="SecureString",
+                               Value=self._job_key.hex(), Overwrite=True,
+                               Description=f"nipype-s3 job-signing key of run {self.run_id}")
+        self.vcpus, self.mem_gb = instance_shape(s.instance_type, self.ec2)
+        if s.agent_vcpus:
+            self.vcpus = int(s.agent_vcpus)
+        if s.agent_mem_gb:
+            self.mem_gb = float(s.agent_mem_gb)
+        ami = s.ami or default_ami(self.ssm)
+        agent_cfg = AgentConfig(
+            bucket=bucket, prefix=prefix, run_id=self.run_id, region=region,
+            jobs_queue_url=self.jobs_queue, events_queue_url=self.events_queue,
+            job_key_parameter=job_key_parameter(self.run_id),
+            endpoint_url=endpoint, idle_timeout=s.idle_timeout, max_lifetime=s.max_lifetime,
+            visibility_timeout=int(s.visibility_timeout), heartbeat=s.heartbeat,
+            poll_wait=int(s.poll_wait), lease_check=max(1.0, min(15.0, s.lease_timeout / 4)),
+            max_attempts=int(s.max_attempts), worker_root=s.worker_root,
+            vcpus=s.agent_vcpus, mem_gb=s.agent_mem_gb)
+        package_uri = self._ship_package() if s.ship_package else None
+        user_data = render_user_data(
+            run_id=self.run_id, config_json=agent_cfg.to_json(), region=region,
+            worker_root=s.worker_root, requirements=_requirements(s.requirements,
+                                                                  package_uri is None),
+            package_s3_uri=package_uri, setup_commands=s.setup_commands)
+        self.pool = InstancePool(self.ec2, self.run_id, LaunchSpec(
+            ami=ami, instance_type=s.instance_type, user_data=user_data,
+            iam_instance_profile=s.iam_instance_profile, subnet_id=s.subnet_id,
+            security_group_ids=list(s.security_group_ids), key_name=s.key_name,
+            volume_gb=s.volume_gb, extra_tags=dict(s.tags)), spot=s.spot,
+            spot_retries=s.spot_retries)
+        self.pool.check_image()
+        self._lease_stop.clear()
+        self._lease_thread = threading.Thread(target=self._lease_loop, daemon=True,
+                                              name="nipype-s3-lease")
+        self._lease_thread.start()
+
+    def _ship_package(self) -> str:
+        """Upload this very nipype_s3 package, so agents run the controller's code."""
+        import nipype_s3
+
+        pkg_dir = os.path.dirname(nipype_s3.__file__)
+        buf = _zip_package(pkg_dir)
+        digest = hashlib.sha256(buf).hexdigest()
+        key = self.store.key(digest)
+        if not self.store._exists(digest):
+            self.s3.put_object(Bucket=self.layout.bucket, Key=key, Body=buf)
+        return f"s3://{self.layout.bucket}/{key}"
+
+    def _write_lease(self) -> None:
+        body = json.dumps({"run_id": self.run_id, "expires": time.time()
+                           + self.settings.lease_timeout, "renewed": time.time()}).encode()
+        self.s3.put_object(Bucket=self.layout.bucket, Key=self.layout.lease_key, Body=body)
+
+    def _lease_loop(self) -> None:
+        interval = max(0.5, self.settings.lease_timeout / 4)
+        while not self._lease_stop.wait(interval):
+            try:
+                self._write_lease()
+            except Exception as exc:  # keep trying: agents tolerate a missed renewal
+                logger.warning("EC2Plugin: could not renew the lease: %s", exc)
+
+    def _finish_run(self) -> None:
+        self._lease_stop.set()
+        errors = []
+        for step in (self._terminate_instances, self._expire_lease, self._write_cost_report,
+                     self._delete_queues, self._delete_job_key):
+            try:
+                step()
+            except Exception as exc:
+                errors.append(exc)
+                logger.error("EC2Plugin: cleanup step %s failed: %s", step.__name__, exc)
+        if errors and isinstance(errors[0], EC2Error):
+            logger.error("EC2Plugin: instances of run %s may still run: %s", self.run_id,
+                         errors[0])
+
+    def _terminate_instances(self) -> None:
+        if getattr(self, "pool", None) is not None:
+            self.pool.terminate_all()
+
+    def _expire_lease(self) -> None:
+        if self.layout is None or getattr(self, "s3", None) is None:
+            return
+        body = json.dumps({"run_id": self.run_id, "expires": 0, "finished": time.time()})
+        self.s3.put_object(Bucket=self.layout.bucket, Key=self.layout.lease_key,
+                           Body=body.encode())
+
+    def _delete_queues(self) -> None:
+        for url in (getattr(self, "jobs_queue", None), getattr(self, "events_queue", None)):
+            if url:
+                self.sqs.delete_queue(QueueUrl=url)
+
+    def _delete_job_key(self) -> None:
+        if self.run_id and getattr(self, "ssm", None) is not None:
+            try:
+                self.ssm.delete_parameter(Name=job_key_parameter(self.run_id))
+            except botocore.exceptions.ClientError:
+                pass
+
+    def _write_cost_report(self) -> None:
+        if getattr(self, "pool", None) is None:
+            return
+        end = time.time()
+        instances = []
+        total_cost = 0.0
+        billed = 0.0
+        for iid, info in sorted(self.pool.launched.items()):
+            seconds = max(0.0, info.get("terminated", end) - info["launched"])
+            cost = estimate_cost(info.get("type") or self.settings.instance_type, seconds,
+                                 spot=info.get("spot", False))
+            billed += seconds
+            total_cost += cost or 0.0
+            instances.append({"instance_id": iid, "type": info.get("type"),
+                              "spot": info.get("spot", False), "seconds": round(seconds, 1),
+                              "usd_estimate": cost})
+        report = {
+            "run_id": self.run_id, "started": self.started, "finished": end,
+            "wall_seconds": round(end - self.started, 1), "instances": instances,
+            "instance_seconds": round(billed, 1), "busy_seconds": round(self._busy_seconds, 1),
+            "usd_estimate": round(total_cost, 4), "peak_instances": self.pool.peak,
+            "jobs_remote": self.stats["remote_done"], "jobs_local": self.stats["local"],
+            "bytes_staged": self.store.bytes_up, "bytes_fetched": self.store.bytes_down,
+            "note": "estimate from on-demand list prices (us-east-1), per-second billing "
+                    "with a 60 s minimum; not a bill",
+        }
+        self.cost_report = report
+        self.s3.put_object(Bucket=self.layout.bucket, Key=self.layout.cost_key,
+                           Body=json.dumps(report, indent=1).encode(),
+                           ContentType="application/json")
+        logger.info("EC2Plugin: run %s cost: %d instances, %.0f instance-s billed, %.0f s busy, "
+                    "~$%.4f, %d B staged, %d B fetched (s3://%s/%s)", self.run_id,
+                    len(instances), billed, self._busy_seconds, total_cost,
+                    self.store.bytes_up, self.store.bytes_down, self.layout.bucket,
+                    self.layout.cost_key)
+
+    # -- submission ---------------------------------------------------------------------
+    def _runs_locally(self, node) -> bool:
+        args = getattr(node, "plugin_args", None) or {}
+        if isinstance(args, dict) and "local" in args:
+            return bool(args["local"])
+        if isinstance(node, MapNode):
+            return True
+        if node.name in self.settings.local_nodes or node.fullname in self.settings.local_nodes:
+            return True
+        return type(node.interface).__name__ in _LOCAL_INTERFACES
+
+    def _submit_job(self, node, updatehash=False):
+        taskid = self._next_taskid
+        self._next_taskid += 1
+        node_dir = node.output_dir()
+        self._pending[taskid] = node_dir
+        self.stats["submitted"] += 1
+        if self._runs_locally(node):
+            job = _Job(taskid, f"local-{taskid}", node, node_dir, time.time(), 1, 0.0,
+                       remote=False, done=True)
+            self._jobs[taskid] = job
+            self.stats["local"] += 1
+            logger.info("EC2Plugin: running %s on the controller", node.fullname)
+            run_node(node, updatehash=updatehash)
+            return taskid
+        if self._fatal is not None:  # no instance can run it: fail it as a node would
+            job = _Job(taskid, f"unsent-{taskid}", node, node_dir, time.time(), 1, 0.0)
+            self._jobs[taskid] = job
+            self._fail_unrunnable(job)
+            return taskid
+        try:
+            job = self._send(taskid, node, node_dir, updatehash)
+        except botocore.exceptions.ClientError as exc:
+            raise translate(exc, bucket=self.layout.bucket, key=self.layout.run_prefix,
+                            action="submit a job to") from exc
+        self._jobs[taskid] = job
+        self._by_job_id[job.job_id] = job
+        return taskid
+
+    def _send(self, taskid, node, node_dir, updatehash) -> _Job:
+        node._get_inputs()
+        node._get_hashval()  # with the controller's paths: the agent keeps this hash
+        inputs = _input_paths(node)
+        entries = self.store.put(inputs)
+        job_id = f"{taskid:05d}-{_slug(node.fullname)}"
+        if os.path.isdir(node_dir):
+            shutil.rmtree(node_dir)  # nipype empties a node's folder before running it
+        raw = gzip.compress(pickle.dumps(dict(node=node, updatehash=updatehash),
+                                         protocol=4), mtime=0)
+        n_procs = max(1, int(getattr(node, "n_procs", 1) or 1))
+        mem_gb = float(getattr(node, "mem_gb", 0) or 0)
+        spec = {
+            "version": 1, "run_id": self.run_id, "job_id": job_id, "node": node.fullname,
+            "node_pickle": self.layout.pickle_key(job_id),
+            "node_sha256": hashlib.sha256(raw).hexdigest(),
+            "manifest": [e.to_json() for e in entries],
+            "prefixes": sorted({node.base_dir} | set(inputs)),
+            "n_procs": n_procs, "mem_gb": mem_gb,
+        }
+        spec_bytes = json.dumps(spec, sort_keys=True).encode()
+        self.s3.put_object(Bucket=self.layout.bucket, Key=spec["node_pickle"], Body=raw)
+        self.s3.put_object(Bucket=self.layout.bucket, Key=self.layout.spec_key(job_id),
+                           Body=spec_bytes, ContentType="application/json")
+        self.sqs.send_message(QueueUrl=self.jobs_queue, MessageBody=make_message(
+            self.layout, job_id, spec_bytes, self._job_key))
+        logger.info("EC2Plugin: submitted %s as job %s (%d input files)", node.fullname,
+                    job_id, len(entries))
+        return _Job(taskid, job_id, node, node_dir, time.time(), n_procs, mem_gb)
+
+    # -- polling ------------------------------------------------------------------------
+    def _is_pending(self, taskid):
+        job = self._jobs[taskid]
+        if job.done:
+            return False
+        self._poll()
+        return not job.done
+
+    def _poll(self) -> None:
+        now = time.monotonic()
+        interval = min(1.0, float(self._config["execution"]["poll_sleep_duration"]) / 2) \
+            if hasattr(self, "_config") else 0.5
+        if now - self._last_poll < interval:
+            return
+        self._last_poll = now
+        self.stats["polls"] += 1
+        self._drain_events()
+        if now - self._last_scan >= self.settings.done_scan_interval:
+            self._last_scan = now
+            self._scan_done()
+        if now - self._last_scale >= self.settings.scale_interval:
+            self._last_scale = now
+            self._scale()
+
+    def _outstanding(self) -> list[_Job]:
+        return [j for j in self._by_job_id.values() if not j.done]
+
+    def _scale(self) -> None:
+        waiting = self._outstanding()
+        if not waiting:
+            return
+        live = self.pool.live()
+        cpus = sum(j.n_procs for j in waiting)
+        wanted = min(int(self.settings.max_instances), max(1, math.ceil(cpus / self.vcpus)))
+        missing = wanted - len(live)
+        if missing > 0:
+            try:
+                self.pool.launch(missing)
+            except InstanceLaunchError as exc:
+                self._fatal = exc
+                logger.error("EC2Plugin: %s", exc)
+                for job in self._outstanding():
+                    self._fail_unrunnable(job)
+
+    def _fail_unrunnable(self, job: _Job) -> None:
+        """Give a job that can never run a crash result naming the launch failure."""
+        write_failure_result(job.node, [
+            f"{type(self._fatal).__name__}: {self._fatal}\n",
+            f"[nipype_s3] node {job.node.fullname} was not run: no instance could be "
+            f"launched for run {self.run_id}.\n"])
+        job.done = True
+
+    def _drain_events(self) -> None:
+        for _ in range(10):
+            resp = self.sqs.receive_message(QueueUrl=self.events_queue,
+                                            MaxNumberOfMessages=10, WaitTimeSeconds=0)
+            messages = resp.get("Messages", [])
+            if not messages:
+                return
+            for msg in messages:
+                try:
+                    job_id = json.loads(msg["Body"]).get("job_id")
+                except ValueError:
+                    job_id = None
+                job = self._by_job_id.get(job_id)
+                if job is not None and not job.done:
+                    self._collect(job)
+            self.sqs.delete_message_batch(QueueUrl=self.events_queue, Entries=[
+                {"Id": str(i), "ReceiptHandle": m["ReceiptHandle"]}
+                for i, m in enumerate(messages)])
+            if len(messages) < 10:
+                return
+
+    def _scan_done(self) -> None:
+        if not self._outstanding():
+            return
+        prefix = self.layout.key("done") + "/"
+        for info in iter_objects(self.s3, self.layout.bucket, prefix):
+            job = self._by_job_id.get(info.key[len(prefix):-len(".json")])
+            if job is not None and not job.done:
+                self._collect(job)
+
+    def _collect(self, job: _Job) -> None:
+        """Fetch a finished job's report and node directory into the controller's."""
+        body = self.s3.get_object(Bucket=self.layout.bucket,
+                                  Key=self.layout.done_key(job.job_id))["Body"].read()
+        report = json.loads(body)
+        job.report = report
+        self._busy_seconds += max(0.0, float(report.get("finished", 0))
+                                  - float(report.get("started", 0)))
+        node = job.node
+        os.makedirs(job.node_dir, exist_ok=True)
+        outputs = [ManifestEntry.from_json(e) for e in report.get("outputs", [])]
+        pathmap = PathMap(report.get("worker_root") or "/")
+        if outputs:
+            meta = [e for e in outputs if _is_meta(e.path)]
+            data = [e for e in outputs if not _is_meta(e.path)]
+            result = [e for e in meta if os.path.basename(e.path).startswith("result_")]
+            meta = [e for e in meta if e not in result]
+            dest = lambda rel: os.path.join(job.node_dir, rel)  # noqa: E731
+            for group in (data, meta, result):  # data first, the result pickle last
+                if not group:
+                    continue
+                self.store.get(group, dest)
+                for entry in group:
+                    path = dest(entry.path)
+                    if entry.path.endswith((".pklz", ".pkl")):
+                        rewrite_pickle_file(path, pathmap.to_controller)
+                    elif entry.path.endswith((".json", ".rst", ".txt")) and \
+                            os.path.basename(entry.path).startswith(("_0x", "report", "_")):
+                        rewrite_text_file(path, pathmap.text_to_controller)
+                    os.utime(path, (entry.mtime, entry.mtime))
+        status = report.get("status")
+        if status != "ok":
+            self._annotate_failure(job, report)
+        job.done = True
+        self.stats["remote_done"] += 1
+        logger.info("EC2Plugin: job %s (%s) %s on %s (attempt %s)", job.job_id, node.fullname,
+                    "finished" if status == "ok" else f"FAILED ({status})",
+                    report.get("instance_id"), report.get("attempt"))
+
+    def _annotate_failure(self, job: _Job, report: dict) -> None:
+        """Make the node's result file carry the remote traceback, instance and log."""
+        log_uri = f"s3://{self.layout.bucket}/{report['log_key']}" if report.get("log_key") \
+            else "(no log)"
+        where = (f"\n[nipype_s3] node {job.node.fullname} ran as job {job.job_id} on instance "
+                 f"{report.get('instance_id')} (attempt {report.get('attempt')}); agent log: "
+                 f"{log_uri}\n")
+        if report.get("error"):
+            where += f"[nipype_s3] {report['error']}\n"
+        tail = report.get("log_tail") or ""
+        if tail:
+            where += "[nipype_s3] log tail:\n" + tail
+        result_file = os.path.join(job.node_dir, f"result_{job.node.name}.pklz")
+        data = None
+        if os.path.exists(result_file):
+            try:
+                data = loadpkl(result_file)
+            except Exception:
+                data = None
+        if isinstance(data, dict) and data.get("traceback"):
+            data["traceback"] = list(data["traceback"]) + [where]
+            savepkl(result_file, data)
+        else:
+            lines = list(report.get("traceback") or []) or [
+                f"RemoteNodeError: job {job.job_id} did not finish ({report.get('status')}).\n"]
+            write_failure_result(job.node, lines + [where])
+
+
+def _is_meta(relpath: str) -> bool:
+    name = os.path.basename(relpath)
+    return name.endswith((".pklz", ".pkl")) or name.startswith("_0x") or \
+        relpath.startswith("_report")
+
+
+def _slug(name: str) -> str:
+    keep = "".join(c if c.isalnum() or c in "-_." else "-" for c in name)
+    return keep[-80:]
+
+
+def _input_paths(node) -> list[str]:
+    """Absolute paths of existing files and folders among a node's input values."""
+    found: list[str] = []
+
+    def walk(value):
+        if isinstance(value, str):
+            if value.startswith("/") and os.path.exists(value) and value not in found:
+                found.append(value)
+        elif isinstance(value, dict):
+            for v in value.values():
+                walk(v)
+        elif isinstance(value, (list, tuple, set)):
+            for v in value:
+                walk(v)
+
+    walk(node.inputs.get_traitsfree())
+    return [p for p in found if p != "/"]
+
+
+def _zip_package(pkg_dir: str) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
+        for dirpath, dirnames, names in os.walk(pkg_dir):
+            dirnames[:] = sorted(d for d in dirnames if d != "__pycache__")
+            for name in sorted(names):
+                if name.endswith((".pyc", ".pyo")):
+                    continue
+                full = os.path.join(dirpath, name)
+                arc = os.path.join("nipype_s3", os.path.relpath(full, pkg_dir))
+                info = zipfile.ZipInfo(arc, date_time=(2020, 1, 1, 0, 0, 0))
+                with open(full, "rb") as fobj:
+                    zf.writestr(info, fobj.read())
+    return buf.getvalue()
+
+
+def _requirements(extra: list, with_self: bool) -> list[str]:
+    """The controller's versions of what the agent needs, pinned."""
+    from importlib import metadata
+
+    pins = []
+    for dist in ("nipype", "boto3", "botocore", "s3transfer", "nibabel", "numpy", "traits",
+                 "tqdm"):
+        try:
+            pins.append(f"{dist}=={metadata.version(dist)}")
+        except metadata.PackageNotFoundError:  # pragma: no cover
+            pins.append(dist)
+    if with_self:
+        pins.append(f"nipype_s3=={__version__}")
+    return pins + list(extra)
+

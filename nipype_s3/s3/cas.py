@@ -1,0 +1,192 @@
+"""A content-addressed store in S3: files kept once per SHA-256, under ``cas/sha256/``.
+
+The controller stages a node's input files here (a file already there — from an
+earlier node, run or agent — is not sent again); agents fetch them to their own root
+and store a node's outputs the same way. A manifest entry says where a file belongs,
+its digest, size and modification time, so the fetched copy is the same file to
+nipype (its default hash is size and mtime).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import threading
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+
+import botocore.exceptions
+
+from ..exceptions import TransferFailed
+from .download import DownloadItem, download_files
+from .errors import translate
+from .session import endpoint_of
+from .transfer import TransferSettings, TransferSummary
+from .upload import UploadItem, upload_files
+from .uri import join_key
+
+__all__ = ["ManifestEntry", "ContentStore", "sha256_file"]
+
+logger = logging.getLogger(__name__)
+
+_BLOCK = 1024 * 1024
+
+
+def sha256_file(path: str) -> str:
+    """Hex SHA-256 of a file, streamed."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fobj:
+        for block in iter(lambda: fobj.read(_BLOCK), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class ManifestEntry:
+    """One file: where it belongs, what it holds, and its modification time."""
+
+    path: str
+    sha256: str
+    size: int
+    mtime: float
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict) -> ManifestEntry:
+        return cls(str(data["path"]), str(data["sha256"]), int(data["size"]),
+                   float(data["mtime"]))
+
+
+class ContentStore:
+    """``s3://bucket/<prefix>/cas/sha256/<digest>`` for one client.
+
+    Parameters
+    ----------
+    client
+        A boto3 S3 client.
+    bucket, prefix : str
+        Where the store lives (``prefix`` may be empty).
+    settings : TransferSettings, optional
+        Concurrency and part sizes.
+    """
+
+    def __init__(self, client, bucket: str, prefix: str = "",
+                 settings: TransferSettings | None = None) -> None:
+        self.client = client
+        self.bucket = bucket
+        self.prefix = prefix.strip("/")
+        self.settings = settings or TransferSettings()
+        self._known: set[str] = set()
+        self._digests: dict[tuple, str] = {}
+        self._lock = threading.Lock()
+        self.bytes_up = 0
+        self.bytes_down = 0
+
+    def key(self, digest: str) -> str:
+        return join_key(self.prefix, "cas", "sha256", digest)
+
+    # -- hashing, remembered per (path, size, mtime) ----------------------------------
+    def digest(self, path: str) -> str:
+        st = os.stat(path)
+        ident = (os.path.abspath(path), st.st_size, st.st_mtime_ns)
+        with self._lock:
+            found = self._digests.get(ident)
+        if found is None:
+            found = sha256_file(path)
+            with self._lock:
+                self._digests[ident] = found
+        return found
+
+    def remember(self, path: str, digest: str) -> None:
+        """Record that ``path`` (as it is now) holds ``digest`` and that the store has it."""
+        st = os.stat(path)
+        with self._lock:
+            self._digests[(os.path.abspath(path), st.st_size, st.st_mtime_ns)] = digest
+            self._known.add(digest)
+
+    def _exists(self, digest: str) -> bool:
+        with self._lock:
+            if digest in self._known:
+                return True
+        try:
+            self.client.head_object(Bucket=self.bucket, Key=self.key(digest))
+        except botocore.exceptions.ClientError as exc:
+            if exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") == 404:
+                return False
+            raise translate(exc, bucket=self.bucket, key=self.key(digest), action="check",
+                            endpoint=endpoint_of(self.client)) from exc
+        with self._lock:
+            self._known.add(digest)
+        return True
+
+    # -- putting files in ---------------------------------------------------------------
+    def put(self, paths: Iterable[str], *, expand_dirs: bool = True) -> list[ManifestEntry]:
+        """Store files (folders: every file below them); return their manifest entries."""
+        files = []
+        for path in paths:
+            if expand_dirs and os.path.isdir(path):
+                for dirpath, dirnames, names in os.walk(path):
+                    dirnames.sort()
+                    files.extend(os.path.join(dirpath, n) for n in sorted(names))
+            else:
+                files.append(path)
+        files = list(dict.fromkeys(files))
+        workers = min(8, max(1, self.settings.max_concurrency))
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            digests = list(pool.map(self.digest, files))
+            missing = [d for d, there in zip(digests, pool.map(self._exists, digests),
+                                             strict=True) if not there]
+        entries = []
+        uploads = {}
+        for path, digest in zip(files, digests, strict=True):
+            st = os.stat(path)
+            entries.append(ManifestEntry(path, digest, st.st_size, st.st_mtime))
+            if digest in missing and digest not in uploads:
+                uploads[digest] = UploadItem(path, self.key(digest))
+        if uploads:
+            summary = upload_files(self.client, self.bucket, uploads.values(),
+                                   settings=self.settings, skip_unchanged=False,
+                                   target=f"to s3://{self.bucket}/{self.key('')}")
+            self.bytes_up += summary.bytes
+            with self._lock:
+                self._known.update(uploads)
+        return entries
+
+    # -- getting files out --------------------------------------------------------------
+    def get(self, entries: Iterable[ManifestEntry], dest_of: Callable[[str], str], *,
+            verify: bool = True) -> TransferSummary:
+        """Fetch entries to ``dest_of(entry.path)``, restoring their modification times.
+
+        With ``verify``, each fetched file's SHA-256 must equal its entry's, else
+        :class:`~nipype_s3.exceptions.TransferFailed` (and the file is removed).
+        """
+        entries = list(entries)
+        items = []
+        seen = set()
+        for entry in entries:
+            dest = dest_of(entry.path)
+            if dest in seen:
+                continue
+            seen.add(dest)
+            items.append((entry, DownloadItem(self.key(entry.sha256), dest, entry.size)))
+        summary = download_files(self.client, self.bucket, [i for _, i in items],
+                                 settings=self.settings, skip_unchanged=True,
+                                 target=f"from s3://{self.bucket}/{self.key('')}")
+        self.bytes_down += summary.bytes
+        bad = []
+        for entry, item in items:
+            if verify and item.dest in summary.done and sha256_file(item.dest) != entry.sha256:
+                os.remove(item.dest)
+                bad.append((entry.path, ValueError("content does not match its SHA-256")))
+                continue
+            os.utime(item.dest, (entry.mtime, entry.mtime))
+            self.remember(item.dest, entry.sha256)
+        if bad:
+            raise TransferFailed(
+                f"{len(bad)} fetched files do not match their SHA-256 (first: {bad[0][0]!r}); "
+                "the store or the transfer is corrupt.", failures=bad, bucket=self.bucket)
+        return summary

@@ -1,0 +1,323 @@
+"""LocalCloud: a whole AWS account on loopback, with instances that run the real agent.
+
+::
+
+    from nipype_s3 import EC2Plugin
+    from nipype_s3.testing import LocalCloud
+
+    with LocalCloud() as cloud:
+        boto3.client("s3").create_bucket(Bucket="my-bucket")
+        wf.run(plugin=EC2Plugin(plugin_args={"s3_prefix": "s3://my-bucket/runs"}))
+
+Inside the block:
+
+* a moto server on 127.0.0.1 (a free port) answers S3, EC2, SQS, SSM, IAM and STS;
+  ``AWS_ENDPOINT_URL`` and fake credentials are exported (and restored after), and what
+  EC2Plugin's defaults need exists (the ``nipype-s3-agent`` instance profile; the
+  Amazon Linux AMI parameter is moto's own);
+* every instance launched with an agent's user-data becomes a real agent subprocess
+  (``python -m nipype_s3.agent``) with its own worker root, so it cannot see the
+  controller's files; it is killed when the instance is terminated, and when it stops
+  by itself the instance is terminated (as the bootstrap's shutdown would);
+* the controller's requests pass through a recording proxy (``cloud.proxy``), so tests
+  can count API calls, and faults can be injected: :meth:`kill_agent` (SIGKILL, as a
+  lost instance), :meth:`fail_launches` (``InsufficientInstanceCapacity`` and friends).
+
+moto does not run user-data itself and has no Docker engine here; LocalCloud plays the
+instances' part.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+
+from ..ec2.userdata import agent_config_from_user_data
+from .proxy import RecordingProxy
+from .servers import FAKE_ACCESS_KEY, FAKE_SECRET_KEY, MotoServer
+
+__all__ = ["LocalCloud", "LocalInstance"]
+
+_ENV_KEYS = ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
+             "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION", "AWS_REGION", "AWS_PROFILE",
+             "AWS_EC2_METADATA_DISABLED", "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL_EC2",
+             "AWS_ENDPOINT_URL_SQS", "AWS_ENDPOINT_URL_SSM")
+
+
+@dataclass
+class LocalInstance:
+    """One launched instance and the agent process standing in for it."""
+
+    instance_id: str
+    root: str
+    proc: subprocess.Popen | None
+    log_path: str
+    started: float
+    ended: float | None = None
+    killed: bool = False
+
+    @property
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def log(self) -> str:
+        try:
+            with open(self.log_path, errors="replace") as fobj:
+                return fobj.read()
+        except OSError:
+            return ""
+
+
+class LocalCloud:
+    """An AWS account on 127.0.0.1 for tests, demos and trying pipelines for free.
+
+    Parameters
+    ----------
+    region : str
+        The region everything lives in.
+    directory : str, optional
+        Where instance roots and logs go (a temporary folder by default, removed at exit
+        unless ``keep``).
+    record : bool
+        Put the recording proxy between the controller and moto.
+    """
+
+    INSTANCE_PROFILE = "nipype-s3-agent"
+
+    def __init__(self, region: str = "us-east-1", directory: str | None = None,
+                 record: bool = True, keep: bool = False) -> None:
+        self.region = region
+        self._own_dir = directory is None
+        self.directory = directory or tempfile.mkdtemp(prefix="nipype-s3-localcloud-")
+        self.keep = keep
+        self.record = record
+        self.server = MotoServer(log_path=os.path.join(self.directory, "moto.log"))
+        self.proxy: RecordingProxy | None = None
+        self.instances: dict[str, LocalInstance] = {}
+        self.peak_alive = 0
+        self._launch_faults: list[str] = []
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._saved_env: dict[str, str | None] = {}
+        self.errors: list[str] = []
+
+    # -- lifecycle ----------------------------------------------------------------------
+    @property
+    def url(self) -> str:
+        """Where the controller talks to (the proxy when recording)."""
+        return self.proxy.url if self.proxy else self.server.url
+
+    def __enter__(self) -> LocalCloud:
+        self.server.start()
+        try:
+            if self.record:
+                self.proxy = RecordingProxy(self.server.url, responder=self._respond).start()
+            self._saved_env = {k: os.environ.get(k) for k in _ENV_KEYS}
+            for key in _ENV_KEYS:
+                os.environ.pop(key, None)
+            os.environ.update(AWS_ENDPOINT_URL=self.url, AWS_ACCESS_KEY_ID=FAKE_ACCESS_KEY,
+                              AWS_SECRET_ACCESS_KEY=FAKE_SECRET_KEY,
+                              AWS_DEFAULT_REGION=self.region,
+                              AWS_EC2_METADATA_DISABLED="true")
+            self._create_defaults()
+            self._thread = threading.Thread(target=self._watch, daemon=True,
+                                            name="nipype-s3-localcloud")
+            self._thread.start()
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+        for inst in list(self.instances.values()):
+            self._kill(inst)
+        if self.proxy is not None:
+            self.proxy.stop()
+        self.server.stop()
+        for key, value in self._saved_env.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        if self._own_dir and not self.keep:
+            shutil.rmtree(self.directory, ignore_errors=True)
+
+    def client(self, service: str, *, direct: bool = False):
+        """A boto3 client of this account (``direct``: bypassing the recording proxy)."""
+        import boto3
+
+        return boto3.client(service, region_name=self.region,
+                            endpoint_url=self.server.url if direct else self.url,
+                            aws_access_key_id=FAKE_ACCESS_KEY,
+                            aws_secret_access_key=FAKE_SECRET_KEY)
+
+    def _create_defaults(self) -> None:
+        iam = self.client("iam", direct=True)
+        trust = {"Version": "2012-10-17", "Statement": [{
+            "Effect": "Allow", "Principal": {"Service": "ec2.amazonaws.com"},
+            "Action": "sts:AssumeRole"}]}
+        iam.create_role(RoleName=self.INSTANCE_PROFILE,
+                        AssumeRolePolicyDocument=json.dumps(trust))
+        iam.create_instance_profile(InstanceProfileName=self.INSTANCE_PROFILE)
+        iam.add_role_to_instance_profile(InstanceProfileName=self.INSTANCE_PROFILE,
+                                         RoleName=self.INSTANCE_PROFILE)
+
+    # -- fault injection ----------------------------------------------------------------
+    def fail_launches(self, code: str = "InsufficientInstanceCapacity", times: int = 1) -> None:
+        """Make the next ``times`` RunInstances calls fail with ``code``."""
+        with self._lock:
+            self._launch_faults.extend([code] * times)
+
+    def _respond(self, request):
+        if request.action != "RunInstances":
+            return None
+        with self._lock:
+            if not self._launch_faults:
+                return None
+            code = self._launch_faults.pop(0)
+        body = (f'<?xml version="1.0" encoding="UTF-8"?><Response><Errors><Error><Code>{code}'
+                f'</Code><Message>LocalCloud injected {code}</Message></Error></Errors>'
+                '<RequestID>localcloud</RequestID></Response>').encode()
+        return 500 if code == "InternalError" else 400, body, "text/xml"
+
+    def kill_agent(self, instance_id: str | None = None, *, busy: bool = True) -> str:
+        """SIGKILL one agent (and its jobs), as if its instance vanished; return its id.
+
+        Without ``instance_id``, an agent with a running job is chosen (``busy``).
+        """
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            with self._lock:
+                candidates = [i for i in self.instances.values() if i.alive and (
+                    instance_id is None or i.instance_id == instance_id)]
+            if busy and instance_id is None:
+                candidates = [i for i in candidates if _has_children(i.proc.pid)]
+            if candidates:
+                inst = candidates[0]
+                inst.killed = True
+                self._kill(inst)
+                return inst.instance_id
+            time.sleep(0.1)
+        raise TimeoutError("no (busy) agent to kill within 60 s")
+
+    # -- what a test looks at -----------------------------------------------------------
+    def live_instances(self) -> list[str]:
+        """Pending or running instances, as EC2 reports them."""
+        ec2 = self.client("ec2", direct=True)
+        out = []
+        for res in ec2.describe_instances(Filters=[{
+                "Name": "instance-state-name", "Values": ["pending", "running"]}])[
+                "Reservations"]:
+            out.extend(i["InstanceId"] for i in res["Instances"])
+        return out
+
+    def alive_agents(self) -> list[str]:
+        with self._lock:
+            return [i.instance_id for i in self.instances.values() if i.alive]
+
+    def wait_idle(self, timeout: float = 30) -> bool:
+        """Wait until no agent runs and no instance is live."""
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if not self.alive_agents() and not self.live_instances():
+                return True
+            time.sleep(0.2)
+        return False
+
+    # -- the instance runtime -----------------------------------------------------------
+    def _watch(self) -> None:
+        ec2 = self.client("ec2", direct=True)
+        while not self._stop.is_set():
+            try:
+                self._step(ec2)
+            except Exception as exc:  # keep watching; record for tests
+                self.errors.append(repr(exc))
+            self._stop.wait(0.2)
+
+    def _step(self, ec2) -> None:
+        states = {}
+        for res in ec2.describe_instances()["Reservations"]:
+            for inst in res["Instances"]:
+                states[inst["InstanceId"]] = inst["State"]["Name"]
+        for iid, state in states.items():
+            known = self.instances.get(iid)
+            if known is None and state in ("pending", "running"):
+                self._boot(ec2, iid)
+            elif known is not None and state in ("shutting-down", "terminated", "stopping",
+                                                 "stopped") and known.alive:
+                self._kill(known)
+        for inst in list(self.instances.values()):
+            if inst.proc is not None and not inst.alive and inst.ended is None:
+                inst.ended = time.time()
+                if states.get(inst.instance_id) in ("pending", "running"):
+                    # the bootstrap shuts the instance down when the agent exits
+                    ec2.terminate_instances(InstanceIds=[inst.instance_id])
+        alive = sum(1 for i in self.instances.values() if i.alive)
+        self.peak_alive = max(self.peak_alive, alive)
+
+    def _boot(self, ec2, iid: str) -> None:
+        attr = ec2.describe_instance_attribute(InstanceId=iid, Attribute="userData")
+        raw = attr.get("UserData", {}).get("Value")
+        root = os.path.join(self.directory, "instances", iid)
+        os.makedirs(root, exist_ok=True)
+        log_path = os.path.join(root, "agent.log")
+        config_json = None
+        if raw:
+            import base64
+
+            text = base64.b64decode(raw).decode("utf-8", "replace")
+            with open(os.path.join(root, "user-data.sh"), "w") as fobj:
+                fobj.write(text)
+            config_json = agent_config_from_user_data(text)
+        if not config_json:
+            with self._lock:
+                self.instances[iid] = LocalInstance(iid, root, None, log_path, time.time())
+            return
+        config = json.loads(config_json)
+        config["endpoint_url"] = self.server.url  # agents reach moto directly
+        config["worker_root"] = os.path.join(root, "work")
+        config_path = os.path.join(root, "agent.json")
+        with open(config_path, "w") as fobj:
+            json.dump(config, fobj)
+        env = {k: v for k, v in os.environ.items() if k not in _ENV_KEYS}
+        env.update(AWS_ACCESS_KEY_ID=FAKE_ACCESS_KEY, AWS_SECRET_ACCESS_KEY=FAKE_SECRET_KEY,
+                   AWS_DEFAULT_REGION=self.region, AWS_ENDPOINT_URL=self.server.url,
+                   AWS_EC2_METADATA_DISABLED="true", NIPYPE_NO_ET="1",
+                   NIPYPE_S3_INSTANCE_ID=iid, NIPYPE_S3_WORKER_ROOT=config["worker_root"])
+        with open(log_path, "ab") as log:
+            proc = subprocess.Popen([sys.executable, "-m", "nipype_s3.agent", "--config",
+                                     config_path], stdout=log, stderr=subprocess.STDOUT,
+                                    stdin=subprocess.DEVNULL, cwd=root, env=env,
+                                    start_new_session=True)
+        with self._lock:
+            self.instances[iid] = LocalInstance(iid, root, proc, log_path, time.time())
+
+    def _kill(self, inst: LocalInstance) -> None:
+        if inst.proc is None or inst.proc.poll() is not None:
+            return
+        try:
+            os.killpg(inst.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        inst.proc.wait(10)
+        inst.ended = inst.ended or time.time()
+
+
+def _has_children(pid: int) -> bool:
+    try:
+        out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True)
+        return bool(out.stdout.strip())
+    except OSError:  # pragma: no cover
+        return False

@@ -1,0 +1,331 @@
+"""EC2Plugin on LocalCloud: real agents in subprocesses, no shared file system."""
+
+import os
+import threading
+import time
+
+import boto3
+import pytest
+from nipype import Function, MapNode, Node, Workflow
+from nipype.interfaces.utility import IdentityInterface
+
+from nipype_s3 import EC2Plugin
+from nipype_s3.testing import LocalCloud
+
+pytestmark = pytest.mark.slow
+
+FAST = {"idle_timeout": 15, "lease_timeout": 8, "visibility_timeout": 6, "heartbeat": 1.5,
+        "poll_wait": 1, "scale_interval": 0.5, "done_scan_interval": 5}
+
+
+def _double(x):
+    return x * 2
+
+
+def _write(value):
+    import os
+
+    path = os.path.abspath(f"value_{value}.txt")
+    with open(path, "w") as fobj:
+        fobj.write(str(value))
+    return path
+
+
+def _read_plus_one(path):
+    with open(path) as fobj:
+        return int(fobj.read()) + 1
+
+
+def _square(x):
+    return x * x
+
+
+def _total(values):
+    return sum(values)
+
+
+def _boom(x):
+    raise ValueError(f"remote failure for input {x}")
+
+
+def _sleep_then(x, seconds=4):
+    import time
+
+    time.sleep(seconds)
+    return x
+
+
+def _mean_of_nifti(in_file):
+    import os
+
+    import nibabel as nib
+    import numpy as np
+
+    img = nib.load(in_file)
+    mean = np.asanyarray(img.dataobj, dtype="float32").mean(axis=-1)
+    out = os.path.abspath("mean.nii.gz")
+    nib.save(nib.Nifti1Image(mean, img.affine), out)
+    return out
+
+
+def _fn(name, function, inputs, outputs):
+    return Node(Function(input_names=inputs, output_names=outputs, function=function), name)
+
+
+def build_workflow(base_dir, nifti):
+    """A Function chain three levels deep, a MapNode, iterables, and a real NIfTI step."""
+    wf = Workflow("wf", base_dir=str(base_dir))
+    wf.config["execution"]["poll_sleep_duration"] = 0.3
+    src = Node(IdentityInterface(fields=["x"]), "src")
+    src.iterables = ("x", [1, 2])
+    a = _fn("a", _double, ["x"], ["y"])
+    b = _fn("b", _write, ["value"], ["path"])
+    c = _fn("c", _read_plus_one, ["path"], ["v"])
+    sq = MapNode(Function(input_names=["x"], output_names=["y"], function=_square),
+                 iterfield=["x"], name="sq")
+    sq.inputs.x = [1, 2, 3]
+    tot = _fn("tot", _total, ["values"], ["s"])
+    mean = _fn("mean", _mean_of_nifti, ["in_file"], ["out"])
+    mean.inputs.in_file = nifti
+    wf.connect(src, "x", a, "x")
+    wf.connect(a, "y", b, "value")
+    wf.connect(b, "path", c, "path")
+    wf.connect(sq, "y", tot, "values")
+    wf.add_nodes([mean])
+    return wf
+
+
+def _outputs(result_graph):
+    out = {}
+    for node in result_graph.nodes():
+        outputs = node.result.outputs
+        if outputs is None:
+            out[node.fullname] = None
+        else:
+            out[node.fullname] = dict(outputs.dictcopy() if hasattr(outputs, "dictcopy")
+                                      else outputs.get())
+    return out
+
+
+def _normalise(outputs, base):
+    def fix(v):
+        if isinstance(v, str):
+            return v.replace(str(base), "<base>")
+        if isinstance(v, list):
+            return [fix(x) for x in v]
+        return v
+    return {k: {kk: fix(vv) for kk, vv in (v or {}).items()} for k, v in outputs.items()}
+
+
+def _plugin(**extra):
+    args = {"s3_prefix": "s3://my-bucket/nipype-runs", "max_instances": 2, **FAST}
+    args.update(extra)
+    return EC2Plugin(plugin_args=args)
+
+
+@pytest.fixture
+def cloud():
+    with LocalCloud() as cloud:
+        boto3.client("s3").create_bucket(Bucket="my-bucket")
+        yield cloud
+        assert cloud.errors == []
+
+
+def _count_jobs(cloud):
+    return cloud.proxy.count(action="AmazonSQS.SendMessage")
+
+
+def test_same_outputs_as_linear_and_rerun_submits_nothing(cloud, tmp_path, nifti_files):
+    import nibabel as nib
+    import numpy as np
+
+    linear = build_workflow(tmp_path / "linear", nifti_files["example4d.nii.gz"]).run(
+        plugin="Linear")
+    wf = build_workflow(tmp_path / "ec2", nifti_files["example4d.nii.gz"])
+    remote = wf.run(plugin=_plugin())
+    assert _normalise(_outputs(remote), tmp_path / "ec2") == \
+        _normalise(_outputs(linear), tmp_path / "linear")
+    # the NIfTI made on an agent is in the controller's node directory, byte-equal
+    mean_ec2 = tmp_path / "ec2" / "wf" / "mean" / "mean.nii.gz"
+    mean_lin = tmp_path / "linear" / "wf" / "mean" / "mean.nii.gz"
+    assert np.allclose(nib.load(mean_ec2).get_fdata(), nib.load(mean_lin).get_fdata())
+    assert cloud.live_instances() == []
+    sent = _count_jobs(cloud)
+    assert sent >= 9  # a x2, b x2, c x2, sq x3, tot, mean: some ran remotely
+
+    again = build_workflow(tmp_path / "ec2", nifti_files["example4d.nii.gz"])
+    again.run(plugin=_plugin())
+    assert _count_jobs(cloud) == sent  # an immediate re-run submits zero jobs
+    assert cloud.live_instances() == []
+
+
+def test_remote_crash_is_an_ordinary_crash_with_the_remote_traceback(cloud, tmp_path):
+    wf = Workflow("crashing", base_dir=str(tmp_path))
+    wf.config["execution"]["poll_sleep_duration"] = 0.3
+    wf.config["execution"]["crashdump_dir"] = str(tmp_path / "crashes")
+    bad = _fn("bad", _boom, ["x"], ["y"])
+    bad.inputs.x = 42
+    wf.add_nodes([bad])
+    with pytest.raises(RuntimeError) as err:
+        wf.run(plugin=_plugin())
+    assert "remote failure for input 42" in str(err.value)
+    crashes = list((tmp_path / "crashes").glob("crash-*bad*.pklz"))
+    assert len(crashes) == 1
+    from nipype.utils.filemanip import loadcrash
+
+    crash = loadcrash(str(crashes[0]))
+    text = "".join(crash["traceback"])
+    assert "ValueError: remote failure for input 42" in text
+    assert "[nipype_s3] node crashing.bad ran as job" in text
+    assert "on instance i-" in text and "agent log: s3://my-bucket/nipype-runs/runs/" in text
+    assert "[nipype_s3] log tail:" in text
+    assert cloud.live_instances() == []
+
+
+def test_killed_agent_job_is_retried_elsewhere(cloud, tmp_path):
+    wf = Workflow("retry", base_dir=str(tmp_path))
+    wf.config["execution"]["poll_sleep_duration"] = 0.3
+    src = Node(IdentityInterface(fields=["x"]), "src")
+    src.iterables = ("x", [1, 2, 3])
+    slow = _fn("slow", _sleep_then, ["x", "seconds"], ["y"])
+    slow.inputs.seconds = 3
+    wf.connect(src, "x", slow, "x")
+    plugin = _plugin(agent_vcpus=1, max_instances=2)
+    killed = []
+    killer = threading.Thread(target=lambda: killed.append(cloud.kill_agent()), daemon=True)
+    killer.start()
+    result = wf.run(plugin=plugin)
+    killer.join(5)
+    assert killed and killed[0].startswith("i-")
+    values = sorted(n.result.outputs.y for n in result.nodes() if n.name == "slow")
+    assert values == [1, 2, 3]
+    attempts = [j.report.get("attempt") for j in plugin._by_job_id.values()]
+    assert max(attempts) >= 2  # the killed job ran again, on another agent
+    assert cloud.live_instances() == []
+
+
+def test_max_instances_is_never_exceeded(cloud, tmp_path):
+    wf = Workflow("wide", base_dir=str(tmp_path))
+    wf.config["execution"]["poll_sleep_duration"] = 0.3
+    src = Node(IdentityInterface(fields=["x"]), "src")
+    src.iterables = ("x", list(range(6)))
+    slow = _fn("slow", _sleep_then, ["x", "seconds"], ["y"])
+    slow.inputs.seconds = 1
+    wf.connect(src, "x", slow, "x")
+    plugin = _plugin(agent_vcpus=1, max_instances=2)
+    wf.run(plugin=plugin)
+    assert cloud.peak_alive <= 2 and plugin.pool.peak <= 2
+    assert cloud.peak_alive >= 1
+    assert plugin.cost_report["peak_instances"] <= 2
+    assert cloud.live_instances() == []
+
+
+def test_interrupt_leaves_no_instance(cloud, tmp_path):
+    wf = Workflow("interrupted", base_dir=str(tmp_path))
+    wf.config["execution"]["poll_sleep_duration"] = 0.3
+    src = Node(IdentityInterface(fields=["x"]), "src")
+    src.iterables = ("x", [1, 2])
+    slow = _fn("slow", _sleep_then, ["x", "seconds"], ["y"])
+    slow.inputs.seconds = 60
+    wf.connect(src, "x", slow, "x")
+
+    class Interrupted(EC2Plugin):
+        def _poll(self):
+            super()._poll()
+            if any(i.alive and i.instance_id in cloud.alive_agents()
+                   for i in cloud.instances.values()) and cloud.proxy.count(
+                    action="AmazonSQS.SendMessage") >= 2 and _busy(cloud):
+                raise KeyboardInterrupt  # as Ctrl-C in the middle of the run
+
+    with pytest.raises(KeyboardInterrupt):
+        wf.run(plugin=Interrupted(plugin_args={"s3_prefix": "s3://my-bucket/nipype-runs",
+                                               **FAST}))
+    assert cloud.live_instances() == []
+    assert cloud.wait_idle(10)
+
+
+def _busy(cloud):
+    import subprocess
+
+    for inst in cloud.instances.values():
+        if inst.alive and subprocess.run(["pgrep", "-P", str(inst.proc.pid)],
+                                         capture_output=True).stdout.strip():
+            return True
+    return False
+
+
+def test_capacity_failure_is_clear_and_leaves_nothing(cloud, tmp_path):
+    cloud.fail_launches("InsufficientInstanceCapacity", times=50)
+    wf = Workflow("nocap", base_dir=str(tmp_path))
+    wf.config["execution"]["poll_sleep_duration"] = 0.3
+    node = _fn("a", _double, ["x"], ["y"])
+    node.inputs.x = 1
+    wf.add_nodes([node])
+    with pytest.raises(Exception) as err:
+        wf.run(plugin=_plugin())
+    assert "EC2 has no capacity for c6i.large right now (InsufficientInstanceCapacity)" \
+        in str(err.value)
+    assert cloud.live_instances() == []
+
+
+@pytest.mark.parametrize("args, message", [
+    ({"ami": "ami-00000000000000000"}, "AMI 'ami-00000000000000000' cannot be used"),
+    ({"iam_instance_profile": "no-such-profile"}, "Instance profile 'no-such-profile' does "
+                                                  "not exist"),
+])
+def test_bad_launch_settings_are_clear(cloud, tmp_path, args, message):
+    wf = Workflow("badlaunch", base_dir=str(tmp_path))
+    wf.config["execution"]["poll_sleep_duration"] = 0.3
+    node = _fn("a", _double, ["x"], ["y"])
+    node.inputs.x = 1
+    wf.add_nodes([node])
+    with pytest.raises(Exception) as err:
+        wf.run(plugin=_plugin(**args))
+    assert message in str(err.value)
+    assert cloud.live_instances() == []
+
+
+def test_controller_calls_per_poll_do_not_grow_with_pending_jobs(cloud, tmp_path):
+    wf = Workflow("many", base_dir=str(tmp_path))
+    wf.config["execution"]["poll_sleep_duration"] = 0.3
+    src = Node(IdentityInterface(fields=["x"]), "src")
+    src.iterables = ("x", list(range(16)))
+    node = _fn("a", _double, ["x"], ["y"])
+    wf.connect(src, "x", node, "x")
+    checks = []
+
+    class Counting(EC2Plugin):
+        def _is_pending(self, taskid):
+            checks.append(taskid)
+            return super()._is_pending(taskid)
+
+    plugin = Counting(plugin_args={"s3_prefix": "s3://my-bucket/nipype-runs",
+                                   "max_instances": 1, "agent_vcpus": 4, **FAST})
+    cloud.proxy.clear()
+    wf.run(plugin=plugin)
+    receives = cloud.proxy.count(action="AmazonSQS.ReceiveMessage")
+    describes = cloud.proxy.count(action="DescribeInstances")
+    polls = plugin.stats["polls"]
+    assert len(checks) > 3 * polls  # nipype asked about every pending job, many times...
+    assert receives <= polls + 16 // 10 + 1  # ...but each poll read the events queue once
+    assert describes <= polls + 1
+
+
+def test_user_data_is_small_secret_free_and_valid_bash(cloud, tmp_path):
+    import subprocess
+
+    wf = Workflow("ud", base_dir=str(tmp_path))
+    wf.config["execution"]["poll_sleep_duration"] = 0.3
+    node = _fn("a", _double, ["x"], ["y"])
+    node.inputs.x = 2
+    wf.add_nodes([node])
+    wf.run(plugin=_plugin())
+    scripts = [os.path.join(i.root, "user-data.sh") for i in cloud.instances.values()]
+    assert scripts
+    for script in scripts:
+        data = open(script, "rb").read()
+        assert len(data) < 16 * 1024
+        assert subprocess.run(["bash", "-n", script]).returncode == 0
+        for secret in (os.environ["AWS_SECRET_ACCESS_KEY"], os.environ["AWS_ACCESS_KEY_ID"]):
+            assert secret.encode() not in data
+        assert b"nipype_s3.agent" in data and b"shutdown -h now" in data
