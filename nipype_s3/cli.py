@@ -36,7 +36,77 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--plugin", default="Linear", choices=["Linear", "MultiProc"],
                       help="nipype execution plugin (default: Linear)")
     demo.set_defaults(func=_cmd_demo)
+
+    agent = sub.add_parser("agent", help="serve a run's jobs (what runs on each instance)",
+                           description="The EC2Plugin agent: long-polls its run's jobs queue "
+                                       "and runs the nodes it is sent.")
+    agent.add_argument("--config", help="agent configuration (JSON file); default: the "
+                                        "NIPYPE_S3_AGENT_CONFIG environment variable")
+    agent.set_defaults(func=_cmd_agent)
+
+    cleanup = sub.add_parser(
+        "cleanup", help="terminate a run's instances and delete its queues and key",
+        description="Terminate the instances tagged nipype-s3:run=ID (or of every run with "
+                    "--all), delete the run's SQS queues and signing key, and with "
+                    "--s3-prefix the run's files. For when a controller died.")
+    which = cleanup.add_mutually_exclusive_group(required=True)
+    which.add_argument("--run", metavar="ID", help="the run id (printed when a run starts)")
+    which.add_argument("--all", action="store_true", help="every nipype-s3 run")
+    cleanup.add_argument("--s3-prefix", help="also delete s3_prefix/runs/ID/ (the run's files)")
+    cleanup.add_argument("--region", help="AWS region (default: your configured one)")
+    cleanup.add_argument("--dry-run", action="store_true", help="only show what would go")
+    cleanup.set_defaults(func=_cmd_cleanup)
+
+    cost = sub.add_parser("cost", help="show a run's cost report",
+                          description="Print the cost report EC2Plugin wrote for a run.")
+    cost.add_argument("--run", metavar="ID", required=True)
+    cost.add_argument("--s3-prefix", required=True, help="the run's s3_prefix")
+    cost.add_argument("--json", action="store_true", help="print the raw JSON")
+    cost.set_defaults(func=_cmd_cost)
     return parser
+
+
+def _cmd_agent(args) -> int:
+    from .agent.main import main as agent_main
+
+    return agent_main(["--config", args.config] if args.config else [])
+
+
+def _cmd_cleanup(args) -> int:
+    from .ops import cleanup
+
+    report = cleanup(run_id=args.run, all_runs=args.all, s3_prefix=args.s3_prefix,
+                     region=args.region, dry_run=args.dry_run)
+    verb = "would terminate" if args.dry_run else "terminated"
+    print(f"{verb} {len(report['instances'])} instance(s)"
+          + (": " + ", ".join(report["instances"]) if report["instances"] else ""))
+    for kind in ("queues", "parameters", "objects"):
+        if report[kind]:
+            what = "would delete" if args.dry_run else "deleted"
+            print(f"{what} {len(report[kind])} {kind}")
+    return 0
+
+
+def _cmd_cost(args) -> int:
+    import json
+
+    from .ops import load_cost_report
+
+    report = load_cost_report(args.run, args.s3_prefix)
+    if args.json:
+        print(json.dumps(report, indent=1))
+        return 0
+    print(f"run {report['run_id']}: {report['wall_seconds']:.0f} s wall, "
+          f"{len(report['instances'])} instance(s), {report['instance_seconds']:.0f} "
+          f"instance-s billed, {report['busy_seconds']:.0f} s busy, "
+          f"~${report['usd_estimate']:.4f}")
+    print(f"jobs: {report['jobs_remote']} on EC2, {report['jobs_local']} on the controller; "
+          f"{report['bytes_staged']} B staged, {report['bytes_fetched']} B fetched")
+    for inst in report["instances"]:
+        print(f"  {inst['instance_id']} {inst['type']}{' spot' if inst['spot'] else ''} "
+              f"{inst['seconds']:.0f} s ~${inst['usd_estimate'] or 0:.4f}")
+    print(report.get("note", ""))
+    return 0
 
 
 def _cmd_demo(args) -> int:

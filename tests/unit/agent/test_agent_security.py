@@ -1,0 +1,86 @@
+"""The agent refuses what it should, on moto in-process (no subprocess is started)."""
+
+import json
+import time
+
+import boto3
+import pytest
+
+from nipype_s3.agent import Agent, AgentConfig
+from nipype_s3.ec2.jobs import RunLayout, job_key_parameter, make_message, new_run_id
+
+
+@pytest.fixture
+def run(s3_inprocess, tmp_path):
+    run_id = new_run_id()
+    layout = RunLayout("runs-bucket", "p", run_id)
+    s3_inprocess.create_bucket(Bucket="runs-bucket")
+    sqs = boto3.client("sqs", region_name="us-east-1")
+    jobs = sqs.create_queue(QueueName=layout.queue_name("jobs"))["QueueUrl"]
+    events = sqs.create_queue(QueueName=layout.queue_name("events"))["QueueUrl"]
+    key = b"s" * 32
+    boto3.client("ssm", region_name="us-east-1").put_parameter(
+        Name=job_key_parameter(run_id), Value=key.hex(), Type="SecureString")
+    cfg = AgentConfig(bucket="runs-bucket", prefix="p", run_id=run_id, region="us-east-1",
+                      jobs_queue_url=jobs, events_queue_url=events,
+                      job_key_parameter=job_key_parameter(run_id), idle_timeout=1,
+                      poll_wait=0, lease_check=0.2, worker_root=str(tmp_path / "root"))
+    return layout, cfg, key, sqs, s3_inprocess
+
+
+def _lease(s3, layout, seconds):
+    s3.put_object(Bucket=layout.bucket, Key=layout.lease_key,
+                  Body=json.dumps({"expires": time.time() + seconds}).encode())
+
+
+def test_bad_signature_is_refused_and_nothing_runs(run, caplog):
+    layout, cfg, key, sqs, s3 = run
+    _lease(s3, layout, 60)
+    spec = json.dumps({"job_id": "j1", "node": "evil", "manifest": []}).encode()
+    s3.put_object(Bucket=layout.bucket, Key=layout.spec_key("j1"), Body=spec)
+    sqs.send_message(QueueUrl=cfg.jobs_queue_url,
+                     MessageBody=make_message(layout, "j1", spec, b"w" * 32))
+    agent = Agent(cfg, instance_id="i-test")
+    assert agent.run() == 0
+    assert "refused a job message: job j1: the signature does not verify" in caplog.text
+    assert agent.jobs_done == 0
+    assert "Contents" not in s3.list_objects_v2(Bucket=layout.bucket, Prefix=layout.key("done"))
+    assert "Messages" not in sqs.receive_message(QueueUrl=cfg.jobs_queue_url)
+
+
+def test_spec_outside_the_run_is_refused(run, caplog):
+    layout, cfg, key, sqs, s3 = run
+    _lease(s3, layout, 60)
+    body = json.loads(make_message(layout, "j2", b"{}", key))
+    body["spec_key"] = "p/runs/another-run/jobs/j2/spec.json"
+    sqs.send_message(QueueUrl=cfg.jobs_queue_url, MessageBody=json.dumps(body))
+    agent = Agent(cfg, instance_id="i-test")
+    agent.run()
+    assert "is not below this run's prefix" in caplog.text and agent.jobs_done == 0
+
+
+def test_stale_lease_stops_the_agent(run):
+    layout, cfg, key, sqs, s3 = run
+    _lease(s3, layout, -1)
+    agent = Agent(cfg, instance_id="i-test")
+    agent.run()
+    assert agent.stop_reason == "the controller's lease is stale"
+
+
+def test_idle_agent_stops(run):
+    layout, cfg, key, sqs, s3 = run
+    _lease(s3, layout, 60)
+    agent = Agent(cfg, instance_id="i-test")
+    started = time.monotonic()
+    agent.run()
+    assert agent.stop_reason == "idle for 1 s"
+    assert time.monotonic() - started < 30
+
+
+def test_max_lifetime_stops_the_agent(run):
+    layout, cfg, key, sqs, s3 = run
+    _lease(s3, layout, 60)
+    cfg.max_lifetime = 0
+    agent = Agent(cfg, instance_id="i-test")
+    agent.run()
+    assert agent.stop_reason == "max lifetime reached"

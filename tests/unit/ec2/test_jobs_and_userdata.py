@@ -1,0 +1,97 @@
+"""Run layout, signed messages, user-data and cost estimates."""
+
+import json
+import subprocess
+
+import pytest
+
+from nipype_s3.agent.config import AgentConfig
+from nipype_s3.ec2.jobs import (
+    MessageRejected,
+    RunLayout,
+    make_message,
+    new_run_id,
+    open_message,
+    parse_s3_prefix,
+    sign,
+    verify,
+)
+from nipype_s3.ec2.pricing import billed_seconds, estimate_cost, instance_shape
+from nipype_s3.ec2.userdata import USER_DATA_LIMIT, agent_config_from_user_data, render_user_data
+from nipype_s3.exceptions import ConfigurationError
+
+LAYOUT = RunLayout("bkt", "runs-prefix", "20261122-000000-abcdef")
+
+
+def test_layout_keys():
+    assert LAYOUT.run_prefix == "runs-prefix/runs/20261122-000000-abcdef/"
+    assert LAYOUT.spec_key("j1") == "runs-prefix/runs/20261122-000000-abcdef/jobs/j1/spec.json"
+    assert LAYOUT.done_key("j1") == "runs-prefix/runs/20261122-000000-abcdef/done/j1.json"
+    assert LAYOUT.queue_name("jobs") == "nipype-s3-20261122-000000-abcdef-jobs"
+    assert len(new_run_id()) == 22
+
+
+def test_signed_message_round_trip_and_tamper():
+    key = b"k" * 32
+    spec = b'{"job_id": "j1"}'
+    msg = open_message(make_message(LAYOUT, "j1", spec, key), LAYOUT)
+    assert verify(key, spec, msg["hmac"])
+    assert not verify(key, spec + b" ", msg["hmac"])
+    assert not verify(b"x" * 32, spec, msg["hmac"])
+    assert sign(key, spec) == msg["hmac"]
+
+
+@pytest.mark.parametrize("body, why", [
+    ("not json", "malformed job message"),
+    (json.dumps({"run_id": "other", "job_id": "j", "spec_key": "x", "hmac": "0"}),
+     "message of run 'other'"),
+    (json.dumps({"run_id": LAYOUT.run_id, "job_id": "j",
+                 "spec_key": "runs-prefix/runs/other/jobs/j/spec.json", "hmac": "0"}),
+     "is not below this run's prefix"),
+])
+def test_foreign_messages_are_rejected(body, why):
+    with pytest.raises(MessageRejected, match=why):
+        open_message(body, LAYOUT)
+
+
+def test_s3_prefix_is_required_and_checked():
+    with pytest.raises(ConfigurationError, match="needs plugin_args\\['s3_prefix'\\]"):
+        parse_s3_prefix("")
+    with pytest.raises(ConfigurationError, match="Not an S3 URI"):
+        parse_s3_prefix("my-bucket/runs")
+    assert parse_s3_prefix("s3://my-bucket/a/b/") == ("my-bucket", "a/b")
+
+
+def _config(**kw):
+    return AgentConfig(bucket="bkt", prefix="p", run_id=LAYOUT.run_id, region="us-east-1",
+                       jobs_queue_url="http://q/jobs", events_queue_url="http://q/events",
+                       job_key_parameter="/nipype-s3/runs/x/job-key", **kw)
+
+
+def test_user_data_is_valid_bash_small_and_carries_the_config(tmp_path):
+    cfg = _config()
+    script = render_user_data(run_id=LAYOUT.run_id, config_json=cfg.to_json(),
+                              region="us-east-1", worker_root="/var/lib/nipype-s3/work",
+                              requirements=["nipype==1.11.0", "boto3==1.43.11"],
+                              package_s3_uri="s3://bkt/p/cas/sha256/abc",
+                              setup_commands="echo 'it''s ok'")
+    path = tmp_path / "ud.sh"
+    path.write_text(script)
+    assert subprocess.run(["bash", "-n", str(path)]).returncode == 0
+    assert len(script.encode()) < USER_DATA_LIMIT
+    assert AgentConfig.from_json(agent_config_from_user_data(script)) == cfg
+    assert "trap 'shutdown -h now' EXIT" in script
+
+
+def test_user_data_limit_is_enforced():
+    with pytest.raises(ConfigurationError, match="AWS allows 16384"):
+        render_user_data(run_id="r", config_json="{}", region="us-east-1", worker_root="/w",
+                         requirements=[], setup_commands="echo x\n" * 3000)
+
+
+def test_cost_estimates():
+    assert billed_seconds(5) == 60 and billed_seconds(61.2) == 62
+    assert estimate_cost("c6i.large", 3600) == pytest.approx(0.085)
+    assert estimate_cost("c6i.large", 3600, spot=True) == pytest.approx(0.0255)
+    assert estimate_cost("x9.unknown", 100) is None
+    assert instance_shape("c6i.2xlarge") == (8, 16)
