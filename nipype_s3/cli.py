@@ -28,13 +28,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser(
         "demo", help="run a real pipeline on an embedded S3 (no AWS account needed)",
-        description="Start an S3 server on 127.0.0.1, upload real NIfTI data, run a Nipype "
-                    "workflow that computes per-subject mean images and sinks them with "
-                    "S3DataSink, then print the keys written.")
+        description="Start LocalCloud (an AWS account on 127.0.0.1), upload real NIfTI data, "
+                    "and run a Nipype workflow: S3DataGrabber -> mean/tSNR/mask -> "
+                    "S3DataSink, its nodes dispatched to EC2 instances with EC2Plugin. "
+                    "Prints the output keys and the run's cost report.")
     demo.add_argument("--keep", metavar="DIR",
                       help="also keep a local copy of the outputs in DIR")
-    demo.add_argument("--plugin", default="Linear", choices=["Linear", "MultiProc"],
-                      help="nipype execution plugin (default: Linear)")
+    demo.add_argument("--plugin", default="EC2", choices=["EC2", "Linear", "MultiProc"],
+                      help="EC2 (EC2Plugin on LocalCloud instances, the default) or one of "
+                           "nipype's local plugins")
     demo.set_defaults(func=_cmd_demo)
 
     agent = sub.add_parser("agent", help="serve a run's jobs (what runs on each instance)",

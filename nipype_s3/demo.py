@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
 import sys
@@ -12,10 +11,11 @@ import time
 __all__ = ["run_demo", "mean_and_tsnr", "print_tree"]
 
 DEMO_BUCKET = "nipype-s3-demo"
+DEMO_RUNS_BUCKET = "nipype-s3-demo-runs"
 
 
 def mean_and_tsnr(in_file):
-    """Mean image and temporal SNR (mean / std over time) of a 4D NIfTI."""
+    """Mean image, temporal SNR (mean / std over time) and a brain mask of a 4D NIfTI."""
     import os
 
     import nibabel as nib
@@ -28,12 +28,15 @@ def mean_and_tsnr(in_file):
     mean = data.mean(axis=3)
     std = data.std(axis=3)
     tsnr = np.divide(mean, std, out=np.zeros_like(mean), where=std > 0)
+    mask = (mean > np.percentile(mean[mean > 0], 30)) if (mean > 0).any() else mean > 0
     stem = os.path.basename(in_file).split(".")[0]
-    mean_file = os.path.abspath(f"{stem}_mean.nii.gz")
-    tsnr_file = os.path.abspath(f"{stem}_tsnr.nii.gz")
-    nib.save(nib.Nifti1Image(mean.astype("float32"), img.affine), mean_file)
-    nib.save(nib.Nifti1Image(tsnr.astype("float32"), img.affine), tsnr_file)
-    return mean_file, tsnr_file
+    outputs = []
+    for name, array, dtype in (("mean", mean, "float32"), ("tsnr", tsnr, "float32"),
+                               ("mask", mask, "uint8")):
+        path = os.path.abspath(f"{stem}_{name}.nii.gz")
+        nib.save(nib.Nifti1Image(array.astype(dtype), img.affine), path)
+        outputs.append(path)
+    return tuple(outputs)
 
 
 def print_tree(keys, out=sys.stdout) -> None:
@@ -49,34 +52,21 @@ def print_tree(keys, out=sys.stdout) -> None:
         print("  " * (len(parts) - 1) + parts[-1], file=out)
 
 
-@contextlib.contextmanager
-def _environment(**values):
-    saved = {k: os.environ.get(k) for k in values}
-    os.environ.update({k: v for k, v in values.items() if v is not None})
-    try:
-        yield
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-
-
 def _say(text: str) -> None:
     print(f"[nipype-s3 demo] {text}", flush=True)
 
 
-def run_demo(keep: str | None = None, plugin: str = "Linear") -> int:
+def run_demo(keep: str | None = None, plugin: str = "EC2") -> int:
     """Run the demo; return the exit status."""
     import boto3
     import nibabel
     from nipype import Function, Node, Workflow
     from nipype.interfaces.utility import IdentityInterface
 
-    from .interfaces import S3DataSink
-    from .s3 import DownloadItem, UploadItem, download_files, list_objects, upload_files
-    from .testing.servers import FAKE_ACCESS_KEY, FAKE_SECRET_KEY, MotoServer
+    from .interfaces import S3DataGrabber, S3DataSink
+    from .plugins import EC2Plugin
+    from .s3 import UploadItem, list_objects, upload_files
+    from .testing import LocalCloud
 
     start = time.monotonic()
     data = os.path.join(os.path.dirname(nibabel.__file__), "tests", "data")
@@ -86,42 +76,28 @@ def run_demo(keep: str | None = None, plugin: str = "Linear") -> int:
         "sub-02/func/sub-02_task-rest_bold.nii.gz": os.path.join(data, "example4d.nii.gz"),
         "sub-02/anat/sub-02_T1w.nii": os.path.join(data, "anatomical.nii"),
     }
+    subjects = ["sub-01", "sub-02"]
     workdir = tempfile.mkdtemp(prefix="nipype-s3-demo-")
-    server = MotoServer(log_path=os.path.join(workdir, "s3-server.log"))
-    _say(f"starting an embedded S3 server at {server.url} ...")
+    _say("starting LocalCloud: an AWS account on 127.0.0.1 (S3, EC2, SQS, SSM) ...")
     try:
-        server.start()
-        with _environment(AWS_ENDPOINT_URL=server.url, AWS_ACCESS_KEY_ID=FAKE_ACCESS_KEY,
-                          AWS_SECRET_ACCESS_KEY=FAKE_SECRET_KEY,
-                          AWS_DEFAULT_REGION="us-east-1", AWS_SESSION_TOKEN=None):
-            os.environ.pop("AWS_PROFILE", None)
-            client = boto3.client("s3", region_name="us-east-1")
+        with LocalCloud(directory=os.path.join(workdir, "cloud")) as cloud:
+            _say(f"embedded S3 server at {cloud.server.url}")
+            client = boto3.client("s3", region_name=cloud.region)
             client.create_bucket(Bucket=DEMO_BUCKET)
-            _say(f"uploading a BIDS-like dataset (2 subjects, real NIfTI) to "
+            _say(f"uploading a BIDS-like dataset ({len(subjects)} subjects, real NIfTI) to "
                  f"s3://{DEMO_BUCKET}/rawdata/ ...")
             upload_files(client, DEMO_BUCKET, [UploadItem(src, f"rawdata/{key}")
                                                for key, src in dataset.items()])
 
-            _say("fetching the functional runs ...")
-            listing = list_objects(client, DEMO_BUCKET, "rawdata/")
-            inputs = os.path.join(workdir, "inputs")
-            bold = {}
-            items = []
-            for key, info in listing.items():
-                if "_bold" in key:
-                    dest = os.path.join(inputs, key[len("rawdata/"):])
-                    items.append(DownloadItem(key, dest, info.size, info.etag))
-                    bold[key.split("/")[1]] = dest
-            download_files(client, DEMO_BUCKET, items)
-
-            _say(f"running the workflow (mean image and tSNR per subject, plugin={plugin}) ...")
             info = Node(IdentityInterface(fields=["subject"]), "info")
-            info.iterables = ("subject", sorted(bold))
-            pick = Node(Function(input_names=["subject", "files"], output_names=["bold"],
-                                 function=_pick), "pick")
-            pick.inputs.files = bold
+            info.iterables = ("subject", subjects)
+            grab = Node(S3DataGrabber(infields=["subject"], outfields=["bold"]), "grab")
+            grab.inputs.bucket = DEMO_BUCKET
+            grab.inputs.bucket_path = "rawdata/"
+            grab.inputs.template = "%s/func/%s_task-rest_bold.nii*"
+            grab.inputs.template_args = {"bold": [["subject", "subject"]]}
             stats = Node(Function(input_names=["in_file"],
-                                  output_names=["mean_file", "tsnr_file"],
+                                  output_names=["mean_file", "tsnr_file", "mask_file"],
                                   function=mean_and_tsnr), "stats")
             sink = Node(S3DataSink(base_directory=f"s3://{DEMO_BUCKET}/derivatives"), "sink")
             if keep:
@@ -129,31 +105,54 @@ def run_demo(keep: str | None = None, plugin: str = "Linear") -> int:
             sink.inputs.regexp_substitutions = [(r"/_subject_[^/]+", "")]
             wf = Workflow("demo", base_dir=os.path.join(workdir, "work"))
             wf.config["execution"]["poll_sleep_duration"] = 0.2
-            wf.connect(info, "subject", pick, "subject")
+            wf.connect(info, "subject", grab, "subject")
             wf.connect(info, "subject", sink, "container")
-            wf.connect(pick, "bold", stats, "in_file")
+            wf.connect(grab, "bold", stats, "in_file")
             wf.connect(stats, "mean_file", sink, "func.@mean")
             wf.connect(stats, "tsnr_file", sink, "func.@tsnr")
-            wf.run(plugin=plugin, plugin_args={"n_procs": 2} if plugin == "MultiProc" else {})
+            wf.connect(stats, "mask_file", sink, "func.@mask")
+
+            if plugin == "EC2":
+                client.create_bucket(Bucket=DEMO_RUNS_BUCKET)
+                runner = EC2Plugin(plugin_args={
+                    "s3_prefix": f"s3://{DEMO_RUNS_BUCKET}", "max_instances": 2,
+                    "instance_type": "c6i.large", "idle_timeout": 30, "lease_timeout": 20,
+                    "poll_wait": 1, "scale_interval": 0.5, "visibility_timeout": 30,
+                    "heartbeat": 5})
+                _say("running the workflow (grab -> mean/tSNR/mask -> sink) with EC2Plugin on "
+                     "up to 2 LocalCloud instances ...")
+                wf.run(plugin=runner)
+            else:
+                runner = None
+                _say(f"running the workflow with nipype's {plugin} plugin ...")
+                wf.run(plugin=plugin, plugin_args={"n_procs": 2}
+                       if plugin == "MultiProc" else {})
 
             keys = sorted(list_objects(client, DEMO_BUCKET, "derivatives/"))
-            if len(keys) != 2 * len(bold):
-                raise RuntimeError(f"the demo expected {2 * len(bold)} outputs in "
+            expected = 3 * len(subjects)
+            if len(keys) != expected:
+                raise RuntimeError(f"the demo expected {expected} outputs in "
                                    f"s3://{DEMO_BUCKET}/derivatives/ and found {len(keys)}")
             print()
             print(f"s3://{DEMO_BUCKET}/")
             print_tree(keys)
             print()
+            if runner is not None and runner.cost_report:
+                report = runner.cost_report
+                _say(f"run {runner.run_id}: {len(report['instances'])} instance(s), "
+                     f"{report['instance_seconds']:.0f} instance-s billed vs "
+                     f"{report['busy_seconds']:.0f} s busy, ~${report['usd_estimate']:.4f} "
+                     f"if it were AWS; {report['jobs_remote']} jobs on instances, "
+                     f"{report['jobs_local']} on the controller")
+                _say(f"cost report: s3://{DEMO_RUNS_BUCKET}/runs/{runner.run_id}/cost.json")
+            if not cloud.wait_idle(15):
+                raise RuntimeError(f"instances still running after the run: "
+                                   f"{cloud.live_instances()}")
             _say(f"done in {time.monotonic() - start:.1f} s: {len(keys)} outputs in "
-                 f"s3://{DEMO_BUCKET}/derivatives/")
+                 f"s3://{DEMO_BUCKET}/derivatives/, no instance left running")
             if keep:
                 _say(f"local copy of the outputs: {os.path.abspath(keep)}")
-            _say("next: README.md (S3DataSink), docs/ for every input and credentials mode")
+            _say("next: README.md and docs/ (S3DataSink, S3DataGrabber, EC2Plugin, LocalCloud)")
     finally:
-        server.stop()
         shutil.rmtree(workdir, ignore_errors=True)
     return 0
-
-
-def _pick(subject, files):
-    return files[subject]

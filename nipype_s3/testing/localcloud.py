@@ -97,6 +97,7 @@ class LocalCloud:
         self.region = region
         self._own_dir = directory is None
         self.directory = directory or tempfile.mkdtemp(prefix="nipype-s3-localcloud-")
+        os.makedirs(self.directory, exist_ok=True)
         self.keep = keep
         self.record = record
         self.server = MotoServer(log_path=os.path.join(self.directory, "moto.log"))

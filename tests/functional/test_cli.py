@@ -21,17 +21,23 @@ def test_no_command_prints_help(capsys):
     assert "demo" in capsys.readouterr().out
 
 
-def test_demo_runs_end_to_end_and_leaves_no_process(tmp_path):
+@pytest.mark.slow
+@pytest.mark.parametrize("plugin", ["EC2", "Linear"])
+def test_demo_runs_end_to_end_and_leaves_no_process(tmp_path, plugin):
     proc = subprocess.run([sys.executable, "-m", "nipype_s3.cli", "demo", "--keep",
-                           str(tmp_path / "keep")], capture_output=True, text=True,
-                          timeout=300, cwd=str(tmp_path))
+                           str(tmp_path / "keep"), "--plugin", plugin], capture_output=True,
+                          text=True, timeout=300, cwd=str(tmp_path))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     out = proc.stdout
     assert "s3://nipype-s3-demo/" in out
-    for name in ("sub-01_task-rest_bold_mean.nii.gz", "sub-02_task-rest_bold_tsnr.nii.gz"):
+    for name in ("sub-01_task-rest_bold_mean.nii.gz", "sub-02_task-rest_bold_tsnr.nii.gz",
+                 "sub-02_task-rest_bold_mask.nii.gz"):
         assert name in out
+    assert "no instance left running" in out
+    if plugin == "EC2":
+        assert "jobs on instances" in out and "cost report: s3://" in out
     kept = sorted(p.name for p in (tmp_path / "keep").rglob("*.nii.gz"))
-    assert len(kept) == 4
+    assert len(kept) == 6
     import nibabel as nib
 
     mean = nib.load(next((tmp_path / "keep").rglob("sub-02_task-rest_bold_mean.nii.gz")))
