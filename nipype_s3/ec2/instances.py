@@ -72,10 +72,13 @@ class InstancePool:
         return filters
 
     def live(self) -> list[dict]:
-        """Pending and running instances of the run (one DescribeInstances, paginated)."""
+        """Pending and running instances of the run and this pool's instance type (one
+        DescribeInstances, paginated)."""
         found = []
         paginator = self.ec2.get_paginator("describe_instances")
-        for page in paginator.paginate(Filters=self._filters(_LIVE)):
+        filters = self._filters(_LIVE) + [{"Name": "instance-type",
+                                           "Values": [self.spec.instance_type]}]
+        for page in paginator.paginate(Filters=filters):
             for res in page.get("Reservations", []):
                 found.extend(res.get("Instances", []))
         self.peak = max(self.peak, len(found))

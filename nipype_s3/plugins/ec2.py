@@ -166,6 +166,15 @@ class EC2Settings:
 
 
 @dataclass
+class _Fleet:
+    instance_type: str
+    queue_url: str
+    pool: InstancePool
+    vcpus: int
+    mem_gb: float
+
+
+@dataclass
 class _Job:
     taskid: int
     job_id: str
@@ -177,6 +186,7 @@ class _Job:
     remote: bool = True
     done: bool = False
     report: dict | None = None
+    instance_type: str = ""
 
 
 class EC2Plugin(SGELikeBatchManagerBase):
@@ -201,6 +211,8 @@ class EC2Plugin(SGELikeBatchManagerBase):
         self._last_scale = 0.0
         self._busy_seconds = 0.0
         self.cost_report: dict | None = None
+        self.peak = 0
+        self._fleets = {}
 
     # -- run lifecycle ------------------------------------------------------------------
     def run(self, graph, config, updatehash=False):
@@ -247,44 +259,16 @@ class EC2Plugin(SGELikeBatchManagerBase):
         with s3_errors(bucket=bucket, key=self.layout.lease_key, action="write the lease to",
                        endpoint=endpoint):
             self._write_lease()
-        self.jobs_queue = self.sqs.create_queue(
-            QueueName=self.layout.queue_name("jobs"),
-            Attributes={"VisibilityTimeout": str(int(s.visibility_timeout)),
-                        "MessageRetentionPeriod": "1209600"})["QueueUrl"]
         self.events_queue = self.sqs.create_queue(
             QueueName=self.layout.queue_name("events"))["QueueUrl"]
         self._job_key = new_job_key()
         self.ssm.put_parameter(Name=job_key_parameter(self.run_id), Type="SecureString",
                                Value=self._job_key.hex(), Overwrite=True,
                                Description=f"nipype-s3 job-signing key of run {self.run_id}")
-        self.vcpus, self.mem_gb = instance_shape(s.instance_type, self.ec2)
-        if s.agent_vcpus:
-            self.vcpus = int(s.agent_vcpus)
-        if s.agent_mem_gb:
-            self.mem_gb = float(s.agent_mem_gb)
-        ami = s.ami or default_ami(self.ssm)
-        agent_cfg = AgentConfig(
-            bucket=bucket, prefix=prefix, run_id=self.run_id, region=region,
-            jobs_queue_url=self.jobs_queue, events_queue_url=self.events_queue,
-            job_key_parameter=job_key_parameter(self.run_id),
-            endpoint_url=endpoint, idle_timeout=s.idle_timeout, max_lifetime=s.max_lifetime,
-            visibility_timeout=int(s.visibility_timeout), heartbeat=s.heartbeat,
-            poll_wait=int(s.poll_wait), lease_check=max(1.0, min(15.0, s.lease_timeout / 4)),
-            max_attempts=int(s.max_attempts), worker_root=s.worker_root,
-            vcpus=s.agent_vcpus, mem_gb=s.agent_mem_gb)
-        package_uri = self._ship_package() if s.ship_package else None
-        user_data = render_user_data(
-            run_id=self.run_id, config_json=agent_cfg.to_json(), region=region,
-            worker_root=s.worker_root, requirements=_requirements(s.requirements,
-                                                                  package_uri is None),
-            package_s3_uri=package_uri, setup_commands=s.setup_commands)
-        self.pool = InstancePool(self.ec2, self.run_id, LaunchSpec(
-            ami=ami, instance_type=s.instance_type, user_data=user_data,
-            iam_instance_profile=s.iam_instance_profile, subnet_id=s.subnet_id,
-            security_group_ids=list(s.security_group_ids), key_name=s.key_name,
-            volume_gb=s.volume_gb, extra_tags=dict(s.tags)), spot=s.spot,
-            spot_retries=s.spot_retries)
-        self.pool.check_image()
+        self._ami = s.ami or default_ami(self.ssm)
+        self._package_uri = self._ship_package() if s.ship_package else None
+        self._fleets: dict[str, _Fleet] = {}
+        self._fleet(s.instance_type).pool.check_image()
         self._lease_stop.clear()
         self._lease_thread = threading.Thread(target=self._lease_loop, daemon=True,
                                               name="nipype-s3-lease")
@@ -301,6 +285,54 @@ class EC2Plugin(SGELikeBatchManagerBase):
         if not self.store._exists(digest):
             self.s3.put_object(Bucket=self.layout.bucket, Key=key, Body=buf)
         return f"s3://{self.layout.bucket}/{key}"
+
+    def _fleet(self, instance_type: str) -> _Fleet:
+        """The queue and instances for one instance type (made on first use)."""
+        fleet = self._fleets.get(instance_type)
+        if fleet is not None:
+            return fleet
+        s = self.settings
+        default = instance_type == s.instance_type
+        kind = "jobs" if default else f"jobs-{_slug(instance_type).replace('.', '-')}"
+        queue = self.sqs.create_queue(
+            QueueName=self.layout.queue_name(kind),
+            Attributes={"VisibilityTimeout": str(int(s.visibility_timeout)),
+                        "MessageRetentionPeriod": "1209600"})["QueueUrl"]
+        vcpus, mem_gb = instance_shape(instance_type, self.ec2)
+        if s.agent_vcpus:
+            vcpus = int(s.agent_vcpus)
+        if s.agent_mem_gb:
+            mem_gb = float(s.agent_mem_gb)
+        agent_cfg = AgentConfig(
+            bucket=self.layout.bucket, prefix=self.layout.prefix, run_id=self.run_id,
+            region=self.region, jobs_queue_url=queue, events_queue_url=self.events_queue,
+            job_key_parameter=job_key_parameter(self.run_id),
+            endpoint_url=self.endpoint_url, idle_timeout=s.idle_timeout,
+            max_lifetime=s.max_lifetime, visibility_timeout=int(s.visibility_timeout),
+            heartbeat=s.heartbeat, poll_wait=int(s.poll_wait),
+            lease_check=max(1.0, min(15.0, s.lease_timeout / 4)),
+            max_attempts=int(s.max_attempts), worker_root=s.worker_root,
+            vcpus=s.agent_vcpus, mem_gb=s.agent_mem_gb)
+        user_data = render_user_data(
+            run_id=self.run_id, config_json=agent_cfg.to_json(), region=self.region,
+            worker_root=s.worker_root,
+            requirements=_requirements(s.requirements, self._package_uri is None),
+            package_s3_uri=self._package_uri, setup_commands=s.setup_commands)
+        pool = InstancePool(self.ec2, self.run_id, LaunchSpec(
+            ami=self._ami, instance_type=instance_type, user_data=user_data,
+            iam_instance_profile=s.iam_instance_profile, subnet_id=s.subnet_id,
+            security_group_ids=list(s.security_group_ids), key_name=s.key_name,
+            volume_gb=s.volume_gb, extra_tags=dict(s.tags)), spot=s.spot,
+            spot_retries=s.spot_retries)
+        fleet = _Fleet(instance_type, queue, pool, vcpus, mem_gb)
+        self._fleets[instance_type] = fleet
+        return fleet
+
+    @property
+    def pool(self) -> InstancePool | None:
+        """The default instance type's pool (for inspection)."""
+        fleet = (getattr(self, "_fleets", None) or {}).get(self.settings.instance_type)
+        return fleet.pool if fleet is not None else None
 
     def _write_lease(self) -> None:
         body = json.dumps({"run_id": self.run_id, "expires": time.time()
@@ -330,8 +362,14 @@ class EC2Plugin(SGELikeBatchManagerBase):
                          errors[0])
 
     def _terminate_instances(self) -> None:
-        if getattr(self, "pool", None) is not None:
-            self.pool.terminate_all()
+        fleets = list((getattr(self, "_fleets", None) or {}).values())
+        if fleets:
+            ids = fleets[0].pool.terminate_all()  # by run tag: every fleet's instances
+            now = time.time()
+            for fleet in fleets[1:]:
+                for iid in ids:
+                    if iid in fleet.pool.launched:
+                        fleet.pool.launched[iid]["terminated"] = now
 
     def _expire_lease(self) -> None:
         if self.layout is None or getattr(self, "s3", None) is None:
@@ -341,7 +379,9 @@ class EC2Plugin(SGELikeBatchManagerBase):
                            Body=body.encode())
 
     def _delete_queues(self) -> None:
-        for url in (getattr(self, "jobs_queue", None), getattr(self, "events_queue", None)):
+        urls = [f.queue_url for f in (getattr(self, "_fleets", None) or {}).values()]
+        urls.append(getattr(self, "events_queue", None))
+        for url in urls:
             if url:
                 self.sqs.delete_queue(QueueUrl=url)
 
@@ -353,13 +393,17 @@ class EC2Plugin(SGELikeBatchManagerBase):
                 pass
 
     def _write_cost_report(self) -> None:
-        if getattr(self, "pool", None) is None:
+        fleets = list((getattr(self, "_fleets", None) or {}).values())
+        if not fleets:
             return
         end = time.time()
         instances = []
         total_cost = 0.0
         billed = 0.0
-        for iid, info in sorted(self.pool.launched.items()):
+        launched = {}
+        for fleet in fleets:
+            launched.update(fleet.pool.launched)
+        for iid, info in sorted(launched.items()):
             seconds = max(0.0, info.get("terminated", end) - info["launched"])
             cost = estimate_cost(info.get("type") or self.settings.instance_type, seconds,
                                  spot=info.get("spot", False))
@@ -372,7 +416,7 @@ class EC2Plugin(SGELikeBatchManagerBase):
             "run_id": self.run_id, "started": self.started, "finished": end,
             "wall_seconds": round(end - self.started, 1), "instances": instances,
             "instance_seconds": round(billed, 1), "busy_seconds": round(self._busy_seconds, 1),
-            "usd_estimate": round(total_cost, 4), "peak_instances": self.pool.peak,
+            "usd_estimate": round(total_cost, 4), "peak_instances": self.peak,
             "jobs_remote": self.stats["remote_done"], "jobs_local": self.stats["local"],
             "bytes_staged": self.store.bytes_up, "bytes_fetched": self.store.bytes_down,
             "note": "estimate from on-demand list prices (us-east-1), per-second billing "
@@ -439,6 +483,10 @@ class EC2Plugin(SGELikeBatchManagerBase):
                                          protocol=4), mtime=0)
         n_procs = max(1, int(getattr(node, "n_procs", 1) or 1))
         mem_gb = float(getattr(node, "mem_gb", 0) or 0)
+        node_args = getattr(node, "plugin_args", None) or {}
+        instance_type = node_args.get("instance_type") if isinstance(node_args, dict) \
+            else None
+        fleet = self._fleet(instance_type or self.settings.instance_type)
         spec = {
             "version": 1, "run_id": self.run_id, "job_id": job_id, "node": node.fullname,
             "node_pickle": self.layout.pickle_key(job_id),
@@ -451,11 +499,12 @@ class EC2Plugin(SGELikeBatchManagerBase):
         self.s3.put_object(Bucket=self.layout.bucket, Key=spec["node_pickle"], Body=raw)
         self.s3.put_object(Bucket=self.layout.bucket, Key=self.layout.spec_key(job_id),
                            Body=spec_bytes, ContentType="application/json")
-        self.sqs.send_message(QueueUrl=self.jobs_queue, MessageBody=make_message(
+        self.sqs.send_message(QueueUrl=fleet.queue_url, MessageBody=make_message(
             self.layout, job_id, spec_bytes, self._job_key))
         logger.info("EC2Plugin: submitted %s as job %s (%d input files)", node.fullname,
                     job_id, len(entries))
-        return _Job(taskid, job_id, node, node_dir, time.time(), n_procs, mem_gb)
+        return _Job(taskid, job_id, node, node_dir, time.time(), n_procs, mem_gb,
+                    instance_type=fleet.instance_type)
 
     # -- polling ------------------------------------------------------------------------
     def _is_pending(self, taskid):
@@ -488,18 +537,26 @@ class EC2Plugin(SGELikeBatchManagerBase):
         waiting = self._outstanding()
         if not waiting:
             return
-        live = self.pool.live()
-        cpus = sum(j.n_procs for j in waiting)
-        wanted = min(int(self.settings.max_instances), max(1, math.ceil(cpus / self.vcpus)))
-        missing = wanted - len(live)
-        if missing > 0:
+        live = {t: len(f.pool.live()) for t, f in self._fleets.items()}
+        total = sum(live.values())
+        self.peak = max(self.peak, total)
+        for itype, fleet in self._fleets.items():
+            cpus = sum(j.n_procs for j in waiting if j.instance_type == itype)
+            if not cpus:
+                continue
+            wanted = max(1, math.ceil(cpus / fleet.vcpus))
+            room = int(self.settings.max_instances) - total
+            missing = min(wanted - live[itype], room)
+            if missing <= 0:
+                continue
             try:
-                self.pool.launch(missing)
+                total += len(fleet.pool.launch(missing))
             except InstanceLaunchError as exc:
                 self._fatal = exc
                 logger.error("EC2Plugin: %s", exc)
                 for job in self._outstanding():
                     self._fail_unrunnable(job)
+                return
 
     def _fail_unrunnable(self, job: _Job) -> None:
         """Give a job that can never run a crash result naming the launch failure."""

@@ -213,7 +213,7 @@ def test_max_instances_is_never_exceeded(cloud, tmp_path):
     wf.connect(src, "x", slow, "x")
     plugin = _plugin(agent_vcpus=1, max_instances=2)
     wf.run(plugin=plugin)
-    assert cloud.peak_alive <= 2 and plugin.pool.peak <= 2
+    assert cloud.peak_alive <= 2 and plugin.pool.peak <= 2 and plugin.peak <= 2
     assert cloud.peak_alive >= 1
     assert plugin.cost_report["peak_instances"] <= 2
     assert cloud.live_instances() == []
@@ -328,3 +328,50 @@ def test_user_data_is_small_secret_free_and_valid_bash(cloud, tmp_path):
         for secret in (os.environ["AWS_SECRET_ACCESS_KEY"], os.environ["AWS_ACCESS_KEY_ID"]):
             assert secret.encode() not in data
         assert b"nipype_s3.agent" in data and b"shutdown -h now" in data
+
+
+def test_per_node_instance_type_spot_fallback_and_packing(cloud, tmp_path):
+    cloud.fail_launches("InsufficientInstanceCapacity", times=2)  # spot is short today
+    wf = Workflow("mixed", base_dir=str(tmp_path))
+    wf.config["execution"]["poll_sleep_duration"] = 0.3
+    src = Node(IdentityInterface(fields=["x"]), "src")
+    src.iterables = ("x", [1, 2, 3])
+    slow = _fn("slow", _sleep_then, ["x", "seconds"], ["y"])
+    slow.inputs.seconds = 2
+    big = _fn("big", _double, ["x"], ["y"])
+    big.plugin_args = {"instance_type": "r6i.large"}
+    wf.connect(src, "x", slow, "x")
+    wf.connect(slow, "y", big, "x")
+    plugin = _plugin(spot=True, spot_retries=2, max_instances=3, agent_vcpus=4)
+    result = wf.run(plugin=plugin)
+    assert sorted(n.result.outputs.y for n in result.nodes() if n.name == "big") == [2, 4, 6]
+    ec2 = boto3.client("ec2")
+    types = {}
+    for res in ec2.describe_instances()["Reservations"]:
+        for inst in res["Instances"]:
+            types.setdefault(inst["InstanceType"], []).append(
+                inst.get("InstanceLifecycle", "on-demand"))
+    assert set(types) == {"c6i.large", "r6i.large"}
+    assert plugin._fleets["c6i.large"].pool.spot_failures == 2  # then on-demand
+    # the three slow jobs were packed on one 4-vCPU agent and overlapped in time
+    slow_jobs = [j.report for j in plugin._by_job_id.values() if "slow" in j.job_id]
+    assert len({r["instance_id"] for r in slow_jobs}) == 1
+    spans = sorted((r["started"], r["finished"]) for r in slow_jobs)
+    assert spans[1][0] < spans[0][1]
+    assert cloud.live_instances() == []
+
+
+def test_job_longer_than_visibility_timeout_runs_once(cloud, tmp_path):
+    wf = Workflow("long", base_dir=str(tmp_path))
+    wf.config["execution"]["poll_sleep_duration"] = 0.3
+    slow = _fn("slow", _sleep_then, ["x", "seconds"], ["y"])
+    slow.inputs.x = 7
+    slow.inputs.seconds = 10  # visibility_timeout is 6 s: only the heartbeat keeps it ours
+    wf.add_nodes([slow])
+    plugin = _plugin()
+    result = wf.run(plugin=plugin)
+    assert next(iter(result.nodes())).result.outputs.y == 7
+    (job,) = plugin._by_job_id.values()
+    assert job.report["attempt"] == 1
+    logs = "".join(i.log() for i in cloud.instances.values())
+    assert logs.count("started, attempt") == 1
