@@ -142,7 +142,7 @@ class LocalCloud:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=10)
-        for inst in list(self.instances.values()):
+        for inst in self.instance_list():
             self._kill(inst)
         if self.proxy is not None:
             self.proxy.stop()
@@ -225,8 +225,20 @@ class LocalCloud:
         return out
 
     def alive_agents(self) -> list[str]:
+        """Instance ids whose agent process runs."""
         with self._lock:
             return [i.instance_id for i in self.instances.values() if i.alive]
+
+    def busy_agents(self) -> list[str]:
+        """Instance ids whose agent is running at least one job right now."""
+        with self._lock:
+            alive = [i for i in self.instances.values() if i.alive]
+        return [i.instance_id for i in alive if _has_children(i.proc.pid)]
+
+    def instance_list(self) -> list[LocalInstance]:
+        """A snapshot of every instance seen so far."""
+        with self._lock:
+            return list(self.instances.values())
 
     def wait_idle(self, timeout: float = 30) -> bool:
         """Wait until no agent runs and no instance is live."""
@@ -259,13 +271,13 @@ class LocalCloud:
             elif known is not None and state in ("shutting-down", "terminated", "stopping",
                                                  "stopped") and known.alive:
                 self._kill(known)
-        for inst in list(self.instances.values()):
+        for inst in self.instance_list():
             if inst.proc is not None and not inst.alive and inst.ended is None:
                 inst.ended = time.time()
                 if states.get(inst.instance_id) in ("pending", "running"):
                     # the bootstrap shuts the instance down when the agent exits
                     ec2.terminate_instances(InstanceIds=[inst.instance_id])
-        alive = sum(1 for i in self.instances.values() if i.alive)
+        alive = sum(1 for i in self.instance_list() if i.alive)
         self.peak_alive = max(self.peak_alive, alive)
 
     def _boot(self, ec2, iid: str) -> None:

@@ -76,9 +76,7 @@ def test_killed_controller_leaves_nothing_running(cloud, tmp_path, capsys):
     try:
         deadline = time.time() + 90
         while time.time() < deadline:
-            if any(i.alive and subprocess.run(["pgrep", "-P", str(i.proc.pid)],
-                                              capture_output=True).stdout.strip()
-                   for i in cloud.instances.values()):
+            if cloud.busy_agents():
                 break
             time.sleep(0.2)
         else:
@@ -91,8 +89,8 @@ def test_killed_controller_leaves_nothing_running(cloud, tmp_path, capsys):
         log.close()
     assert cloud.live_instances() != []
     # the agents notice the stale lease, stop, and their instances terminate
-    assert cloud.wait_idle(60), [i.log()[-2000:] for i in cloud.instances.values()]
-    logs = "".join(i.log() for i in cloud.instances.values())
+    assert cloud.wait_idle(60), [i.log()[-2000:] for i in cloud.instance_list()]
+    logs = "".join(i.log() for i in cloud.instance_list())
     assert "agent stops: the controller's lease is stale" in logs
     run_id = re.search(r"EC2Plugin: run (\S+),", (tmp_path / "controller.log").read_text())
     assert run_id
