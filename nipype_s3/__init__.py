@@ -24,7 +24,7 @@ from .exceptions import (  # noqa: E402
     S3WrongRegion,
     TransferFailed,
 )
-from .interfaces import S3DataGrabber, S3DataSink  # noqa: E402
+from .interfaces import EC2ContainerRun, S3DataGrabber, S3DataSink  # noqa: E402
 from .plugins import EC2Plugin  # noqa: E402
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())
@@ -34,6 +34,7 @@ __all__ = [
     "S3DataSink",
     "S3DataGrabber",
     "EC2Plugin",
+    "EC2ContainerRun",
     "NipypeS3Error",
     "ConfigurationError",
     "CredentialsError",

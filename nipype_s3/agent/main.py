@@ -254,9 +254,41 @@ class Agent:
         self._stop = True
         self.stop_reason = self.stop_reason or "signal"
 
+    def run_one(self, job_id: str) -> int:
+        """One-job mode (EC2ContainerRun): verify, run, upload, report; then stop."""
+        from .onejob import run_one_job
+
+        cfg = self.cfg
+        spec_key = self.layout.spec_key(job_id)
+        spec_bytes = self.s3.get_object(Bucket=cfg.bucket, Key=spec_key)["Body"].read()
+        tag = self.s3.get_object(Bucket=cfg.bucket, Key=spec_key + ".hmac")["Body"].read()
+        if not verify(self._job_key(), spec_bytes, tag.decode().strip()):
+            logger.error("refused job %s: the signature does not verify", job_id)
+            self.stop_reason = "refused an unsigned job"
+            return 3
+        spec = json.loads(spec_bytes)
+        logger.info("one-job mode: %s (%s)", job_id, spec.get("runtime"))
+        workdir = os.path.join(cfg.worker_root, ".onejob", job_id)
+        report = run_one_job(cfg, spec, workdir)
+        log_key = self.layout.log_key(job_id, 1)
+        try:
+            self.s3.upload_file(report.pop("log_path"), cfg.bucket, log_key)
+        except (botocore.exceptions.ClientError, OSError) as exc:
+            logger.warning("could not upload the job log: %s", exc)
+        report.update(log_key=log_key, log_tail=_tail(os.path.join(workdir, "job.log")),
+                      instance_id=self.instance_id)
+        self._write_done(job_id, report)
+        self.jobs_done = 1
+        self.stop_reason = "one job done"
+        logger.info("one-job mode: %s finished: %s (exit code %s)", job_id, report["status"],
+                    report["exit_code"])
+        return 0
+
     def run(self) -> int:
         """Serve until a stop condition; return the process exit status."""
         cfg = self.cfg
+        if cfg.extra.get("one_job"):
+            return self.run_one(cfg.extra["one_job"])
         os.makedirs(cfg.worker_root, exist_ok=True)
         start = time.monotonic()
         last_work = time.monotonic()

@@ -63,6 +63,7 @@ class LocalInstance:
     started: float
     ended: float | None = None
     killed: bool = False
+    via_ssm: bool = False
 
     @property
     def alive(self) -> bool:
@@ -109,6 +110,7 @@ class LocalCloud:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._saved_env: dict[str, str | None] = {}
+        self._seen_commands: set[str] = set()
         self.errors: list[str] = []
 
     # -- lifecycle ----------------------------------------------------------------------
@@ -252,12 +254,28 @@ class LocalCloud:
     # -- the instance runtime -----------------------------------------------------------
     def _watch(self) -> None:
         ec2 = self.client("ec2", direct=True)
+        ssm = self.client("ssm", direct=True)
         while not self._stop.is_set():
             try:
                 self._step(ec2)
+                self._ssm_step(ec2, ssm)
             except Exception as exc:  # keep watching; record for tests
                 self.errors.append(repr(exc))
             self._stop.wait(0.2)
+
+    def _ssm_step(self, ec2, ssm) -> None:
+        """Play the SSM agent: run commands sent to our instances (moto only records them)."""
+        for command in ssm.list_commands().get("Commands", []):
+            cid = command["CommandId"]
+            if cid in self._seen_commands:
+                continue
+            self._seen_commands.add(cid)
+            script = "\n".join(command.get("Parameters", {}).get("commands", []))
+            for iid in command.get("InstanceIds", []):
+                inst = self.instances.get(iid)
+                if inst is None or inst.alive:
+                    continue
+                self._start_agent(iid, script, via_ssm=True)
 
     def _step(self, ec2) -> None:
         states = {}
@@ -274,7 +292,7 @@ class LocalCloud:
         for inst in self.instance_list():
             if inst.proc is not None and not inst.alive and inst.ended is None:
                 inst.ended = time.time()
-                if states.get(inst.instance_id) in ("pending", "running"):
+                if not inst.via_ssm and states.get(inst.instance_id) in ("pending", "running"):
                     # the bootstrap shuts the instance down when the agent exits
                     ec2.terminate_instances(InstanceIds=[inst.instance_id])
         alive = sum(1 for i in self.instance_list() if i.alive)
@@ -283,20 +301,27 @@ class LocalCloud:
     def _boot(self, ec2, iid: str) -> None:
         attr = ec2.describe_instance_attribute(InstanceId=iid, Attribute="userData")
         raw = attr.get("UserData", {}).get("Value")
-        root = os.path.join(self.directory, "instances", iid)
-        os.makedirs(root, exist_ok=True)
-        log_path = os.path.join(root, "agent.log")
-        config_json = None
+        text = ""
         if raw:
             import base64
 
             text = base64.b64decode(raw).decode("utf-8", "replace")
-            with open(os.path.join(root, "user-data.sh"), "w") as fobj:
-                fobj.write(text)
-            config_json = agent_config_from_user_data(text)
+        self._start_agent(iid, text, via_ssm=False)
+
+    def _start_agent(self, iid: str, script: str, *, via_ssm: bool) -> None:
+        root = os.path.join(self.directory, "instances", iid)
+        os.makedirs(root, exist_ok=True)
+        log_path = os.path.join(root, "agent.log")
+        config_json = None
+        if script:
+            name = "ssm-command.sh" if via_ssm else "user-data.sh"
+            with open(os.path.join(root, name), "w") as fobj:
+                fobj.write(script)
+            config_json = agent_config_from_user_data(script)
         if not config_json:
             with self._lock:
-                self.instances[iid] = LocalInstance(iid, root, None, log_path, time.time())
+                self.instances.setdefault(iid, LocalInstance(iid, root, None, log_path,
+                                                             time.time()))
             return
         config = json.loads(config_json)
         config["endpoint_url"] = self.server.url  # agents reach moto directly
@@ -315,7 +340,8 @@ class LocalCloud:
                                     stdin=subprocess.DEVNULL, cwd=root, env=env,
                                     start_new_session=True)
         with self._lock:
-            self.instances[iid] = LocalInstance(iid, root, proc, log_path, time.time())
+            self.instances[iid] = LocalInstance(iid, root, proc, log_path, time.time(),
+                                                via_ssm=via_ssm)
 
     def _kill(self, inst: LocalInstance) -> None:
         if inst.proc is None or inst.proc.poll() is not None:

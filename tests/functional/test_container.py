@@ -1,0 +1,114 @@
+"""EC2ContainerRun on LocalCloud with runtime='none': a real command on a staged NIfTI."""
+
+import shutil
+import subprocess
+import sys
+
+import boto3
+import pytest
+
+from nipype_s3 import EC2ContainerRun, InstanceTimeout, RemoteNodeError
+from nipype_s3.testing import LocalCloud
+
+pytestmark = pytest.mark.slow
+
+MASK_SCRIPT = r'''
+import os, sys
+import nibabel as nib
+import numpy as np
+img = nib.load(sys.argv[1])
+data = np.asanyarray(img.dataobj, dtype="float32")
+mean = data.mean(axis=-1) if data.ndim == 4 else data
+mask = (mean > np.percentile(mean, 40)).astype("uint8")
+os.makedirs(sys.argv[2], exist_ok=True)
+nib.save(nib.Nifti1Image(mask, img.affine), os.path.join(sys.argv[2], "brain_mask.nii.gz"))
+print("voxels in mask:", int(mask.sum()))
+'''
+
+
+@pytest.fixture
+def cloud(tmp_path, nifti_files):
+    with LocalCloud() as cloud:
+        s3 = boto3.client("s3")
+        for bucket in ("abcd-data", "my-results"):
+            s3.create_bucket(Bucket=bucket)
+        s3.upload_file(nifti_files["example4d.nii.gz"], "abcd-data",
+                       "sub-01/func/sub-01_bold.nii.gz")
+        yield cloud
+
+
+def _mask_command(tmp_path):
+    script = tmp_path / "mask.py"
+    script.write_text(MASK_SCRIPT)
+    return f"{sys.executable} {script} {{input}} {{output_dir}}"
+
+
+def _run(**inputs):
+    node = EC2ContainerRun(runtime="none", input_s3="s3://abcd-data/sub-01/func/"
+                           "sub-01_bold.nii.gz", output_s3="s3://my-results/masks/sub-01/",
+                           poll_interval=0.3, **inputs)
+    return node
+
+
+def test_command_runs_next_to_the_data_and_instance_terminates(cloud, tmp_path):
+    result = _run(command=_mask_command(tmp_path)).run(cwd=str(tmp_path))
+    out = result.outputs
+    assert out.exit_code == 0
+    assert out.output_uris == ["s3://my-results/masks/sub-01/brain_mask.nii.gz"]
+    assert out.instance_id.startswith("i-") and out.runtime_seconds > 0
+    assert out.cost_estimate > 0
+    s3 = boto3.client("s3")
+    dest = tmp_path / "mask.nii.gz"
+    s3.download_file("my-results", "masks/sub-01/brain_mask.nii.gz", str(dest))
+    import nibabel as nib
+
+    assert nib.load(dest).shape == (128, 96, 24)
+    log_bucket, log_key = out.log_uri[len("s3://"):].split("/", 1)
+    log = s3.get_object(Bucket=log_bucket, Key=log_key)["Body"].read().decode()
+    assert "voxels in mask:" in log
+    assert cloud.live_instances() == []
+
+
+def test_existing_instance_is_started_and_stopped_again(cloud, tmp_path):
+    ec2 = boto3.client("ec2")
+    iid = ec2.run_instances(ImageId="ami-0ed094fb1304fd857", MinCount=1, MaxCount=1,
+                            InstanceType="g4dn.xlarge")["Instances"][0]["InstanceId"]
+    ec2.stop_instances(InstanceIds=[iid])
+    result = _run(command=_mask_command(tmp_path), instance_id=iid).run(cwd=str(tmp_path))
+    assert result.outputs.instance_id == iid and result.outputs.exit_code == 0
+    state = ec2.describe_instances(InstanceIds=[iid])["Reservations"][0]["Instances"][0]
+    assert state["State"]["Name"] == "stopped"
+    assert cloud.live_instances() == []
+
+
+def test_failing_command_is_a_node_error_with_the_log_tail(cloud, tmp_path):
+    command = f"{sys.executable} -c \"import sys; print('cannot read {{input}}'); sys.exit(3)\""
+    with pytest.raises(RemoteNodeError) as err:
+        _run(command=command).run(cwd=str(tmp_path))
+    text = str(err.value)
+    assert "the command failed (exit code 3)" in text and "was terminated" in text
+    assert "cannot read" in text and "--- log tail ---" in text
+    assert cloud.live_instances() == []
+    assert boto3.client("s3").list_objects_v2(Bucket="my-results", Prefix="masks/").get(
+        "KeyCount") == 0
+
+
+def test_timeout_stops_the_command_and_terminates(cloud, tmp_path):
+    with pytest.raises(InstanceTimeout) as err:
+        _run(command="sleep 30", timeout=2).run(cwd=str(tmp_path))
+    assert "ran longer than timeout=2 s" in str(err.value)
+    assert cloud.live_instances() == []
+
+
+def _docker_works() -> bool:
+    if not shutil.which("docker"):
+        return False
+    return subprocess.run(["docker", "info"], capture_output=True).returncode == 0
+
+
+@pytest.mark.skipif(not _docker_works(), reason="needs a working Docker engine (docker info)")
+def test_real_docker_container(cloud, tmp_path):
+    result = _run(runtime="docker", image="busybox:latest",
+                  command="sh -c 'ls -l {input} > {output_dir}/listing.txt'").run(
+        cwd=str(tmp_path))
+    assert result.outputs.output_uris == ["s3://my-results/masks/sub-01/listing.txt"]
