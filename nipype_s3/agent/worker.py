@@ -75,8 +75,11 @@ def run_job(cfg, spec: dict, outcome_path: str) -> dict:
             except Exception:  # pragma: no cover - best effort
                 pass
     if node is not None and os.path.isdir(node.output_dir()):
+        from ..secrets import scrub_tree, secret_values
+
         outdir = node.output_dir()
         outcome["output_dir"] = outdir
+        scrub_tree(outdir, secret_values())
         files = []
         for dirpath, dirnames, names in os.walk(outdir):
             dirnames.sort()

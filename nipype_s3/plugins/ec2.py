@@ -68,6 +68,7 @@ from ..s3.credentials import resolve_session
 from ..s3.errors import s3_errors, translate
 from ..s3.listing import iter_objects
 from ..s3.session import bucket_region, make_s3_client
+from ..secrets import scrub_tree, secret_values
 
 __all__ = ["EC2Plugin", "EC2Settings"]
 
@@ -456,6 +457,7 @@ class EC2Plugin(SGELikeBatchManagerBase):
             self.stats["local"] += 1
             logger.info("EC2Plugin: running %s on the controller", node.fullname)
             run_node(node, updatehash=updatehash)
+            scrub_tree(node_dir, secret_values())
             return taskid
         if self._fatal is not None:  # no instance can run it: fail it as a node would
             job = _Job(taskid, f"unsent-{taskid}", node, node_dir, time.time(), 1, 0.0)
@@ -699,7 +701,8 @@ def _zip_package(pkg_dir: str) -> bytes:
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
         for dirpath, dirnames, names in os.walk(pkg_dir):
-            dirnames[:] = sorted(d for d in dirnames if d != "__pycache__")
+            # agents need no test helpers (LocalCloud, local servers)
+            dirnames[:] = sorted(d for d in dirnames if d not in ("__pycache__", "testing"))
             for name in sorted(names):
                 if name.endswith((".pyc", ".pyo")):
                     continue

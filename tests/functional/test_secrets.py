@@ -1,0 +1,91 @@
+"""No credential in anything a run leaves: node dirs, crash files, logs, S3, user-data."""
+
+import gzip
+import os
+
+import boto3
+import pytest
+from nipype import Function, Node, Workflow
+from nipype.interfaces.utility import IdentityInterface
+
+from nipype_s3 import EC2Plugin, S3DataSink
+from nipype_s3.testing import LocalCloud
+
+pytestmark = pytest.mark.slow
+
+TOKEN = "fake-session-token-that-must-never-be-written-down"
+
+
+def _make_file(x):
+    import os
+
+    path = os.path.abspath(f"out_{x}.txt")
+    with open(path, "w") as fobj:
+        fobj.write(str(x))
+    return path
+
+
+def _explode(path):
+    raise RuntimeError(f"cannot process {path}")
+
+
+def _files(root):
+    for dirpath, _, names in os.walk(root):
+        for name in names:
+            yield os.path.join(dirpath, name)
+
+
+def _readable(path):
+    data = open(path, "rb").read()
+    if data[:2] == b"\x1f\x8b":
+        try:
+            data = gzip.decompress(data)
+        except OSError:
+            pass
+    return data
+
+
+def test_no_secret_anywhere_after_a_run(tmp_path, monkeypatch):
+    with LocalCloud(directory=str(tmp_path / "cloud"), keep=True) as cloud:
+        monkeypatch.setenv("AWS_SESSION_TOKEN", TOKEN)  # the controller has a session token
+        secrets = [os.environ["AWS_ACCESS_KEY_ID"], os.environ["AWS_SECRET_ACCESS_KEY"], TOKEN]
+        s3 = boto3.client("s3")
+        s3.create_bucket(Bucket="my-bucket")
+        wf = Workflow("secretive", base_dir=str(tmp_path / "work"))
+        wf.config["execution"]["poll_sleep_duration"] = 0.3
+        wf.config["execution"]["crashdump_dir"] = str(tmp_path / "crashes")
+        src = Node(IdentityInterface(fields=["x"]), "src")  # runs on the controller
+        src.inputs.x = 5
+        make = Node(Function(input_names=["x"], output_names=["path"], function=_make_file),
+                    "make")
+        sink = Node(S3DataSink(base_directory="s3://my-bucket/derivatives"), "sink")
+        bad = Node(Function(input_names=["path"], output_names=["y"], function=_explode),
+                   "bad")
+        wf.connect(src, "x", make, "x")
+        wf.connect(make, "path", sink, "result")
+        wf.connect(make, "path", bad, "path")
+        with pytest.raises(RuntimeError, match="cannot process"):
+            wf.run(plugin=EC2Plugin(plugin_args={
+                "s3_prefix": "s3://my-bucket/nipype-runs", "poll_wait": 1,
+                "scale_interval": 0.5, "lease_timeout": 8, "idle_timeout": 10}))
+        assert list((tmp_path / "crashes").glob("crash-*")), "a crash file was expected"
+
+        found = []
+        for root in (tmp_path / "work", tmp_path / "crashes", tmp_path / "cloud" / "instances"):
+            for path in _files(root):
+                data = _readable(path)
+                found += [(path, s) for s in secrets if s.encode() in data]
+        for page in s3.get_paginator("list_objects_v2").paginate(Bucket="my-bucket"):
+            for obj in page.get("Contents", []):
+                body = s3.get_object(Bucket="my-bucket", Key=obj["Key"])["Body"].read()
+                if body[:2] == b"\x1f\x8b":
+                    try:
+                        body = gzip.decompress(body)
+                    except OSError:
+                        pass
+                found += [(obj["Key"], s) for s in secrets if s.encode() in body]
+        assert found == []
+        scripts = list((tmp_path / "cloud" / "instances").glob("*/user-data.sh"))
+        assert scripts and all(s.encode() not in p.read_bytes() for p in scripts
+                               for s in secrets)
+        assert cloud.live_instances() == []
