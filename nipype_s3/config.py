@@ -16,6 +16,7 @@ __all__ = [
     "METADATA_MD5_KEY",
     "env_endpoint_url",
     "max_attempts",
+    "read_timeout",
 ]
 
 MiB = 1024 * 1024
@@ -46,6 +47,19 @@ SECRET_ENV_VARS = (
 #: User metadata key holding the hex MD5 of an uploaded file. It lets skip-unchanged
 #: compare files whose ETag is not an MD5 (SSE-KMS, or another tool's part size).
 METADATA_MD5_KEY = "nipype-s3-md5"
+
+
+def read_timeout() -> float:
+    """Seconds to wait for a byte of an answer: ``NIPYPE_S3_READ_TIMEOUT`` or the default."""
+    value = os.environ.get("NIPYPE_S3_READ_TIMEOUT", "")
+    try:
+        return float(value) if value.strip() else float(DEFAULT_READ_TIMEOUT)
+    except ValueError:
+        from .exceptions import ConfigurationError
+
+        raise ConfigurationError(
+            f"NIPYPE_S3_READ_TIMEOUT={value!r} is not a number of seconds; set it (e.g. 60) "
+            "or unset it.") from None
 
 
 def max_attempts() -> int:

@@ -83,6 +83,8 @@ class S3DataSink(S3InterfaceMixin, DataSink):
 
     def _list_outputs(self):
         base = self.inputs.base_directory
+        if isdefined(base) and _looks_like_s3(base) and not is_s3_uri(base):
+            parse_s3_uri(base)  # raises, saying how the URI is malformed
         if not (isdefined(base) and is_s3_uri(base)):
             if self._opt("bucket") is not None:
                 raise ConfigurationError(
@@ -169,6 +171,12 @@ class S3DataSink(S3InterfaceMixin, DataSink):
         outputs = self.output_spec().get()
         outputs["out_file"] = out_files
         return outputs
+
+
+def _looks_like_s3(value: str) -> bool:
+    """A value meant as an S3 location, even a malformed one ('s3:/b', 's3a://b')."""
+    low = value.lower()
+    return low.startswith(("s3:", "s3a:", "s3n:"))
 
 
 def _copy_local(entry, remove_dest_dir: bool) -> str:
