@@ -9,8 +9,10 @@ no HEAD request is made per object.
 from __future__ import annotations
 
 import datetime as _dt
+import functools
 import logging
 import os
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -21,7 +23,7 @@ from ..exceptions import ConfigurationError, NipypeS3Error, TransferFailed
 from .errors import translate
 from .hashing import etag_matches
 from .session import endpoint_of
-from .transfer import Progress, Timer, TransferSettings, TransferSummary, make_manager
+from .transfer import Progress, Timer, TransferSettings, TransferSummary, run_transfers
 
 __all__ = ["DownloadItem", "download_files"]
 
@@ -60,6 +62,48 @@ class _ProvideSize(BaseSubscriber):
         future.meta.provide_transfer_size(self._size)
         if self._etag and hasattr(future.meta, "provide_object_etag"):
             future.meta.provide_object_etag(f'"{self._etag.strip(chr(34))}"')
+
+
+_STREAM_ERRORS = (botocore.exceptions.ReadTimeoutError,
+                  botocore.exceptions.ResponseStreamingError,
+                  botocore.exceptions.IncompleteReadError,
+                  botocore.exceptions.ConnectionClosedError, ConnectionError)
+_ATTEMPTS = 3
+
+
+def _get_to_temp(client, bucket: str, item: DownloadItem, extra: dict) -> None:
+    """GET one object into a temporary file beside ``item.dest``, renamed when complete.
+
+    botocore retries a request that fails; a body cut off while it streams is retried
+    here. On failure nothing is left at the destination path, nor a temporary file.
+    """
+    tmp = f"{item.dest}.nipype-s3-{os.getpid()}-{threading.get_ident()}.part"
+    for attempt in range(1, _ATTEMPTS + 1):
+        try:
+            resp = client.get_object(Bucket=bucket, Key=item.key, **extra)
+            read = functools.partial(resp["Body"].read, 1024 * 1024)
+            with open(tmp, "wb") as fobj:
+                for chunk in iter(read, b""):
+                    fobj.write(chunk)
+            if item.size is not None and os.path.getsize(tmp) != item.size:
+                raise botocore.exceptions.IncompleteReadError(
+                    actual_bytes=os.path.getsize(tmp), expected_bytes=item.size)
+            os.replace(tmp, item.dest)
+            return
+        except _STREAM_ERRORS:
+            if attempt == _ATTEMPTS:
+                _remove(tmp)
+                raise
+        except BaseException:
+            _remove(tmp)
+            raise
+
+
+def _remove(path: str) -> None:
+    try:
+        os.remove(path)
+    except FileNotFoundError:
+        pass
 
 
 def _unchanged(item: DownloadItem, settings: TransferSettings) -> bool:
@@ -134,40 +178,40 @@ def download_files(client, bucket: str, items, *, settings: TransferSettings | N
                 os.makedirs(os.path.dirname(os.path.abspath(item.dest)) or ".", exist_ok=True)
             total = sum(i.size or 0 for i in todo)
             progress = Progress(total, "download", settings.progress)
-            manager = make_manager(client, settings)
+
+            def get_small(item):
+                _get_to_temp(client, bucket, item, extra)
+                progress.update(item.size or 0)
+
+            def submit_large(manager, item):
+                subs = [progress]
+                if item.size is not None:
+                    subs.insert(0, _ProvideSize(item.size, item.etag))
+                return manager.download(bucket, item.key, item.dest, extra_args=extra,
+                                        subscribers=subs)
+
+            small = [i for i in todo if i.size is not None
+                     and i.size < settings.multipart_threshold]
+            large = [i for i in todo if i not in small]
             try:
-                futures = []
-                for item in todo:
-                    subs = [progress]
-                    if item.size is not None:
-                        subs.insert(0, _ProvideSize(item.size, item.etag))
-                    futures.append((item, manager.download(
-                        bucket, item.key, item.dest, extra_args=extra, subscribers=subs)))
-                for item, future in futures:
-                    try:
-                        future.result()
-                    except (botocore.exceptions.BotoCoreError,
-                            botocore.exceptions.ClientError, NipypeS3Error) as exc:
-                        failures.append((item.key, translate(
-                            exc, bucket=bucket, key=item.key, action="download",
-                            endpoint=endpoint)))
-                    except OSError as exc:
-                        failures.append((item.key, exc))
-                    else:
-                        _set_mtime(item)
-                        summary.files += 1
-                        summary.bytes += item.size if item.size is not None else \
-                            os.path.getsize(item.dest)
-                        summary.done.append(item.dest)
-                        logger.debug("downloaded s3://%s/%s -> %s", bucket, item.key,
-                                     item.dest)
-            except BaseException:
-                manager.shutdown(cancel=True)
-                raise
-            else:
-                manager.shutdown()
+                outcomes = run_transfers(client, settings, small, get_small, large,
+                                         submit_large)
             finally:
                 progress.close()
+            for item, exc in outcomes:
+                if exc is None:
+                    _set_mtime(item)
+                    summary.files += 1
+                    summary.bytes += item.size if item.size is not None else \
+                        os.path.getsize(item.dest)
+                    summary.done.append(item.dest)
+                    logger.debug("downloaded s3://%s/%s -> %s", bucket, item.key, item.dest)
+                    continue
+                if isinstance(exc, (botocore.exceptions.BotoCoreError,
+                                    botocore.exceptions.ClientError, NipypeS3Error)):
+                    exc = translate(exc, bucket=bucket, key=item.key, action="download",
+                                    endpoint=endpoint)
+                failures.append((item.key, exc))
     summary.seconds = timer.seconds
     if failures:
         first_key, first_err = failures[0]

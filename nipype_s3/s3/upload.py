@@ -16,12 +16,12 @@ from dataclasses import dataclass
 import botocore.exceptions
 
 from ..config import METADATA_MD5_KEY
-from ..exceptions import ConfigurationError, InputFileNotFound, NipypeS3Error, TransferFailed
+from ..exceptions import ConfigurationError, InputFileNotFound, TransferFailed
 from .errors import s3_errors, translate
 from .hashing import etag_matches, file_md5
 from .listing import ObjectInfo, common_prefix, list_objects
 from .session import endpoint_of
-from .transfer import Progress, Timer, TransferSettings, TransferSummary, make_manager
+from .transfer import Progress, Timer, TransferSettings, TransferSummary, run_transfers
 
 __all__ = ["UploadItem", "upload_files", "sse_args"]
 
@@ -162,39 +162,46 @@ def upload_files(client, bucket: str, items, *, settings: TransferSettings | Non
         failures = []
         if todo:
             progress = Progress(sum(s for _, s in todo), "upload", settings.progress)
-            manager = make_manager(client, settings)
+
+            def object_args(item):
+                obj_args = dict(args)
+                if kms:
+                    obj_args["Metadata"] = {METADATA_MD5_KEY: file_md5(item.source)}
+                return obj_args
+
+            def put_small(pair):
+                item, size = pair
+                with open(item.source, "rb") as body:
+                    client.put_object(Bucket=bucket, Key=item.key, Body=body,
+                                      **object_args(item))
+                progress.update(size)
+
+            def submit_large(manager, pair):
+                item, _ = pair
+                return manager.upload(item.source, bucket, item.key,
+                                      extra_args=object_args(item), subscribers=[progress])
+
+            small = [p for p in todo if p[1] < settings.multipart_threshold]
+            large = [p for p in todo if p[1] >= settings.multipart_threshold]
             try:
-                futures = []
-                for item, size in todo:
-                    obj_args = dict(args)
-                    if kms:
-                        obj_args["Metadata"] = {METADATA_MD5_KEY: file_md5(item.source)}
-                    futures.append((item, size, manager.upload(
-                        item.source, bucket, item.key, extra_args=obj_args,
-                        subscribers=[progress])))
-                for item, size, future in futures:
-                    try:
-                        future.result()
-                    except (botocore.exceptions.BotoCoreError,
-                            botocore.exceptions.ClientError, NipypeS3Error, OSError) as exc:
-                        err = translate(exc, bucket=bucket, key=item.key, action="upload",
-                                        endpoint=endpoint) if not isinstance(exc, OSError) \
-                            else exc
-                        failures.append((item.source, err))
-                        logger.debug("upload failed: %s -> s3://%s/%s: %s", item.source,
-                                     bucket, item.key, err)
-                    else:
-                        summary.files += 1
-                        summary.bytes += size
-                        summary.done.append(item.key)
-                        logger.debug("uploaded %s -> s3://%s/%s", item.source, bucket, item.key)
-            except BaseException:
-                manager.shutdown(cancel=True)
-                raise
-            else:
-                manager.shutdown()
+                outcomes = run_transfers(client, settings, small, put_small, large,
+                                         submit_large)
             finally:
                 progress.close()
+            for (item, size), exc in outcomes:
+                if exc is None:
+                    summary.files += 1
+                    summary.bytes += size
+                    summary.done.append(item.key)
+                    logger.debug("uploaded %s -> s3://%s/%s", item.source, bucket, item.key)
+                    continue
+                if isinstance(exc, (botocore.exceptions.BotoCoreError,
+                                    botocore.exceptions.ClientError)):
+                    exc = translate(exc, bucket=bucket, key=item.key, action="upload",
+                                    endpoint=endpoint)
+                failures.append((item.source, exc))
+                logger.debug("upload failed: %s -> s3://%s/%s: %s", item.source, bucket,
+                             item.key, exc)
     summary.seconds = timer.seconds
     if failures:
         first_src, first_err = failures[0]
