@@ -359,7 +359,7 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", default=os.path.join(HERE, "results", "latest.md"))
     args = parser.parse_args(argv)
-    cases = [("small", 100, 256 * KiB), ("large", 2, 32 * MiB)] if args.quick else \
+    cases = [("small", 60, 256 * KiB), ("large", 2, 24 * MiB)] if args.quick else \
         [("small", 500, 256 * KiB), ("large", 4, 200 * MiB)]
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     work = tempfile.mkdtemp(prefix="nipype-s3-bench-")

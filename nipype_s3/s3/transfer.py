@@ -48,7 +48,9 @@ def make_manager(client, settings: TransferSettings) -> TransferManager:
         multipart_chunksize=settings.multipart_chunksize,
         max_request_concurrency=max(1, settings.max_concurrency),
         max_submission_concurrency=max(2, min(8, settings.max_concurrency)),
-        max_io_queue_size=1000,
+        # at most 100 x 256 KiB chunks wait to be written: memory stays bounded,
+        # whatever the size of the files
+        max_io_queue_size=100,
         # each attempt already has botocore's retries; these cover a body cut mid-stream
         num_download_attempts=3,
     )

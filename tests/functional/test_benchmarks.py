@@ -1,0 +1,25 @@
+"""The benchmark's quick mode runs (no timing is asserted: speed is reported, not tested)."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+@pytest.mark.slow
+def test_quick_benchmark_writes_its_table(tmp_path):
+    out = tmp_path / "latest.md"
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "run.py"),
+                           "--quick", "--out", str(out)], capture_output=True, text=True,
+                          timeout=600, env=dict(os.environ, NIPYPE_NO_ET="1"))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    table = out.read_text()
+    for tool in ("S3DataSink", "S3DataGrabber", "nipype DataSink", "s5cmd", "cp -r (local disk)"):
+        assert f"| {tool} |" in table
+    rerun = [line for line in table.splitlines() if line.startswith("| rerun |")
+             and ("S3DataSink" in line or "S3DataGrabber" in line)]
+    assert len(rerun) == 2
+    assert all("0 PUT, 0 GET of data" in line for line in rerun)
