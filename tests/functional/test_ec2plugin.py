@@ -364,3 +364,24 @@ def test_job_longer_than_visibility_timeout_runs_once(cloud, tmp_path):
     assert job.report["attempt"] == 1
     logs = "".join(i.log() for i in cloud.instance_list())
     assert logs.count("started, attempt") == 1
+
+
+def test_job_exceeding_its_attempts_is_a_clear_infrastructure_failure(cloud, tmp_path):
+    wf = Workflow("doomed", base_dir=str(tmp_path))
+    wf.config["execution"]["poll_sleep_duration"] = 0.3
+    wf.config["execution"]["crashdump_dir"] = str(tmp_path / "crashes")
+    slow = _fn("slow", _sleep_then, ["x", "seconds"], ["y"])
+    slow.inputs.x = 1
+    slow.inputs.seconds = 30
+    wf.add_nodes([slow])
+    plugin = _plugin(max_attempts=1)
+    killer = threading.Thread(target=cloud.kill_agent, daemon=True)
+    killer.start()
+    with pytest.raises(RuntimeError) as err:
+        wf.run(plugin=plugin)
+    killer.join(5)
+    assert "the job was started 1 times and no attempt finished" in str(err.value)
+    assert "max_attempts=1" in str(err.value)
+    (job,) = plugin._by_job_id.values()
+    assert job.report["status"] == "failed"
+    assert cloud.live_instances() == []
