@@ -41,27 +41,18 @@ from nipype_s3.testing.proxy import RecordingProxy  # noqa: E402
 
 KiB, MiB = 1024, 1024 * 1024
 
-OURS_UPLOAD = r'''
+UPLOAD = r'''
 import json, os, sys, time
 os.environ["NIPYPE_NO_ET"] = "1"
 from nipype import Node
-from nipype_s3 import S3DataSink
+from {module} import {cls} as Sink
 src, dest, work = sys.argv[1:4]
-node = Node(S3DataSink(base_directory=dest, parameterization=False), "sink", base_dir=work)
+node = Node(Sink(base_directory=dest, parameterization=False), "sink", base_dir=work)
 node.inputs.data = sorted(os.path.join(src, f) for f in os.listdir(src))
-t = time.perf_counter(); node.run(); print(json.dumps({"seconds": time.perf_counter() - t}))
+t = time.perf_counter(); node.run(); print(json.dumps({{"seconds": time.perf_counter() - t}}))
 '''
-
-NIPYPE_UPLOAD = r'''
-import json, os, sys, time
-os.environ["NIPYPE_NO_ET"] = "1"
-from nipype import Node
-from nipype.interfaces.io import DataSink
-src, dest, work = sys.argv[1:4]
-node = Node(DataSink(base_directory=dest, parameterization=False), "sink", base_dir=work)
-node.inputs.data = sorted(os.path.join(src, f) for f in os.listdir(src))
-t = time.perf_counter(); node.run(); print(json.dumps({"seconds": time.perf_counter() - t}))
-'''
+OURS_UPLOAD = UPLOAD.format(module="nipype_s3", cls="S3DataSink")
+NIPYPE_UPLOAD = UPLOAD.format(module="nipype.interfaces.io", cls="DataSink")
 
 OURS_DOWNLOAD = r'''
 import json, os, sys, time
