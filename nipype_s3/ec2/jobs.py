@@ -31,7 +31,8 @@ from ..exceptions import ConfigurationError
 from ..s3.uri import join_key
 
 __all__ = ["RUN_TAG", "RunLayout", "new_run_id", "sign", "verify", "make_message",
-           "open_message", "job_key_parameter", "new_job_key", "MessageRejected"]
+           "open_message", "job_key_parameter", "new_job_key", "MessageRejected",
+           "parse_s3_prefix"]
 
 #: The tag every instance of a run carries (value: the run id).
 RUN_TAG = "nipype-s3:run"

@@ -13,10 +13,9 @@ from ..exceptions import ConfigurationError
 from ..s3.bucketref import BucketRef
 from ..s3.credentials import resolve_session
 from ..s3.session import make_s3_client
+from ..secrets import REDACTED
 
 iflogger = logging.getLogger("nipype.interface")
-
-from ..secrets import REDACTED  # noqa: E402  (one marker everywhere)
 
 
 class BucketTrait(traits.TraitType):

@@ -283,7 +283,7 @@ class EC2Plugin(SGELikeBatchManagerBase):
         buf = _zip_package(pkg_dir)
         digest = hashlib.sha256(buf).hexdigest()
         key = self.store.key(digest)
-        if not self.store._exists(digest):
+        if not self.store.exists(digest):
             self.s3.put_object(Bucket=self.layout.bucket, Key=key, Body=buf)
         return f"s3://{self.layout.bucket}/{key}"
 

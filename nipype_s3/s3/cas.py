@@ -108,7 +108,8 @@ class ContentStore:
             self._digests[(os.path.abspath(path), st.st_size, st.st_mtime_ns)] = digest
             self._known.add(digest)
 
-    def _exists(self, digest: str) -> bool:
+    def exists(self, digest: str) -> bool:
+        """Whether the store holds ``digest`` (remembered once seen)."""
         with self._lock:
             if digest in self._known:
                 return True
@@ -138,7 +139,7 @@ class ContentStore:
         workers = min(8, max(1, self.settings.max_concurrency))
         with ThreadPoolExecutor(max_workers=workers) as pool:
             digests = list(pool.map(self.digest, files))
-            missing = [d for d, there in zip(digests, pool.map(self._exists, digests),
+            missing = [d for d, there in zip(digests, pool.map(self.exists, digests),
                                              strict=True) if not there]
         entries = []
         uploads = {}
