@@ -196,7 +196,8 @@ class LocalCloud:
         return 500 if code == "InternalError" else 400, body, "text/xml"
 
     def kill_agent(self, instance_id: str | None = None, *, busy: bool = True) -> str:
-        """SIGKILL one agent (and its jobs), as if its instance vanished; return its id.
+        """SIGKILL one agent (and its jobs) and terminate its instance, as if the instance
+        vanished; return its id.
 
         Without ``instance_id``, an agent with a running job is chosen (``busy``).
         """
@@ -211,6 +212,9 @@ class LocalCloud:
                 inst = candidates[0]
                 inst.killed = True
                 self._kill(inst)
+                if not inst.via_ssm:  # the instance is lost with its agent
+                    self.client("ec2", direct=True).terminate_instances(
+                        InstanceIds=[inst.instance_id])
                 return inst.instance_id
             time.sleep(0.1)
         raise TimeoutError("no (busy) agent to kill within 60 s")
