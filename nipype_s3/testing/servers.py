@@ -62,6 +62,26 @@ def _tail(log: str | None, lines: int = 15) -> str:
         return "\n--- server log (tail) ---\n" + "".join(fobj.readlines()[-lines:])
 
 
+def _die_with_parent() -> None:
+    """In the child, before exec: be killed when the process that started us dies.
+
+    A test run killed without clean-up (SIGTERM from a timeout, say) then leaves no
+    server behind. Linux only; elsewhere a no-op.
+    """
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def _popen(args, **kwargs) -> subprocess.Popen:
+    if sys.platform.startswith("linux"):
+        kwargs["preexec_fn"] = _die_with_parent
+    return subprocess.Popen(args, start_new_session=True, stdin=subprocess.DEVNULL, **kwargs)
+
+
 def _stop(proc: subprocess.Popen | None, timeout: float = 10) -> None:
     if proc is None or proc.poll() is not None:
         return
@@ -106,10 +126,9 @@ class MotoServer:
         self._log = open(self.log_path, "ab")
         env = dict(os.environ)
         env.pop("AWS_ENDPOINT_URL", None)
-        self._proc = subprocess.Popen(
+        self._proc = _popen(
             [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
-            stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            start_new_session=True, env=env)
+            stdout=self._log, stderr=subprocess.STDOUT, env=env)
         _wait_http(self.url + "/moto-api/", self._proc, timeout, self.log_path)
         return self
 
@@ -198,9 +217,8 @@ class SeaweedFS:
                 "-webdav=false", "-s3.port.iceberg=0", "-s3.port.lance=0"]
         args += [f"-{name}={port}" for name, port in ports.items()]
         self._log = open(self.log_path, "ab")
-        self._proc = subprocess.Popen(args, stdout=self._log, stderr=subprocess.STDOUT,
-                                      stdin=subprocess.DEVNULL, start_new_session=True,
-                                      cwd=self.directory)
+        self._proc = _popen(args, stdout=self._log, stderr=subprocess.STDOUT,
+                            cwd=self.directory)
         _wait_http(self.url + "/", self._proc, timeout, self.log_path)
         self._wait_s3_ready(timeout)
         return self
