@@ -20,6 +20,14 @@ import pytest
 
 os.environ["NIPYPE_NO_ET"] = "1"
 
+import tempfile  # noqa: E402
+
+from nipype import config as _nipype_config  # noqa: E402
+
+# crash files of tests that expect a crash go to a temporary folder, not the work tree
+_nipype_config.set("execution", "crashdump_dir",
+                   tempfile.mkdtemp(prefix="nipype-s3-test-crashes-"))
+
 from nipype_s3.testing.servers import FAKE_ACCESS_KEY, FAKE_SECRET_KEY  # noqa: E402
 
 #: A bucket on the SeaweedFS server that anyone may list and read (like OpenNeuro's).
