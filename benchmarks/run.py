@@ -256,19 +256,15 @@ class Bench:
             env = dict(self.env, AWS_ENDPOINT_URL=proxy.url)
             saved, self.env = self.env, env
             try:
-                row = self.measure("rerun", "upload", "S3DataSink", lambda r: first, count,
-                                   nbytes)
-                row["puts"] = proxy.count("PUT")
-                row["gets"] = proxy.count("GET") - proxy.count("GET", query_has="list-type")
-                row["lists"] = proxy.count("GET", query_has="list-type")
-                row["requests_per_file"] = proxy.count() / self.repeats / count
-                proxy.clear()
-                row = self.measure("rerun", "download", "S3DataGrabber", lambda r: grab, count,
-                                   nbytes)
-                row["puts"] = proxy.count("PUT")
-                row["gets"] = proxy.count("GET") - proxy.count("GET", query_has="list-type")
-                row["lists"] = proxy.count("GET", query_has="list-type")
-                row["requests_per_file"] = proxy.count() / self.repeats / count
+                for direction, tool, argv in (("upload", "S3DataSink", first),
+                                              ("download", "S3DataGrabber", grab)):
+                    proxy.clear()
+                    row = self.measure("rerun", direction, tool, lambda r, a=argv: a, count,
+                                       nbytes)
+                    lists = proxy.count("GET", query_has="list-type")
+                    row.update(puts=proxy.count("PUT"), gets=proxy.count("GET") - lists,
+                               lists=lists,
+                               requests_per_file=proxy.count() / self.repeats / count)
             finally:
                 self.env = saved
         if self.s5cmd:
