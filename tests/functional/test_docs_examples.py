@@ -39,3 +39,43 @@ def test_docstring_examples(module):
     mod = importlib.import_module(module)
     failures, _ = doctest.testmod(mod, optionflags=doctest.ELLIPSIS)
     assert failures == 0
+
+
+def _literal_blocks(page):
+    """The indented literal blocks (after a line ending in '::') of an .rst page."""
+    lines = open(os.path.join(ROOT, "docs", page)).read().splitlines()
+    blocks, i = [], 0
+    while i < len(lines):
+        if lines[i].rstrip().endswith("::") and not lines[i].lstrip().startswith(".."):
+            i += 1
+            block = []
+            while i < len(lines) and (not lines[i].strip() or lines[i].startswith("    ")):
+                block.append(lines[i][4:])
+                i += 1
+            blocks.append("\n".join(block).strip() + "\n")
+        else:
+            i += 1
+    return blocks
+
+
+def test_every_creds_format_shown_in_the_docs_is_read(tmp_path):
+    from nipype_s3.s3.credentials import read_creds_file
+
+    blocks = _literal_blocks("credentials.rst")
+    assert len(blocks) == 4
+    for n, block in enumerate(blocks):
+        text = block.replace("...", "FAKEVALUE0000") if "AWSAccessKeyId" in block else block
+        path = tmp_path / f"creds{n}"
+        path.write_text(text)
+        creds = read_creds_file(str(path))
+        assert creds.access_key and creds.secret_key
+
+
+def test_iam_policy_in_the_docs_is_valid_json():
+    import json
+
+    (policy,) = [b for b in _literal_blocks("ec2plugin.rst") if b.startswith("{")]
+    doc = json.loads(policy)
+    actions = {a for st in doc["Statement"] for a in (
+        st["Action"] if isinstance(st["Action"], list) else [st["Action"]])}
+    assert {"s3:GetObject", "sqs:ReceiveMessage", "ssm:GetParameter"} <= actions
