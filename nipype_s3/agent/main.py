@@ -295,6 +295,7 @@ class Agent:
         last_lease = 0.0
         logger.info("agent on %s serving run %s (%d vCPU, %.1f GiB)", self.instance_id,
                     cfg.run_id, self.vcpus, self.mem_gb)
+        self._send_event("", "agent-up")  # the controller counts instances that booted
         try:
             while not self._stop:
                 now = time.monotonic()

@@ -63,6 +63,7 @@ class InstancePool:
         self.spot_failures = 0
         self.spot_retries = spot_retries
         self.launched: dict[str, dict] = {}
+        self.ended: list[str] = []
         self.peak = 0
 
     def _filters(self, states=None):
@@ -73,20 +74,31 @@ class InstancePool:
 
     def live(self) -> list[dict]:
         """Pending and running instances of the run and this pool's instance type (one
-        DescribeInstances, paginated)."""
+        DescribeInstances, paginated).
+
+        Instances of ours that EC2 reports shutting down or terminated are recorded in
+        :attr:`ended` (once each): an instance that ends by itself has an agent that
+        stopped, or never started.
+        """
         found = []
+        filters = self._filters() + [{"Name": "instance-type",
+                                      "Values": [self.spec.instance_type]}]
+        now = time.time()
         paginator = self.ec2.get_paginator("describe_instances")
-        filters = self._filters(_LIVE) + [{"Name": "instance-type",
-                                           "Values": [self.spec.instance_type]}]
         for page in paginator.paginate(Filters=filters):
             for res in page.get("Reservations", []):
-                found.extend(res.get("Instances", []))
+                for inst in res.get("Instances", []):
+                    iid = inst["InstanceId"]
+                    state = inst.get("State", {}).get("Name")
+                    info = self.launched.setdefault(iid, {
+                        "type": inst.get("InstanceType"), "launched": now, "spot": False})
+                    if state in _LIVE:
+                        found.append(inst)
+                        info["seen"] = now
+                    elif "ended" not in info and "terminated" not in info:
+                        info["ended"] = now
+                        self.ended.append(iid)
         self.peak = max(self.peak, len(found))
-        now = time.time()
-        for inst in found:
-            info = self.launched.setdefault(inst["InstanceId"], {
-                "type": inst.get("InstanceType"), "launched": now, "spot": False})
-            info["seen"] = now
         return found
 
     def check_image(self) -> None:

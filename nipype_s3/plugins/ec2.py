@@ -108,6 +108,9 @@ class EC2Settings:
         agent died runs again after ``visibility_timeout``.
     max_attempts : int
         Attempts of one job before it is reported as an infrastructure failure.
+    max_boot_failures : int
+        Instances that may end before their agent starts (a broken bootstrap) before
+        the run stops with a clear error instead of launching again and again.
     """
 
     s3_prefix: str = ""
@@ -142,6 +145,7 @@ class EC2Settings:
     scale_interval: float = 2.0
     agent_vcpus: int | None = None
     agent_mem_gb: float | None = None
+    max_boot_failures: int = 3
 
     _NIPYPE_KEYS = {"max_jobs", "status_callback", "template", "qsub_args"}
 
@@ -214,6 +218,7 @@ class EC2Plugin(SGELikeBatchManagerBase):
         self.cost_report: dict | None = None
         self.peak = 0
         self._fleets = {}
+        self._booted: set[str] = set()
 
     # -- run lifecycle ------------------------------------------------------------------
     def run(self, graph, config, updatehash=False):
@@ -540,6 +545,8 @@ class EC2Plugin(SGELikeBatchManagerBase):
         if not waiting:
             return
         live = {t: len(f.pool.live()) for t, f in self._fleets.items()}
+        if self._check_boots():
+            return
         total = sum(live.values())
         self.peak = max(self.peak, total)
         for itype, fleet in self._fleets.items():
@@ -560,6 +567,27 @@ class EC2Plugin(SGELikeBatchManagerBase):
                     self._fail_unrunnable(job)
                 return
 
+    def _check_boots(self) -> bool:
+        """Stop relaunching when instances keep ending before their agent ever started.
+
+        A bootstrap that cannot work (no route to PyPI, a broken AMI, a profile without
+        SSM or SQS access) would otherwise cost a launch after launch, forever.
+        """
+        dead = [iid for f in self._fleets.values() for iid in f.pool.ended
+                if iid not in self._booted]
+        if len(dead) < self.settings.max_boot_failures:
+            return False
+        self._fatal = InstanceLaunchError(
+            f"{len(dead)} instances of run {self.run_id} ended before their agent started "
+            f"({', '.join(dead[:5])}): the bootstrap fails. Check an instance's console "
+            "output (aws ec2 get-console-output --instance-id ID), that its subnet reaches "
+            "PyPI (or use an AMI with nipype_s3 installed), and that the instance profile "
+            "allows S3, SQS and SSM.")
+        logger.error("EC2Plugin: %s", self._fatal)
+        for job in self._outstanding():
+            self._fail_unrunnable(job)
+        return True
+
     def _fail_unrunnable(self, job: _Job) -> None:
         """Give a job that can never run a crash result naming the launch failure."""
         write_failure_result(job.node, [
@@ -577,9 +605,13 @@ class EC2Plugin(SGELikeBatchManagerBase):
                 return
             for msg in messages:
                 try:
-                    job_id = json.loads(msg["Body"]).get("job_id")
+                    event = json.loads(msg["Body"])
                 except ValueError:
-                    job_id = None
+                    event = {}
+                if event.get("status") == "agent-up":
+                    self._booted.add(event.get("instance_id"))
+                    continue
+                job_id = event.get("job_id")
                 job = self._by_job_id.get(job_id)
                 if job is not None and not job.done:
                     self._collect(job)

@@ -106,6 +106,7 @@ class LocalCloud:
         self.instances: dict[str, LocalInstance] = {}
         self.peak_alive = 0
         self._launch_faults: list[str] = []
+        self._boot_faults = 0
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -182,6 +183,11 @@ class LocalCloud:
         """Make the next ``times`` RunInstances calls fail with ``code``."""
         with self._lock:
             self._launch_faults.extend([code] * times)
+
+    def fail_boots(self, times: int = 1) -> None:
+        """Make the next ``times`` instances' bootstrap fail (the agent never starts)."""
+        with self._lock:
+            self._boot_faults += times
 
     def _respond(self, request):
         if request.action != "RunInstances":
@@ -338,9 +344,14 @@ class LocalCloud:
                    AWS_DEFAULT_REGION=self.region, AWS_ENDPOINT_URL=self.server.url,
                    AWS_EC2_METADATA_DISABLED="true", NIPYPE_NO_ET="1",
                    NIPYPE_S3_INSTANCE_ID=iid, NIPYPE_S3_WORKER_ROOT=config["worker_root"])
+        argv = [sys.executable, "-m", "nipype_s3.agent", "--config", config_path]
+        with self._lock:
+            if self._boot_faults and not via_ssm:
+                self._boot_faults -= 1
+                argv = [sys.executable, "-c", "import sys; print('bootstrap failed: pip could "
+                        "not reach the package index'); sys.exit(1)"]
         with open(log_path, "ab") as log:
-            proc = subprocess.Popen([sys.executable, "-m", "nipype_s3.agent", "--config",
-                                     config_path], stdout=log, stderr=subprocess.STDOUT,
+            proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT,
                                     stdin=subprocess.DEVNULL, cwd=root, env=env,
                                     start_new_session=True)
         with self._lock:

@@ -385,3 +385,19 @@ def test_job_exceeding_its_attempts_is_a_clear_infrastructure_failure(cloud, tmp
     (job,) = plugin._by_job_id.values()
     assert job.report["status"] == "failed"
     assert cloud.live_instances() == []
+
+
+def test_broken_bootstrap_stops_the_run_instead_of_relaunching(cloud, tmp_path):
+    cloud.fail_boots(10)
+    wf = Workflow("noboot", base_dir=str(tmp_path))
+    wf.config["execution"]["poll_sleep_duration"] = 0.3
+    node = _fn("a", _double, ["x"], ["y"])
+    node.inputs.x = 1
+    wf.add_nodes([node])
+    plugin = _plugin(max_boot_failures=2, max_instances=1)
+    with pytest.raises(Exception) as err:
+        wf.run(plugin=plugin)
+    assert "ended before their agent started" in str(err.value)
+    assert "the bootstrap fails" in str(err.value)
+    assert len(cloud.instance_list()) == 2  # it stopped launching after two broken boots
+    assert cloud.live_instances() == []
