@@ -190,9 +190,10 @@ def download_files(client, bucket: str, items, *, settings: TransferSettings | N
                 return manager.download(bucket, item.key, item.dest, extra_args=extra,
                                         subscribers=subs)
 
-            small = [i for i in todo if i.size is not None
-                     and i.size < settings.multipart_threshold]
-            large = [i for i in todo if i not in small]
+            small, large = [], []
+            for item in todo:  # one pass: sizes known from a LIST and under the part size
+                fits = item.size is not None and item.size < settings.multipart_threshold
+                (small if fits else large).append(item)
             try:
                 outcomes = run_transfers(client, settings, small, get_small, large,
                                          submit_large)
