@@ -757,6 +757,10 @@ def _requirements(extra: list, with_self: bool) -> list[str]:
             pins.append(f"{dist}=={metadata.version(dist)}")
         except metadata.PackageNotFoundError:  # pragma: no cover
             pins.append(dist)
+    try:  # optional: native transfers (nipype_s3.s3.native) when the controller has them
+        pins.append(f"awscrt=={metadata.version('awscrt')}")
+    except metadata.PackageNotFoundError:  # pragma: no cover
+        pass
     if with_self:
         pins.append(f"nipype_s3=={__version__}")
     return pins + list(extra)

@@ -19,9 +19,11 @@ from dataclasses import dataclass
 import botocore.exceptions
 from s3transfer.subscribers import BaseSubscriber
 
+from .. import config as cfg
 from ..exceptions import ConfigurationError, NipypeS3Error, TransferFailed
 from .errors import translate
 from .hashing import etag_matches
+from .native import native_engine
 from .session import endpoint_of
 from .transfer import Progress, Timer, TransferSettings, TransferSummary, run_transfers
 
@@ -132,6 +134,58 @@ def _set_mtime(item: DownloadItem) -> None:
             pass
 
 
+def _native_first(client, bucket, settings, items, request_payer, progress):
+    """Download what the native engine can; hand back ``(outcomes, small, large)``.
+
+    ``outcomes`` are the items done; ``small`` and ``large`` are those left for botocore
+    (all of them when there is no engine).
+    """
+    engine = native_engine(client, bucket, max_concurrency=settings.max_concurrency,
+                           part_size=settings.multipart_chunksize) if items else None
+    left = items
+    outcomes = []
+    if engine is not None:
+        temps = [f"{item.dest}.nipype-s3-{os.getpid()}-n.part" for item in items]
+
+        def put_in_place(index):
+            item, tmp = items[index], temps[index]
+            if item.size is not None and _size(tmp) != item.size:
+                raise botocore.exceptions.IncompleteReadError(
+                    actual_bytes=_size(tmp), expected_bytes=item.size)
+            os.replace(tmp, item.dest)
+            _set_mtime(item)
+
+        try:
+            failed = engine.download([(item.key, tmp) for item, tmp in zip(items, temps)],
+                                     request_payer=request_payer, on_bytes=progress.update,
+                                     on_done=put_in_place, stall_seconds=cfg.read_timeout())
+        except BaseException:
+            for tmp in temps:  # interrupted: what is not in place yet is not left behind
+                _remove(tmp)
+            raise
+        left = []
+        for index, item in enumerate(items):
+            if index not in failed:
+                outcomes.append((item, None))
+                continue
+            _remove(temps[index])
+            logger.debug("native download of %s did not complete (%s); retrying with "
+                         "botocore", item.key, failed[index])
+            left.append(item)
+    small, large = [], []
+    for item in left:  # one pass: sizes known from a LIST and under the part size
+        fits = item.size is not None and item.size < settings.multipart_threshold
+        (small if fits else large).append(item)
+    return outcomes, small, large
+
+
+def _size(path: str) -> int:
+    try:
+        return os.path.getsize(path)
+    except OSError:
+        return -1
+
+
 def download_files(client, bucket: str, items, *, settings: TransferSettings | None = None,
                    skip_unchanged: bool = True, request_payer: bool = False,
                    target: str | None = None) -> TransferSummary:
@@ -190,13 +244,11 @@ def download_files(client, bucket: str, items, *, settings: TransferSettings | N
                 return manager.download(bucket, item.key, item.dest, extra_args=extra,
                                         subscribers=subs)
 
-            small, large = [], []
-            for item in todo:  # one pass: sizes known from a LIST and under the part size
-                fits = item.size is not None and item.size < settings.multipart_threshold
-                (small if fits else large).append(item)
             try:
-                outcomes = run_transfers(client, settings, small, get_small, large,
-                                         submit_large)
+                outcomes, small, large = _native_first(client, bucket, settings, todo,
+                                                       request_payer, progress)
+                outcomes += run_transfers(client, settings, small, get_small, large,
+                                          submit_large)
             finally:
                 progress.close()
             for item, exc in outcomes:

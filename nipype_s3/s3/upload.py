@@ -15,10 +15,12 @@ from dataclasses import dataclass
 
 import botocore.exceptions
 
+from .. import config as cfg
 from ..config import METADATA_MD5_KEY
 from ..exceptions import ConfigurationError, InputFileNotFound, TransferFailed
 from .errors import s3_errors, translate
 from .hashing import etag_matches, file_md5
+from .native import native_engine
 from .listing import ObjectInfo, common_prefix, list_objects
 from .session import endpoint_of
 from .transfer import Progress, Timer, TransferSettings, TransferSummary, run_transfers
@@ -90,6 +92,37 @@ def _unchanged(client, bucket: str, item: UploadItem, size: int, remote: ObjectI
         stored = head.get("Metadata", {}).get(METADATA_MD5_KEY)
         return bool(stored) and stored == file_md5(item.source)
     return False
+
+
+def _native_first(client, bucket, settings, small, args, kms, progress):
+    """PUT the small files the native engine can; hand back ``(outcomes, left)``.
+
+    ``left`` are the ``(item, size)`` pairs for botocore: all of them when there is no
+    engine or ``args`` hold something the engine does not send.
+    """
+    engine = native_engine(client, bucket, max_concurrency=settings.max_concurrency,
+                           part_size=settings.multipart_chunksize) if small else None
+    if engine is None:
+        return [], small
+    jobs = []
+    for item, _ in small:
+        meta = {METADATA_MD5_KEY: file_md5(item.source)} if kms else None
+        jobs.append((item.key, item.source, meta))
+    try:
+        failed = engine.upload(jobs, extra=args, on_bytes=progress.update,
+                               stall_seconds=cfg.read_timeout())
+    except ValueError as exc:  # arguments the engine does not send
+        logger.debug("botocore uploads: %s", exc)
+        return [], small
+    outcomes, left = [], []
+    for index, pair in enumerate(small):
+        if index in failed:
+            logger.debug("native upload of %s did not complete (%s); retrying with botocore",
+                         pair[0].source, failed[index])
+            left.append(pair)
+        else:
+            outcomes.append((pair, None))
+    return outcomes, left
 
 
 def upload_files(client, bucket: str, items, *, settings: TransferSettings | None = None,
@@ -184,8 +217,10 @@ def upload_files(client, bucket: str, items, *, settings: TransferSettings | Non
             small = [p for p in todo if p[1] < settings.multipart_threshold]
             large = [p for p in todo if p[1] >= settings.multipart_threshold]
             try:
-                outcomes = run_transfers(client, settings, small, put_small, large,
-                                         submit_large)
+                outcomes, small = _native_first(client, bucket, settings, small, args, kms,
+                                                progress)
+                outcomes += run_transfers(client, settings, small, put_small, large,
+                                          submit_large)
             finally:
                 progress.close()
             for (item, size), exc in outcomes:

@@ -1,0 +1,181 @@
+"""The native (awscrt) transfer engine against a real S3 server: used, exact, and never
+the last word (whatever it does not finish, botocore does)."""
+
+import hashlib
+import os
+
+import boto3
+import pytest
+
+from nipype_s3.exceptions import ConfigurationError
+from nipype_s3.s3 import native
+from nipype_s3.s3.download import DownloadItem, download_files
+from nipype_s3.s3.session import make_s3_client
+from nipype_s3.s3.transfer import TransferSettings
+from nipype_s3.s3.upload import UploadItem, upload_files
+from nipype_s3.testing.proxy import RecordingProxy
+
+pytest.importorskip("awscrt", reason="the native engine needs awscrt (installed with nipype_s3)")
+pytestmark = pytest.mark.seaweedfs
+
+N = 30
+
+
+def _native(rec) -> bool:
+    return (rec.header("user-agent") or "").startswith("CRTS3NativeClient")
+
+
+@pytest.fixture
+def files(tmp_path):
+    root = tmp_path / "src"
+    root.mkdir()
+    sums = {}
+    for i in range(N):
+        data = os.urandom(1000 + 4099 * i)
+        (root / f"f{i:02d}.bin").write_bytes(data)
+        sums[f"f{i:02d}.bin"] = hashlib.sha256(data).hexdigest()
+    return root, sums
+
+
+def _client(url):
+    return make_s3_client(boto3.Session(), endpoint_url=url, region="us-east-1")
+
+
+def _round_trip(url, bucket, root, dest, **settings):
+    client = _client(url)
+    items = [UploadItem(str(p), f"n/{p.name}") for p in sorted(root.iterdir())]
+    up = upload_files(client, bucket, items, settings=TransferSettings(**settings))
+    down = download_files(client, bucket,
+                          [DownloadItem(f"n/{p.name}", str(dest / p.name), p.stat().st_size)
+                           for p in sorted(root.iterdir())],
+                          settings=TransferSettings(**settings))
+    return up, down
+
+
+def _sums(folder):
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in folder.iterdir()}
+
+
+def test_small_puts_and_all_gets_go_native_byte_exact(seaweedfs, weed_bucket, files, tmp_path):
+    root, sums = files
+    dest = tmp_path / "dest"
+    # one large file too: it goes up through s3transfer in parts, down natively in parts
+    (root / "big.bin").write_bytes(os.urandom(11 * 1024 * 1024 + 5))
+    sums["big.bin"] = hashlib.sha256((root / "big.bin").read_bytes()).hexdigest()
+    with RecordingProxy(seaweedfs.url) as proxy:
+        up, down = _round_trip(proxy.url, weed_bucket, root, dest,
+                               multipart_threshold=8 * 1024 * 1024,
+                               multipart_chunksize=8 * 1024 * 1024)
+        puts = [r for r in proxy.requests if r.method == "PUT" and r.query == ""]
+        gets = [r for r in proxy.requests if r.method == "GET" and "list-type" not in r.query]
+    assert up.files == down.files == N + 1
+    assert _sums(dest) == sums
+    assert len(puts) == N and all(_native(r) for r in puts)  # the small ones, one PUT each
+    assert gets and all(_native(r) for r in gets)
+    assert sum(1 for r in gets if r.key.endswith("big.bin")) == 2  # two 8 MiB ranges
+    assert not [p for p in dest.iterdir() if ".part" in p.name]
+
+
+def test_what_the_engine_cannot_finish_botocore_does(seaweedfs, weed_bucket, files, tmp_path):
+    root, sums = files
+    refused = {"f03.bin", "f17.bin"}
+
+    def deny_native(rec):  # the native client is refused these two keys; botocore is not
+        if _native(rec) and rec.key.rsplit("/", 1)[-1] in refused:
+            return 403, (b"<?xml version=\"1.0\"?><Error><Code>AccessDenied</Code>"
+                         b"<Message>injected</Message></Error>"), "application/xml"
+        return None
+
+    dest = tmp_path / "dest"
+    with RecordingProxy(seaweedfs.url, responder=deny_native) as proxy:
+        up, down = _round_trip(proxy.url, weed_bucket, root, dest)
+        by_botocore = {r.key.rsplit("/", 1)[-1] for r in proxy.requests
+                       if not _native(r) and r.method in ("GET", "PUT")
+                       and "list-type" not in r.query}
+    assert up.files == down.files == N
+    assert _sums(dest) == sums
+    assert by_botocore == refused  # only those, once each way
+
+
+def test_a_stalled_native_transfer_is_cancelled_and_redone(seaweedfs, weed_bucket, files,
+                                                           tmp_path, monkeypatch):
+    root, sums = files
+    client = seaweedfs.client()
+    for p in root.iterdir():
+        client.upload_file(str(p), weed_bucket, f"n/{p.name}")
+    monkeypatch.setenv("NIPYPE_S3_READ_TIMEOUT", "1")
+    stalled = []
+
+    def stall_once(method, path, query):
+        if path.endswith("f05.bin") and not stalled:
+            stalled.append(path)
+            return True
+        return False
+
+    dest = tmp_path / "dest"
+    with RecordingProxy(seaweedfs.url, fault_rate=1.0, faults=("stall",), stall_seconds=30,
+                        fault_filter=stall_once) as proxy:
+        down = download_files(_client(proxy.url), weed_bucket,
+                              [DownloadItem(f"n/{p.name}", str(dest / p.name))
+                               for p in sorted(root.iterdir())])
+    assert stalled and down.files == N
+    assert _sums(dest) == sums
+
+
+def test_interrupted_native_download_leaves_no_partial_file(seaweedfs, weed_bucket, files,
+                                                            tmp_path, monkeypatch):
+    root, sums = files
+    client = seaweedfs.client()
+    for p in root.iterdir():
+        client.upload_file(str(p), weed_bucket, f"n/{p.name}")
+    real_replace = os.replace
+    calls = []
+
+    def replace_then_interrupt(src, dst):
+        calls.append(dst)
+        if len(calls) == 5:
+            raise KeyboardInterrupt
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace_then_interrupt)
+    dest = tmp_path / "dest"
+    with pytest.raises(KeyboardInterrupt):
+        download_files(_client(seaweedfs.url), weed_bucket,
+                       [DownloadItem(f"n/{p.name}", str(dest / p.name), p.stat().st_size)
+                        for p in sorted(root.iterdir())])
+    left = sorted(p.name for p in dest.iterdir())
+    assert left == sorted(os.path.basename(c) for c in calls[:4])  # put in place before it
+    for name in left:
+        assert hashlib.sha256((dest / name).read_bytes()).hexdigest() == sums[name]
+
+
+def test_engine_switch_and_hooked_clients_use_botocore(seaweedfs, weed_bucket, files, tmp_path,
+                                                       monkeypatch):
+    root, _ = files
+    monkeypatch.setenv("NIPYPE_S3_ENGINE", "botocore")
+    with RecordingProxy(seaweedfs.url) as proxy:
+        _round_trip(proxy.url, weed_bucket, root, tmp_path / "a")
+        assert proxy.requests and not any(_native(r) for r in proxy.requests)
+    monkeypatch.setenv("NIPYPE_S3_ENGINE", "auto")
+    client = _client(seaweedfs.url)
+    assert native.native_engine(client, weed_bucket, max_concurrency=4,
+                                part_size=8 << 20) is not None
+    # a hook of the user's own must see every request: no native requests then
+    client.meta.events.register("before-send.s3", lambda **kw: None)
+    assert native.native_engine(client, weed_bucket, max_concurrency=4,
+                                part_size=8 << 20) is None
+    anon = make_s3_client(boto3.Session(), endpoint_url=seaweedfs.url, region="us-east-1",
+                          anon=True)
+    assert native.native_engine(anon, weed_bucket, max_concurrency=4, part_size=8 << 20) is None
+    monkeypatch.setenv("NIPYPE_S3_ENGINE", "fastest")
+    with pytest.raises(ConfigurationError, match="NIPYPE_S3_ENGINE='fastest'"):
+        native.native_engine(client, weed_bucket, max_concurrency=4, part_size=8 << 20)
+
+
+def test_in_process_moto_keeps_requests_in_botocore(tmp_path):
+    from moto import mock_aws
+
+    with mock_aws():
+        client = boto3.client("s3", region_name="us-east-1")
+        client.create_bucket(Bucket="moto-bucket")
+        assert native.native_engine(client, "moto-bucket", max_concurrency=4, part_size=8 << 20) is None
