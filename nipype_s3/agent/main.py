@@ -30,6 +30,7 @@ import botocore.exceptions
 from ..ec2.jobs import MessageRejected, open_message, verify
 from ..s3.session import make_s3_client
 from .config import AgentConfig
+from .forked import _THREAD_VARS, ForkedWorker, can_fork, preload
 
 __all__ = ["Agent", "main"]
 
@@ -43,7 +44,7 @@ class _Running:
     job_id: str
     receipt: str
     attempt: int
-    proc: subprocess.Popen
+    proc: subprocess.Popen | ForkedWorker
     log_path: str
     outcome_path: str
     n_procs: int
@@ -186,13 +187,16 @@ class Agent:
             json.dump(spec, fobj)
         log_path = os.path.join(jobdir, "log.txt")
         outcome_path = os.path.join(jobdir, "outcome.json")
-        env = dict(os.environ, NIPYPE_S3_AGENT_CONFIG=self.cfg.to_json(), NIPYPE_NO_ET="1",
-                   OMP_NUM_THREADS=str(n_procs))
-        with open(log_path, "ab") as log:
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "nipype_s3.agent.worker", spec_path, outcome_path],
-                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
-                cwd=jobdir)
+        env = {"NIPYPE_S3_AGENT_CONFIG": self.cfg.to_json(), "NIPYPE_NO_ET": "1"}
+        env.update((name, str(n_procs)) for name in _THREAD_VARS)
+        if n_procs == 1 and can_fork():
+            proc = ForkedWorker.start(spec_path, outcome_path, log_path, jobdir, env)
+        else:
+            with open(log_path, "ab") as log:
+                proc = subprocess.Popen(
+                    [sys.executable, "-m", "nipype_s3.agent.worker", spec_path, outcome_path],
+                    stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                    env=dict(os.environ, **env), cwd=jobdir)
         now = time.time()
         self.running[job_id] = _Running(job_id, receipt, attempt, proc, log_path,
                                         outcome_path, n_procs, mem_gb, now, now)
@@ -236,7 +240,8 @@ class Agent:
                        "traceback": [f"The worker process for this job died (exit code "
                                      f"{code}) before reporting; see the log tail below.\n"]}
         report = dict(outcome, attempt=run.attempt, instance_id=self.instance_id,
-                      log_key=log_key, log_tail=tail, exit_code=code)
+                      log_key=log_key, log_tail=tail, exit_code=code, received=run.started,
+                      reported=time.time())
         if self._write_done(run.job_id, report):
             self._send_event(run.job_id, report["status"])
         self._delete(run.receipt)
@@ -296,6 +301,8 @@ class Agent:
         logger.info("agent on %s serving run %s (%d vCPU, %.1f GiB)", self.instance_id,
                     cfg.run_id, self.vcpus, self.mem_gb)
         self._send_event("", "agent-up")  # the controller counts instances that booted
+        if os.environ.get("NIPYPE_S3_AGENT_FORK", "1") != "0":
+            preload()  # one-CPU jobs then start as forks of this process, imports done
         try:
             while not self._stop:
                 now = time.monotonic()

@@ -64,7 +64,9 @@ def run_job(cfg, spec: dict, outcome_path: str) -> dict:
         scratch = os.path.join(root, ".scratch", spec["job_id"])
         os.makedirs(scratch, exist_ok=True)
         os.chdir(scratch)
+        outcome["node_started"] = time.time()
         traceback = run_node(node, updatehash=info.get("updatehash", False))
+        outcome["node_finished"] = time.time()
         outcome["status"] = "ok" if traceback is None else "error"
         outcome["traceback"] = traceback
     except Exception:

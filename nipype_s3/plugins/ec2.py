@@ -36,6 +36,7 @@ import math
 import os
 import pickle
 import shutil
+import statistics
 import threading
 import time
 import zipfile
@@ -215,6 +216,10 @@ class EC2Plugin(SGELikeBatchManagerBase):
         self._last_scan = 0.0
         self._last_scale = 0.0
         self._busy_seconds = 0.0
+        #: one entry per remote job collected: when it was submitted, taken by an agent,
+        #: its node started and ended, the agent reported, and the controller saw it
+        #: (seconds since the epoch; instance clocks are NTP-synchronised on EC2)
+        self.timings: list[dict] = []
         self.cost_report: dict | None = None
         self.peak = 0
         self._fleets = {}
@@ -425,6 +430,7 @@ class EC2Plugin(SGELikeBatchManagerBase):
             "usd_estimate": round(total_cost, 4), "peak_instances": self.peak,
             "jobs_remote": self.stats["remote_done"], "jobs_local": self.stats["local"],
             "bytes_staged": self.store.bytes_up, "bytes_fetched": self.store.bytes_down,
+            "dispatch": dispatch_summary(self.timings),
             "note": "estimate from on-demand list prices (us-east-1), per-second billing "
                     "with a 60 s minimum; not a bill",
         }
@@ -638,6 +644,11 @@ class EC2Plugin(SGELikeBatchManagerBase):
         job.report = report
         self._busy_seconds += max(0.0, float(report.get("finished", 0))
                                   - float(report.get("started", 0)))
+        self.timings.append({"job_id": job.job_id, "submitted": job.submitted,
+                             "received": report.get("received"),
+                             "node_started": report.get("node_started"),
+                             "node_finished": report.get("node_finished"),
+                             "reported": report.get("reported"), "collected": time.time()})
         node = job.node
         os.makedirs(job.node_dir, exist_ok=True)
         outputs = [ManifestEntry.from_json(e) for e in report.get("outputs", [])]
@@ -744,6 +755,28 @@ def _zip_package(pkg_dir: str) -> bytes:
                 with open(full, "rb") as fobj:
                     zf.writestr(info, fobj.read())
     return buf.getvalue()
+
+
+def dispatch_summary(timings: list[dict]) -> dict:
+    """Median and 95th percentile of the two waits around each remote node, in seconds.
+
+    ``to_start``: submitted by the controller → the node starts on an instance (queue,
+    agent, worker start-up, input staging). ``to_seen``: the node ends → the controller
+    has its result in place (output upload, report, event, collection).
+    """
+    def stats(values):
+        values = sorted(v for v in values if v is not None)
+        if not values:
+            return None
+        p95 = values[min(len(values) - 1, max(0, math.ceil(0.95 * len(values)) - 1))]
+        return {"median": round(statistics.median(values), 3), "p95": round(p95, 3)}
+
+    def waits(start, end):
+        return [t[end] - t[start] for t in timings
+                if t.get(start) is not None and t.get(end) is not None]
+
+    to_start, to_seen = waits("submitted", "node_started"), waits("node_finished", "collected")
+    return {"jobs": len(timings), "to_start": stats(to_start), "to_seen": stats(to_seen)}
 
 
 def _requirements(extra: list, with_self: bool) -> list[str]:
