@@ -13,7 +13,9 @@ median of the repeats:
             nipype's S3DataGrabber needs boto 2, which cannot reach an S3-compatible
             endpoint, so it is listed as not runnable;
 * re-run:   the same upload and download again with nothing changed; our requests are
-            counted through a recording proxy (object PUTs and GETs must be 0).
+            counted through a recording proxy (object PUTs and GETs must be 0);
+* plugin:   EC2Plugin on LocalCloud against MultiProc, 50 trivial nodes on up to 4
+            instances (``plugin.py``; ``--no-plugin`` skips it).
 
 Peak memory is each process's maximum resident set (``wait4``). Writes
 ``benchmarks/results/latest.md`` (and ``latest.png`` when matplotlib is installed).
@@ -274,7 +276,7 @@ class Bench:
             self.measure("rerun", "upload", "s5cmd sync", lambda r: sync, count, nbytes)
 
 
-def write_report(bench: Bench, path_md: str, args) -> str:
+def write_report(bench: Bench, path_md: str, args, plugin_rows: dict | None = None) -> str:
     import boto3
     import nipype
 
@@ -316,11 +318,15 @@ def write_report(bench: Bench, path_md: str, args) -> str:
                      f"{note} |")
     lines += ["", "`vs s5cmd` is s5cmd's time divided by the tool's: above 1× is faster "
                   "than s5cmd.", ""]
+    if plugin_rows is not None:
+        import plugin
+
+        lines += plugin.markdown(plugin_rows)
     text = "\n".join(lines)
     with open(path_md, "w") as fobj:
         fobj.write(text)
     with open(path_md.replace(".md", ".json"), "w") as fobj:
-        json.dump(bench.rows, fobj, indent=1)
+        json.dump({"transfers": bench.rows, "plugin": plugin_rows}, fobj, indent=1)
     try:
         import matplotlib
 
@@ -345,6 +351,8 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="small cases (under 2 minutes)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", default=os.path.join(HERE, "results", "latest.md"))
+    parser.add_argument("--no-plugin", action="store_true",
+                        help="transfers only (skip the EC2Plugin overhead case)")
     args = parser.parse_args(argv)
     cases = [("small", 60, 256 * KiB), ("large", 2, 24 * MiB)] if args.quick else \
         [("small", 500, 256 * KiB), ("large", 4, 200 * MiB)]
@@ -357,7 +365,16 @@ def main(argv=None) -> int:
             bench.transfer_case(case, count, size)
         print("case rerun: nothing changed", flush=True)
         bench.rerun_case(cases)
-        print(write_report(bench, args.out, args))
+        plugin_rows = None
+        if not args.no_plugin:
+            import plugin
+
+            nodes, agents = (8, 2) if args.quick else (50, 4)
+            print(f"case plugin: {nodes} trivial nodes, up to {agents} LocalCloud instances",
+                  flush=True)
+            plugin_rows = plugin.run(nodes, agents, bench.repeats,
+                                     work=os.path.join(work, "plugin"))
+        print(write_report(bench, args.out, args, plugin_rows))
     finally:
         bench.close()
         shutil.rmtree(work, ignore_errors=True)

@@ -28,6 +28,10 @@ from nipype import config as _nipype_config  # noqa: E402
 _nipype_config.set("execution", "crashdump_dir",
                    tempfile.mkdtemp(prefix="nipype-s3-test-crashes-"))
 
+# the digest cache of a test run is its own (not the user's ~/.cache)
+os.environ["NIPYPE_S3_DIGEST_CACHE"] = os.path.join(
+    tempfile.mkdtemp(prefix="nipype-s3-test-digests-"), "digests.sqlite")
+
 from nipype_s3.testing.servers import FAKE_ACCESS_KEY, FAKE_SECRET_KEY  # noqa: E402
 
 #: A bucket on the SeaweedFS server that anyone may list and read (like OpenNeuro's).

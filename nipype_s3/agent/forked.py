@@ -79,6 +79,10 @@ class ForkedWorker:
                 os.dup2(log_fd, 2)
                 os.close(log_fd)
                 os.close(null_fd)
+                # Python-level streams onto the new descriptors (the agent's may be
+                # wrappers around something else)
+                sys.stdout = open(1, "w", buffering=1, closefd=False)  # noqa: SIM115
+                sys.stderr = open(2, "w", buffering=1, closefd=False)  # noqa: SIM115
                 for sig in (signal.SIGTERM, signal.SIGINT):
                     signal.signal(sig, signal.SIG_DFL)
                 logging.getLogger().handlers.clear()  # the agent's log is not the job's

@@ -79,6 +79,26 @@ _LOCAL_INTERFACES = {"IdentityInterface", "Merge", "Select", "Split", "Rename",
                      "AssertEqual"}
 
 
+def _writes_local_files(interface) -> bool:
+    """A sink whose destination is a folder of the controller's: it must run there.
+
+    nipype's DataSink with a local ``base_directory``, and S3DataSink with a
+    ``local_copy``, would otherwise write their files on an instance, where no one sees
+    them and they vanish with it.
+    """
+    from nipype.interfaces.base import isdefined
+    from nipype.interfaces.io import DataSink
+
+    from ..interfaces.sink import S3DataSink
+
+    if isinstance(interface, S3DataSink):
+        return isdefined(interface.inputs.local_copy)
+    if isinstance(interface, DataSink):
+        base = interface.inputs.base_directory
+        return not (isdefined(base) and str(base).lower().startswith("s3://"))
+    return False
+
+
 @dataclass
 class EC2Settings:
     """``plugin_args`` of :class:`EC2Plugin`, with their defaults.
@@ -452,6 +472,8 @@ class EC2Plugin(SGELikeBatchManagerBase):
         if isinstance(node, MapNode):
             return True
         if node.name in self.settings.local_nodes or node.fullname in self.settings.local_nodes:
+            return True
+        if _writes_local_files(node.interface):
             return True
         return type(node.interface).__name__ in _LOCAL_INTERFACES
 

@@ -2,7 +2,8 @@
 
 A single-part object's ETag is the MD5 of its bytes. A multipart object's ETag is
 ``md5(md5(part1) + md5(part2) + ...)-N``: it depends on the part size, so it is
-computed here with the part size the object was most likely uploaded with.
+computed here with the part size the object was most likely uploaded with. Digests are
+kept in :mod:`.digests`, so an unchanged file is read once, not on every re-run.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import math
 import os
 
 from ..config import MiB
+from .digests import cached_digest
 
 __all__ = ["file_md5", "multipart_etag", "etag_matches", "candidate_part_sizes"]
 
@@ -80,12 +82,12 @@ def etag_matches(path: str | os.PathLike, etag: str, *, part_size: int) -> bool:
     """
     etag = etag.strip('"')
     if "-" not in etag:
-        return len(etag) == 32 and file_md5(path) == etag
+        return len(etag) == 32 and cached_digest(path, "md5", file_md5) == etag
     _, _, count = etag.rpartition("-")
     try:
         parts = int(count)
     except ValueError:
         return False
     size = os.path.getsize(path)
-    return any(multipart_etag(path, ps) == etag
+    return any(cached_digest(path, f"etag:{ps}", lambda p, ps=ps: multipart_etag(p, ps)) == etag
                for ps in candidate_part_sizes(size, parts, part_size))

@@ -107,6 +107,8 @@ def _foreign_handlers(client) -> list[str]:
     for op in ("GetObject", "PutObject"):
         for event in _HOOKED_EVENTS:
             for handler in handlers.prefix_search(f"{event}.s3.{op}"):
+                if getattr(handler, "enabled", True) is False:
+                    continue  # switched off (moto's stubber outside a mock_aws block)
                 module = getattr(handler, "__module__", None) or type(handler).__module__
                 ours = module.startswith(("botocore.", "boto3.", "s3transfer.", "nipype_s3."))
                 if not ours or module == "botocore.stub":

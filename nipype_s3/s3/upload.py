@@ -19,6 +19,7 @@ from .. import config as cfg
 from ..config import METADATA_MD5_KEY
 from ..exceptions import ConfigurationError, InputFileNotFound, TransferFailed
 from .errors import s3_errors, translate
+from .digests import cached_digest
 from .hashing import etag_matches, file_md5
 from .native import native_engine
 from .listing import ObjectInfo, common_prefix, list_objects
@@ -58,6 +59,10 @@ def sse_args(sse: str | None = None, kms_key_id: str | None = None) -> dict:
     return {"ServerSideEncryption": sse}
 
 
+def _md5(path: str) -> str:
+    return cached_digest(path, "md5", file_md5)
+
+
 def _check_sources(items) -> list[int]:
     sizes = []
     for item in items:
@@ -90,7 +95,7 @@ def _unchanged(client, bucket: str, item: UploadItem, size: int, remote: ObjectI
                        endpoint=endpoint_of(client)):
             head = client.head_object(Bucket=bucket, Key=item.key)
         stored = head.get("Metadata", {}).get(METADATA_MD5_KEY)
-        return bool(stored) and stored == file_md5(item.source)
+        return bool(stored) and stored == _md5(item.source)
     return False
 
 
@@ -106,7 +111,7 @@ def _native_first(client, bucket, settings, small, args, kms, progress):
         return [], small
     jobs = []
     for item, _ in small:
-        meta = {METADATA_MD5_KEY: file_md5(item.source)} if kms else None
+        meta = {METADATA_MD5_KEY: _md5(item.source)} if kms else None
         jobs.append((item.key, item.source, meta))
     try:
         failed = engine.upload(jobs, extra=args, on_bytes=progress.update,
@@ -199,7 +204,7 @@ def upload_files(client, bucket: str, items, *, settings: TransferSettings | Non
             def object_args(item):
                 obj_args = dict(args)
                 if kms:
-                    obj_args["Metadata"] = {METADATA_MD5_KEY: file_md5(item.source)}
+                    obj_args["Metadata"] = {METADATA_MD5_KEY: _md5(item.source)}
                 return obj_args
 
             def put_small(pair):

@@ -52,6 +52,10 @@ _ENV_KEYS = ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
              "AWS_ENDPOINT_URL_SQS", "AWS_ENDPOINT_URL_SSM")
 
 
+#: The User-Agent "app/..." of LocalCloud agents' botocore requests.
+AGENT_APP_ID = "nipype-s3-agent"
+
+
 @dataclass
 class LocalInstance:
     """One launched instance and the agent process standing in for it."""
@@ -89,13 +93,17 @@ class LocalCloud:
         unless ``keep``).
     record : bool
         Put the recording proxy between the controller and moto.
+    agents_via_proxy : bool
+        Send the agents' requests through the proxy too (to count every call of a run).
     """
 
     INSTANCE_PROFILE = "nipype-s3-agent"
 
     def __init__(self, region: str = "us-east-1", directory: str | None = None,
-                 record: bool = True, keep: bool = False) -> None:
+                 record: bool = True, keep: bool = False,
+                 agents_via_proxy: bool = False) -> None:
         self.region = region
+        self.agents_via_proxy = agents_via_proxy
         self._own_dir = directory is None
         self.directory = directory or tempfile.mkdtemp(prefix="nipype-s3-localcloud-")
         os.makedirs(self.directory, exist_ok=True)
@@ -334,14 +342,19 @@ class LocalCloud:
                                                              time.time()))
             return
         config = json.loads(config_json)
-        config["endpoint_url"] = self.server.url  # agents reach moto directly
+        # agents reach moto directly, or through the proxy to have their calls counted too
+        # (their botocore requests then say "app/nipype-s3-agent" in the User-Agent)
+        agent_url = self.proxy.url if self.agents_via_proxy and self.proxy else \
+            self.server.url
+        config["endpoint_url"] = agent_url
         config["worker_root"] = os.path.join(root, "work")
         config_path = os.path.join(root, "agent.json")
         with open(config_path, "w") as fobj:
             json.dump(config, fobj)
         env = {k: v for k, v in os.environ.items() if k not in _ENV_KEYS}
         env.update(AWS_ACCESS_KEY_ID=FAKE_ACCESS_KEY, AWS_SECRET_ACCESS_KEY=FAKE_SECRET_KEY,
-                   AWS_DEFAULT_REGION=self.region, AWS_ENDPOINT_URL=self.server.url,
+                   AWS_DEFAULT_REGION=self.region, AWS_ENDPOINT_URL=agent_url,
+                   AWS_SDK_UA_APP_ID=AGENT_APP_ID,
                    AWS_EC2_METADATA_DISABLED="true", NIPYPE_NO_ET="1",
                    NIPYPE_S3_INSTANCE_ID=iid, NIPYPE_S3_WORKER_ROOT=config["worker_root"])
         argv = [sys.executable, "-m", "nipype_s3.agent", "--config", config_path]

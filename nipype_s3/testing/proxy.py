@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import http.client
 import random
+import sys
 import threading
 import time
 import urllib.parse
@@ -59,6 +60,15 @@ def _action(method: str, headers, body: bytes, query: str) -> str:
             if name == "Action":
                 return urllib.parse.unquote_plus(value)
     return f"S3:{method}"
+
+
+class _QuietServer(ThreadingHTTPServer):
+    """A client that hangs up mid-answer (a killed agent, a cancelled request) is normal
+    here: no traceback on stderr for that."""
+
+    def handle_error(self, request, client_address):
+        if not isinstance(sys.exc_info()[1], ConnectionError):
+            super().handle_error(request, client_address)
 
 
 class RecordingProxy:
@@ -230,7 +240,7 @@ class RecordingProxy:
 
             do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _handle
 
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server = _QuietServer(("127.0.0.1", 0), Handler)
         self._server.daemon_threads = True
         self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True,

@@ -1,0 +1,182 @@
+"""EC2Plugin overhead on LocalCloud, beside nipype's MultiProc on the same workflow.
+
+    python benchmarks/plugin.py               # 50 trivial nodes, 4 agents, 3 repeats
+    python benchmarks/plugin.py --nodes 8 --agents 2   # what --quick in run.py uses
+
+Each repeat runs the workflow once with EC2Plugin (fresh instances: their start-up is
+part of the figures, as it is on AWS) and once with MultiProc (``n_procs`` = agents).
+Reported, each the median over the repeats:
+
+* dispatch: submit → the node starts on an instance, and the node ends → the controller
+  has its result (median and 95th percentile over the nodes of a run);
+* wall time of both plugins;
+* API calls per node: the controller's, the agents' (botocore), and native data
+  transfers (awscrt), all counted by LocalCloud's recording proxy;
+* billed instance-seconds against busy seconds (the cost report).
+
+Imported by ``run.py``, which puts the rows in the same report.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))
+
+
+def increment(x):
+    """The trivial node: all its cost is the plugin's."""
+    return x + 1
+
+
+def _workflow(nodes: int, base_dir: str):
+    from nipype import Function, Node, Workflow
+    from nipype.interfaces.utility import IdentityInterface
+
+    src = Node(IdentityInterface(fields=["x"]), "src")
+    src.iterables = ("x", list(range(nodes)))
+    inc = Node(Function(input_names=["x"], output_names=["y"], function=increment), "inc")
+    wf = Workflow("plugin_bench", base_dir=base_dir)
+    wf.connect(src, "x", inc, "x")
+    wf.config["execution"]["poll_sleep_duration"] = 0.2
+    return wf
+
+
+def _classify(requests) -> dict:
+    from nipype_s3.testing.localcloud import AGENT_APP_ID
+
+    out = {"controller": 0, "agents": 0, "native": 0}
+    for rec in requests:
+        agent = rec.header("user-agent") or ""
+        if agent.startswith("CRTS3NativeClient"):
+            out["native"] += 1
+        elif f"app/{AGENT_APP_ID}" in agent:
+            out["agents"] += 1
+        else:
+            out["controller"] += 1
+    return out
+
+
+def one_repeat(cloud, nodes: int, agents: int, work: str) -> dict:
+    import boto3
+
+    from nipype_s3 import EC2Plugin
+
+    bucket = "plugin-bench-runs"
+    client = boto3.client("s3", region_name=cloud.region)
+    try:
+        client.create_bucket(Bucket=bucket)
+    except client.exceptions.BucketAlreadyOwnedByYou:
+        pass
+    plugin = EC2Plugin(plugin_args={
+        "s3_prefix": f"s3://{bucket}", "max_instances": agents, "instance_type": "c6i.large",
+        "idle_timeout": 20, "lease_timeout": 20, "poll_wait": 1, "scale_interval": 0.5,
+        "visibility_timeout": 60, "heartbeat": 10})
+    cloud.proxy.clear()
+    wf = _workflow(nodes, os.path.join(work, "ec2"))
+    start = time.perf_counter()
+    wf.run(plugin=plugin)
+    ec2_wall = time.perf_counter() - start
+    calls = _classify(cloud.proxy.requests)
+    cloud.wait_idle(60)
+    # the agents' last calls (idle exit) land after the run: count them too
+    calls = _classify(cloud.proxy.requests)
+    report = plugin.cost_report or {}
+    dispatch = report.get("dispatch") or {}
+
+    wf = _workflow(nodes, os.path.join(work, "multiproc"))
+    start = time.perf_counter()
+    wf.run(plugin="MultiProc", plugin_args={"n_procs": agents})
+    mp_wall = time.perf_counter() - start
+    return {
+        "ec2_wall": ec2_wall, "multiproc_wall": mp_wall,
+        "to_start_median": (dispatch.get("to_start") or {}).get("median"),
+        "to_start_p95": (dispatch.get("to_start") or {}).get("p95"),
+        "to_seen_median": (dispatch.get("to_seen") or {}).get("median"),
+        "to_seen_p95": (dispatch.get("to_seen") or {}).get("p95"),
+        "calls_controller": calls["controller"] / nodes, "calls_agents": calls["agents"] / nodes,
+        "calls_native": calls["native"] / nodes,
+        "instances": len(report.get("instances", [])),
+        "instance_seconds": report.get("instance_seconds"),
+        "busy_seconds": report.get("busy_seconds"),
+        "jobs_remote": report.get("jobs_remote"),
+    }
+
+
+def run(nodes: int = 50, agents: int = 4, repeats: int = 3, work: str | None = None) -> dict:
+    """Median of each figure over ``repeats`` runs (and the runs themselves)."""
+    from nipype_s3.testing import LocalCloud
+
+    os.environ.setdefault("NIPYPE_NO_ET", "1")
+    work = work or tempfile.mkdtemp(prefix="nipype-s3-plugin-bench-")
+    runs = []
+    with LocalCloud(directory=os.path.join(work, "cloud"), agents_via_proxy=True) as cloud:
+        for rep in range(repeats):
+            runs.append(one_repeat(cloud, nodes, agents, os.path.join(work, f"r{rep}")))
+            print(f"  plugin repeat {rep + 1}: EC2Plugin {runs[-1]['ec2_wall']:.1f} s, "
+                  f"MultiProc {runs[-1]['multiproc_wall']:.1f} s", flush=True)
+    summary = {"nodes": nodes, "agents": agents, "repeats": repeats, "runs": runs}
+    for key in runs[0]:
+        values = [r[key] for r in runs if r[key] is not None]
+        summary[key] = statistics.median(values) if values else None
+    return summary
+
+
+def markdown(summary: dict) -> list[str]:
+    """The report's plugin section."""
+    s = summary
+
+    def f(value, fmt="{:.2f}"):
+        return "–" if value is None else fmt.format(value)
+
+    return [
+        f"## EC2Plugin on LocalCloud: {s['nodes']} trivial nodes, up to {s['agents']} "
+        f"instances (median of {s['repeats']} runs)",
+        "",
+        "| figure | value |",
+        "|---|---:|",
+        f"| submit → node starts on an instance, median / p95 (s) | "
+        f"{f(s['to_start_median'])} / {f(s['to_start_p95'])} |",
+        f"| node ends → controller has the result, median / p95 (s) | "
+        f"{f(s['to_seen_median'])} / {f(s['to_seen_p95'])} |",
+        f"| wall time, EC2Plugin (s) | {f(s['ec2_wall'], '{:.1f}')} |",
+        f"| wall time, MultiProc with n_procs={s['agents']} (s) | "
+        f"{f(s['multiproc_wall'], '{:.1f}')} |",
+        f"| EC2Plugin / MultiProc wall time | "
+        f"{f(s['ec2_wall'] / s['multiproc_wall'] if s['multiproc_wall'] else None)}× |",
+        f"| API calls per node: controller / agents / native data transfers | "
+        f"{f(s['calls_controller'], '{:.1f}')} / {f(s['calls_agents'], '{:.1f}')} / "
+        f"{f(s['calls_native'], '{:.1f}')} |",
+        f"| instances launched | {f(s['instances'], '{:.0f}')} |",
+        f"| billed instance-seconds / busy seconds | {f(s['instance_seconds'], '{:.0f}')} / "
+        f"{f(s['busy_seconds'], '{:.0f}')} |",
+        "",
+        "Dispatch includes the first instances' start-up (an agent process on LocalCloud; "
+        "on AWS add the instance's boot). Busy seconds are the workers' own time per job "
+        "(fetch inputs, run, store outputs); billed seconds run from launch to "
+        "termination, idle timeout included.",
+        "",
+    ]
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--nodes", type=int, default=50)
+    parser.add_argument("--agents", type=int, default=4)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args(argv)
+    summary = run(args.nodes, args.agents, max(1, args.repeats))
+    print("\n".join(markdown(summary)))
+    print(json.dumps({k: v for k, v in summary.items() if k != "runs"}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

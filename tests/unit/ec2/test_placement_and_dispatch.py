@@ -1,0 +1,108 @@
+"""Where EC2Plugin runs a node, how it summarises dispatch times, how agents fork workers."""
+
+import json
+import os
+import sys
+
+import pytest
+from nipype import Node
+from nipype.interfaces.io import DataSink
+
+from nipype_s3 import S3DataSink
+from nipype_s3.agent import forked
+from nipype_s3.plugins.ec2 import _writes_local_files, dispatch_summary
+
+
+@pytest.mark.parametrize("make, local", [
+    (lambda tmp: DataSink(base_directory=str(tmp)), True),
+    (lambda tmp: DataSink(), True),  # the node's own folder: the controller's
+    (lambda tmp: DataSink(base_directory="s3://bucket/out"), False),
+    (lambda tmp: S3DataSink(base_directory="s3://bucket/out"), False),
+    (lambda tmp: S3DataSink(base_directory="s3://bucket/out", local_copy=str(tmp)), True),
+])
+def test_sinks_writing_the_controllers_folders_run_there(tmp_path, make, local):
+    assert _writes_local_files(Node(make(tmp_path), "sink").interface) is local
+
+
+def test_dispatch_summary_median_and_p95():
+    timings = [{"submitted": 0.0, "node_started": float(i), "node_finished": i + 1.0,
+                "collected": i + 1.5} for i in range(1, 21)]
+    timings.append({"submitted": 0.0, "node_started": None, "node_finished": None,
+                    "collected": 3.0})  # a job that never ran its node: not counted
+    summary = dispatch_summary(timings)
+    assert summary["jobs"] == 21
+    assert summary["to_start"] == {"median": 10.5, "p95": 19.0}
+    assert summary["to_seen"] == {"median": 0.5, "p95": 0.5}
+    assert dispatch_summary([]) == {"jobs": 0, "to_start": None, "to_seen": None}
+
+
+def test_forked_worker_runs_with_its_own_streams_env_and_folder(tmp_path, monkeypatch):
+    """The child gets the job's log as stdout/stderr, the job's env and folder, and its
+    exit code comes back; the agent's own environment is left alone."""
+    monkeypatch.setattr(forked, "_preloaded", True)
+    monkeypatch.setattr(sys, "argv", sys.argv)  # restored whatever the child does
+    spec = tmp_path / "spec.json"
+    spec.write_text("{}")
+    log = tmp_path / "log.txt"
+
+    def fake_main(argv):
+        print("child says", os.environ["JOB_VAR"], os.getcwd(), argv[0], flush=True)
+        json.dump({"ok": True}, open(argv[1], "w"))
+        return 3
+
+    import nipype_s3.agent.worker as worker
+
+    monkeypatch.setattr(worker, "main", fake_main)
+    proc = forked.ForkedWorker.start(str(spec), str(tmp_path / "out.json"), str(log),
+                                     str(tmp_path), {"JOB_VAR": "v1"})
+    assert proc.wait() == 3
+    assert proc.poll() == 3
+    assert "JOB_VAR" not in os.environ
+    assert log.read_text().strip() == f"child says v1 {tmp_path} {spec}"
+    assert json.loads((tmp_path / "out.json").read_text()) == {"ok": True}
+
+
+def test_forked_worker_crash_is_an_exit_code_with_a_traceback_in_the_log(tmp_path,
+                                                                        monkeypatch):
+    import nipype_s3.agent.worker as worker
+
+    def boom(argv):
+        raise RuntimeError("worker blew up")
+
+    monkeypatch.setattr(worker, "main", boom)
+    log = tmp_path / "log.txt"
+    proc = forked.ForkedWorker.start("s", "o", str(log), str(tmp_path), {})
+    assert proc.wait() == 1
+    assert "RuntimeError: worker blew up" in log.read_text()
+
+
+def test_forked_worker_can_be_killed(tmp_path, monkeypatch):
+    import nipype_s3.agent.worker as worker
+
+    def hang(argv):
+        import time
+
+        time.sleep(60)
+
+    monkeypatch.setattr(worker, "main", hang)
+    proc = forked.ForkedWorker.start("s", "o", str(tmp_path / "log"), str(tmp_path), {})
+    assert proc.poll() is None
+    proc.kill()
+    assert proc.wait() == -9
+
+
+def test_no_fork_unless_preloaded_and_single_threaded(monkeypatch):
+    import threading
+
+    monkeypatch.setattr(forked, "_preloaded", False)
+    assert not forked.can_fork()
+    monkeypatch.setattr(forked, "_preloaded", True)
+    assert forked.can_fork() is (threading.active_count() == 1)
+    stop = threading.Event()
+    extra = threading.Thread(target=stop.wait)
+    extra.start()
+    try:
+        assert not forked.can_fork()
+    finally:
+        stop.set()
+        extra.join()
