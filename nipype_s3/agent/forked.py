@@ -48,12 +48,25 @@ def preload() -> bool:
                        module, exc)
         return False
     _preloaded = True
+    if _os_threads() > 1:
+        logger.info("this agent runs %d threads (a numeric library's pool: start it with "
+                    "OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1): each job starts a fresh "
+                    "interpreter", _os_threads())
     return True
 
 
 def can_fork() -> bool:
     """A fork is safe now: preloaded, POSIX, and this is the process's only thread."""
-    return _preloaded and hasattr(os, "fork") and threading.active_count() == 1
+    return _preloaded and hasattr(os, "fork") and threading.active_count() == 1 \
+        and _os_threads() <= 1
+
+
+def _os_threads() -> int:
+    """Threads of this process as the OS sees them (native libraries' included)."""
+    try:
+        return len(os.listdir(f"/proc/{os.getpid()}/task"))
+    except OSError:  # not Linux: Python's own count is what there is
+        return threading.active_count()
 
 
 class ForkedWorker:

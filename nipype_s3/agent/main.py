@@ -37,6 +37,8 @@ __all__ = ["Agent", "main"]
 logger = logging.getLogger("nipype_s3.agent")
 
 _LOG_TAIL = 40
+#: While jobs run and there is room for more, the queue is asked this often (seconds).
+_BUSY_RECEIVE_EVERY = 2.0
 
 
 @dataclass
@@ -165,8 +167,10 @@ class Agent:
         mem_gb = float(spec.get("mem_gb") or 0)
         cpus, mem = self._free()
         if self.running and (n_procs > cpus or mem_gb > mem):
-            self.sqs.change_message_visibility(QueueUrl=self.cfg.jobs_queue_url,
-                                               ReceiptHandle=receipt, VisibilityTimeout=0)
+            # does not fit beside the jobs running here: put it back as a fresh message,
+            # so this receive is not counted as an attempt (max_attempts counts starts)
+            self.sqs.send_message(QueueUrl=self.cfg.jobs_queue_url, MessageBody=msg["Body"])
+            self._delete(receipt)
             return
         self._start(spec, receipt, attempt, n_procs, mem_gb)
 
@@ -189,9 +193,11 @@ class Agent:
         outcome_path = os.path.join(jobdir, "outcome.json")
         env = {"NIPYPE_S3_AGENT_CONFIG": self.cfg.to_json(), "NIPYPE_NO_ET": "1"}
         env.update((name, str(n_procs)) for name in _THREAD_VARS)
+        how = "a fork of the agent"
         if n_procs == 1 and can_fork():
             proc = ForkedWorker.start(spec_path, outcome_path, log_path, jobdir, env)
         else:
+            how = "a new interpreter"
             with open(log_path, "ab") as log:
                 proc = subprocess.Popen(
                     [sys.executable, "-m", "nipype_s3.agent.worker", spec_path, outcome_path],
@@ -200,7 +206,8 @@ class Agent:
         now = time.time()
         self.running[job_id] = _Running(job_id, receipt, attempt, proc, log_path,
                                         outcome_path, n_procs, mem_gb, now, now)
-        logger.info("job %s (%s) started, attempt %d", job_id, spec.get("node"), attempt)
+        logger.info("job %s (%s) started in %s, attempt %d", job_id, spec.get("node"), how,
+                    attempt)
 
     # -- the loop -----------------------------------------------------------------------
     def _heartbeat(self) -> None:
@@ -215,13 +222,17 @@ class Agent:
                 except botocore.exceptions.ClientError as exc:
                     logger.warning("heartbeat for job %s failed: %s", run.job_id, exc)
 
-    def _reap(self) -> None:
+    def _reap(self) -> bool:
+        """Finish the jobs whose worker ended; True when any did."""
+        reaped = False
         for job_id, run in list(self.running.items()):
             code = run.proc.poll()
             if code is None:
                 continue
             del self.running[job_id]
             self._finish(run, code)
+            reaped = True
+        return reaped
 
     def _finish(self, run: _Running, code: int) -> None:
         log_key = self.layout.log_key(run.job_id, run.attempt)
@@ -298,6 +309,7 @@ class Agent:
         start = time.monotonic()
         last_work = time.monotonic()
         last_lease = 0.0
+        last_receive = 0.0
         logger.info("agent on %s serving run %s (%d vCPU, %.1f GiB)", self.instance_id,
                     cfg.run_id, self.vcpus, self.mem_gb)
         self._send_event("", "agent-up")  # the controller counts instances that booted
@@ -314,7 +326,7 @@ class Agent:
                     if self._lease_stale():
                         self.stop_reason = "the controller's lease is stale"
                         break
-                self._reap()
+                freed = self._reap()
                 self._heartbeat()
                 if self.running:
                     last_work = now
@@ -325,6 +337,12 @@ class Agent:
                 if cpus <= 0 and self.running:
                     time.sleep(0.2)
                     continue
+                if self.running and not freed and now - last_receive < _BUSY_RECEIVE_EVERY:
+                    # busy with room to spare: finished jobs are reaped every 0.2 s, but
+                    # the queue is asked again only every few seconds or when a job ends
+                    time.sleep(0.2)
+                    continue
+                last_receive = now
                 wait = 0 if self.running else int(min(cfg.poll_wait, max(
                     0, cfg.idle_timeout - (now - last_work)), cfg.lease_check))
                 resp = self.sqs.receive_message(
@@ -336,6 +354,7 @@ class Agent:
                     self._take(msg)
                 if messages:
                     last_work = time.monotonic()
+                    last_receive = 0.0  # there may be more: ask again at once
                 elif self.running:
                     time.sleep(0.2)
         finally:

@@ -32,7 +32,8 @@ if [ ! -x "$VENV/bin/python" ]; then
   {install_self}
 fi
 {setup}
-"$VENV/bin/python" -m nipype_s3.agent
+# one numeric thread in the agent itself: its one-CPU jobs are forks of it
+OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 MKL_NUM_THREADS=1 "$VENV/bin/python" -m nipype_s3.agent
 """
 
 

@@ -156,8 +156,8 @@ def _native_first(client, bucket, settings, items, request_payer, progress):
             _set_mtime(item)
 
         try:
-            failed = engine.download([(item.key, tmp) for item, tmp in zip(items, temps)],
-                                     request_payer=request_payer, on_bytes=progress.update,
+            jobs = [(item.key, tmp) for item, tmp in zip(items, temps, strict=True)]
+            failed = engine.download(jobs, request_payer=request_payer, on_bytes=progress.update,
                                      on_done=put_in_place, stall_seconds=cfg.read_timeout())
         except BaseException:
             for tmp in temps:  # interrupted: what is not in place yet is not left behind

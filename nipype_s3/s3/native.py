@@ -40,7 +40,7 @@ _PUT_HEADERS = {
     "ContentType": "Content-Type",
 }
 
-_engines: "weakref.WeakKeyDictionary[object, dict]" = weakref.WeakKeyDictionary()
+_engines: weakref.WeakKeyDictionary[object, dict] = weakref.WeakKeyDictionary()
 _engines_lock = threading.Lock()
 
 
@@ -124,8 +124,14 @@ class NativeEngine:
     """
 
     def __init__(self, client, bucket: str, *, max_concurrency: int, part_size: int) -> None:
-        from awscrt.auth import (AwsCredentials, AwsCredentialsProvider, AwsSignedBodyHeaderType,
-                                 AwsSignedBodyValue, AwsSigningAlgorithm, AwsSigningConfig)
+        from awscrt.auth import (
+            AwsCredentials,
+            AwsCredentialsProvider,
+            AwsSignedBodyHeaderType,
+            AwsSignedBodyValue,
+            AwsSigningAlgorithm,
+            AwsSigningConfig,
+        )
         from awscrt.io import ClientBootstrap, DefaultHostResolver, EventLoopGroup
         from awscrt.s3 import S3Client, S3RequestTlsMode
         from botocore import UNSIGNED

@@ -18,11 +18,11 @@ import botocore.exceptions
 from .. import config as cfg
 from ..config import METADATA_MD5_KEY
 from ..exceptions import ConfigurationError, InputFileNotFound, TransferFailed
-from .errors import s3_errors, translate
 from .digests import cached_digest
+from .errors import s3_errors, translate
 from .hashing import etag_matches, file_md5
-from .native import native_engine
 from .listing import ObjectInfo, common_prefix, list_objects
+from .native import native_engine
 from .session import endpoint_of
 from .transfer import Progress, Timer, TransferSettings, TransferSummary, run_transfers
 

@@ -355,6 +355,9 @@ class LocalCloud:
         env.update(AWS_ACCESS_KEY_ID=FAKE_ACCESS_KEY, AWS_SECRET_ACCESS_KEY=FAKE_SECRET_KEY,
                    AWS_DEFAULT_REGION=self.region, AWS_ENDPOINT_URL=agent_url,
                    AWS_SDK_UA_APP_ID=AGENT_APP_ID,
+                   # as the EC2 bootstrap does: one numeric thread in the agent itself,
+                   # whose one-CPU jobs are forks of it
+                   OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", MKL_NUM_THREADS="1",
                    AWS_EC2_METADATA_DISABLED="true", NIPYPE_NO_ET="1",
                    NIPYPE_S3_INSTANCE_ID=iid, NIPYPE_S3_WORKER_ROOT=config["worker_root"])
         argv = [sys.executable, "-m", "nipype_s3.agent", "--config", config_path]

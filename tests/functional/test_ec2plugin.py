@@ -156,6 +156,8 @@ def test_same_outputs_as_linear_and_rerun_submits_nothing(cloud, tmp_path, nifti
     again.run(plugin=_plugin())
     assert _count_jobs(cloud) == sent  # an immediate re-run submits zero jobs
     assert cloud.live_instances() == []
+    logs = "".join(i.log() for i in cloud.instance_list())
+    assert "started in a fork of the agent" in logs  # one-CPU jobs: no interpreter start
 
 
 def test_remote_crash_is_an_ordinary_crash_with_the_remote_traceback(cloud, tmp_path):
@@ -363,7 +365,7 @@ def test_job_longer_than_visibility_timeout_runs_once(cloud, tmp_path):
     (job,) = plugin._by_job_id.values()
     assert job.report["attempt"] == 1
     logs = "".join(i.log() for i in cloud.instance_list())
-    assert logs.count("started, attempt") == 1
+    assert logs.count(", attempt ") == 1
 
 
 def test_job_exceeding_its_attempts_is_a_clear_infrastructure_failure(cloud, tmp_path):
@@ -400,4 +402,29 @@ def test_broken_bootstrap_stops_the_run_instead_of_relaunching(cloud, tmp_path):
     assert "ended before their agent started" in str(err.value)
     assert "the bootstrap fails" in str(err.value)
     assert len(cloud.instance_list()) == 2  # it stopped launching after two broken boots
+    assert cloud.live_instances() == []
+
+
+def _threads_env(x):
+    import os
+
+    return f"{x}:{os.environ.get('OMP_NUM_THREADS')}:{os.environ.get('OPENBLAS_NUM_THREADS')}"
+
+
+def test_one_cpu_jobs_fork_and_multi_cpu_jobs_get_their_threads(cloud, tmp_path):
+    wf = Workflow("threads", base_dir=str(tmp_path))
+    wf.config["execution"]["poll_sleep_duration"] = 0.3
+    one = _fn("one", _threads_env, ["x"], ["y"])
+    one.inputs.x = 1
+    two = _fn("two", _threads_env, ["x"], ["y"])
+    two.inputs.x = 2
+    two.n_procs = 2
+    wf.add_nodes([one, two])
+    plugin = _plugin(max_instances=1)
+    result = wf.run(plugin=plugin)
+    outputs = sorted(n.result.outputs.y for n in result.nodes())
+    assert outputs == ["1:1:1", "2:2:2"]
+    logs = "".join(i.log() for i in cloud.instance_list())
+    assert "(threads.one) started in a fork of the agent" in logs
+    assert "(threads.two) started in a new interpreter" in logs
     assert cloud.live_instances() == []

@@ -178,4 +178,5 @@ def test_in_process_moto_keeps_requests_in_botocore(tmp_path):
     with mock_aws():
         client = boto3.client("s3", region_name="us-east-1")
         client.create_bucket(Bucket="moto-bucket")
-        assert native.native_engine(client, "moto-bucket", max_concurrency=4, part_size=8 << 20) is None
+        assert native.native_engine(client, "moto-bucket", max_concurrency=4,
+                                    part_size=8 << 20) is None
