@@ -221,7 +221,7 @@ class LocalCloud:
                 candidates = [i for i in self.instances.values() if i.alive and (
                     instance_id is None or i.instance_id == instance_id)]
             if busy and instance_id is None:
-                candidates = [i for i in candidates if _has_children(i.proc.pid)]
+                candidates = [i for i in candidates if _running_jobs(i)]
             if candidates:
                 inst = candidates[0]
                 inst.killed = True
@@ -253,7 +253,7 @@ class LocalCloud:
         """Instance ids whose agent is running at least one job right now."""
         with self._lock:
             alive = [i for i in self.instances.values() if i.alive]
-        return [i.instance_id for i in alive if _has_children(i.proc.pid)]
+        return [i.instance_id for i in alive if _running_jobs(i)]
 
     def instance_list(self) -> list[LocalInstance]:
         """A snapshot of every instance seen so far."""
@@ -385,9 +385,8 @@ class LocalCloud:
         inst.ended = inst.ended or time.time()
 
 
-def _has_children(pid: int) -> bool:
-    try:
-        out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True)
-        return bool(out.stdout.strip())
-    except OSError:  # pragma: no cover
-        return False
+def _running_jobs(inst: LocalInstance) -> int:
+    """Jobs the agent has started and not finished, from its log (a child process alone
+    is not proof: imports may run one)."""
+    text = inst.log()
+    return max(0, text.count(") started in ") - text.count(" finished: "))
