@@ -95,7 +95,10 @@ def one_repeat(cloud, nodes: int, agents: int, work: str) -> dict:
     start = time.perf_counter()
     wf.run(plugin="MultiProc", plugin_args={"n_procs": agents})
     mp_wall = time.perf_counter() - start
+    parts = {f"{name}_median": (dispatch.get(name) or {}).get("median")
+             for name in ("queued", "starting", "running", "storing", "collecting")}
     return {
+        **parts,
         "ec2_wall": ec2_wall, "multiproc_wall": mp_wall,
         "to_start_median": (dispatch.get("to_start") or {}).get("median"),
         "to_start_p95": (dispatch.get("to_start") or {}).get("p95"),
@@ -146,6 +149,12 @@ def markdown(summary: dict) -> list[str]:
         f"{f(s['to_start_median'])} / {f(s['to_start_p95'])} |",
         f"| node ends → controller has the result, median / p95 (s) | "
         f"{f(s['to_seen_median'])} / {f(s['to_seen_p95'])} |",
+        f"| … of which waiting for a free slot, median (s) | {f(s['queued_median'])} |",
+        f"| … starting: fork, spec, pickle, inputs, median (s) | {f(s['starting_median'])} |",
+        f"| the node itself, median (s) | {f(s['running_median'])} |",
+        f"| storing its outputs and reporting, median (s) | {f(s['storing_median'])} |",
+        f"| the controller noticing and fetching, median (s) | "
+        f"{f(s['collecting_median'])} |",
         f"| wall time, EC2Plugin (s) | {f(s['ec2_wall'], '{:.1f}')} |",
         f"| wall time, MultiProc with n_procs={s['agents']} (s) | "
         f"{f(s['multiproc_wall'], '{:.1f}')} |",

@@ -780,11 +780,12 @@ def _zip_package(pkg_dir: str) -> bytes:
 
 
 def dispatch_summary(timings: list[dict]) -> dict:
-    """Median and 95th percentile of the two waits around each remote node, in seconds.
+    """Median and 95th percentile of the waits around each remote node, in seconds.
 
     ``to_start``: submitted by the controller → the node starts on an instance (queue,
     agent, worker start-up, input staging). ``to_seen``: the node ends → the controller
-    has its result in place (output upload, report, event, collection).
+    has its result in place (output upload, report, event, collection). ``queued``,
+    ``starting``, ``running``, ``storing`` and ``collecting`` split the whole way.
     """
     def stats(values):
         values = sorted(v for v in values if v is not None)
@@ -797,8 +798,16 @@ def dispatch_summary(timings: list[dict]) -> dict:
         return [t[end] - t[start] for t in timings
                 if t.get(start) is not None and t.get(end) is not None]
 
-    to_start, to_seen = waits("submitted", "node_started"), waits("node_finished", "collected")
-    return {"jobs": len(timings), "to_start": stats(to_start), "to_seen": stats(to_seen)}
+    return {"jobs": len(timings),
+            "to_start": stats(waits("submitted", "node_started")),
+            "to_seen": stats(waits("node_finished", "collected")),
+            # the parts: waiting for a free slot, starting (worker, inputs, unpickling),
+            # the node itself, storing its outputs, the controller noticing and fetching
+            "queued": stats(waits("submitted", "received")),
+            "starting": stats(waits("received", "node_started")),
+            "running": stats(waits("node_started", "node_finished")),
+            "storing": stats(waits("node_finished", "reported")),
+            "collecting": stats(waits("reported", "collected"))}
 
 
 def _requirements(extra: list, with_self: bool) -> list[str]:
