@@ -149,11 +149,12 @@ def markdown(summary: dict) -> list[str]:
         f"{f(s['to_start_median'])} / {f(s['to_start_p95'])} |",
         f"| node ends → controller has the result, median / p95 (s) | "
         f"{f(s['to_seen_median'])} / {f(s['to_seen_p95'])} |",
-        f"| … of which waiting for a free slot, median (s) | {f(s['queued_median'])} |",
-        f"| … starting: fork, spec, pickle, inputs, median (s) | {f(s['starting_median'])} |",
+        f"| … of that, waiting for a free slot, median (s) | {f(s['queued_median'])} |",
+        f"| … of that, starting: fork, spec, pickle, inputs, median (s) | "
+        f"{f(s['starting_median'])} |",
         f"| the node itself, median (s) | {f(s['running_median'])} |",
-        f"| storing its outputs and reporting, median (s) | {f(s['storing_median'])} |",
-        f"| the controller noticing and fetching, median (s) | "
+        f"| end → result: storing outputs and reporting, median (s) | {f(s['storing_median'])} |",
+        f"| end → result: the controller noticing and fetching, median (s) | "
         f"{f(s['collecting_median'])} |",
         f"| wall time, EC2Plugin (s) | {f(s['ec2_wall'], '{:.1f}')} |",
         f"| wall time, MultiProc with n_procs={s['agents']} (s) | "

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import datetime as _dt
 import logging
 import threading
 
 import boto3
 import botocore.exceptions
+import botocore.utils
 from botocore import UNSIGNED
 from botocore.config import Config
 
@@ -51,6 +53,32 @@ def _drop_expect_header(request, **kwargs) -> None:
     # a connection closes right after the interim status line. The header is not
     # signed, so dropping it is safe; the body is simply sent at once.
     request.headers.pop("Expect", None)
+
+
+def fast_timestamp(value):
+    """Parse an S3 timestamp: ISO 8601 directly, anything else as botocore does.
+
+    A LIST answer has one timestamp per key, and botocore's general parser (dateutil)
+    spends most of the time of parsing it (measured: 0.13 s of 0.18 s for 500 keys).
+    The datetime is aware, in UTC; the same instant botocore gives (in local time).
+    """
+    if isinstance(value, str) and len(value) >= 20 and value[10:11] == "T":
+        text = value[:-1] + "+00:00" if value.endswith("Z") else value
+        try:
+            parsed = _dt.datetime.fromisoformat(text)
+        except ValueError:
+            parsed = None
+        if parsed is not None and parsed.tzinfo is not None:
+            return parsed
+    return botocore.utils.parse_timestamp(value)
+
+
+def _use_fast_timestamps(session: boto3.Session) -> None:
+    try:
+        factory = session._session.get_component("response_parser_factory")
+        factory.set_parser_defaults(timestamp_parser=fast_timestamp)
+    except Exception as exc:  # noqa: BLE001 - a speed-up only
+        logger.debug("kept botocore's timestamp parser: %s", exc)
 
 
 def endpoint_of(client) -> str | None:
@@ -117,6 +145,7 @@ def make_s3_client(session: boto3.Session, *, bucket: str | None = None,
             region = bucket_region(bucket, session, anon=anon)
         else:
             region = session.region_name or "us-east-1"
+    _use_fast_timestamps(session)
     client = session.client(
         "s3", endpoint_url=endpoint_url, region_name=region,
         config=client_config(max_concurrency=max_concurrency, anon=anon, region=region))

@@ -23,3 +23,8 @@ def test_quick_benchmark_writes_its_table(tmp_path):
              and ("S3DataSink" in line or "S3DataGrabber" in line)]
     assert len(rerun) == 2
     assert all("0 PUT, 0 GET of data" in line for line in rerun)
+    # the plugin case ran: EC2Plugin on LocalCloud beside MultiProc, every figure filled
+    assert "## EC2Plugin on LocalCloud: 8 trivial nodes" in table
+    plugin_rows = [line for line in table.split("## EC2Plugin", 1)[1].splitlines()
+                   if line.startswith("| ") and not line.startswith("| figure")]
+    assert len(plugin_rows) == 13 and not any("–" in line for line in plugin_rows)

@@ -104,3 +104,34 @@ def test_client_registers_expect_handler(ours):
     client.put_object(Bucket="bkt", Key="k", Body=b"x" * (2 * 1024 * 1024))
     assert ("Expect" in sent) is not ours
     assert sent.get("Content-Length") == str(2 * 1024 * 1024)
+
+
+@pytest.mark.parametrize("text", [
+    "2026-11-22T06:41:48.123Z", "2026-11-22T06:41:48Z", "2026-11-22T06:41:48.123456+00:00",
+    "2026-11-22T08:41:48+02:00", "Sun, 22 Nov 2026 06:41:48 GMT", "1700000000", "2026-11-22"])
+def test_fast_timestamps_are_botocores_instants(text):
+    import botocore.utils
+
+    from nipype_s3.s3.session import fast_timestamp
+
+    assert fast_timestamp(text) == botocore.utils.parse_timestamp(text)
+
+
+def test_listing_uses_the_fast_parser_and_keeps_times(tmp_path):
+    import datetime as dt
+
+    import boto3
+    from moto import mock_aws
+
+    from nipype_s3.s3.listing import list_objects
+    from nipype_s3.s3.session import make_s3_client
+
+    with mock_aws():
+        client = make_s3_client(boto3.Session(), region="us-east-1")
+        client.create_bucket(Bucket="times-bucket")
+        client.put_object(Bucket="times-bucket", Key="a/b", Body=b"x")
+        (info,) = list_objects(client, "times-bucket", "a/").values()
+        head = client.head_object(Bucket="times-bucket", Key="a/b")
+    assert info.last_modified.tzinfo is not None
+    assert abs(info.last_modified - dt.datetime.now(dt.timezone.utc)).total_seconds() < 600
+    assert info.last_modified == head["LastModified"]
