@@ -52,6 +52,13 @@ def _round_trip(url, bucket, root, dest, **settings):
     return up, down
 
 
+def _put_all(server, bucket, root):
+    """The files under ``n/`` in the bucket (with the server's own client, not ours)."""
+    client = server.client()
+    for p in root.iterdir():
+        client.upload_file(str(p), bucket, f"n/{p.name}")
+
+
 def _sums(folder):
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in folder.iterdir()}
 
@@ -100,9 +107,7 @@ def test_what_the_engine_cannot_finish_botocore_does(seaweedfs, weed_bucket, fil
 def test_a_stalled_native_transfer_is_cancelled_and_redone(seaweedfs, weed_bucket, files,
                                                            tmp_path, monkeypatch):
     root, sums = files
-    client = seaweedfs.client()
-    for p in root.iterdir():
-        client.upload_file(str(p), weed_bucket, f"n/{p.name}")
+    _put_all(seaweedfs, weed_bucket, root)
     monkeypatch.setenv("NIPYPE_S3_READ_TIMEOUT", "1")
     stalled = []
 
@@ -125,9 +130,7 @@ def test_a_stalled_native_transfer_is_cancelled_and_redone(seaweedfs, weed_bucke
 def test_interrupted_native_download_leaves_no_partial_file(seaweedfs, weed_bucket, files,
                                                             tmp_path, monkeypatch):
     root, sums = files
-    client = seaweedfs.client()
-    for p in root.iterdir():
-        client.upload_file(str(p), weed_bucket, f"n/{p.name}")
+    _put_all(seaweedfs, weed_bucket, root)
     real_replace = os.replace
     calls = []
 
