@@ -1,7 +1,8 @@
 """A content-addressed store in S3: files kept once per SHA-256, under ``cas/sha256/``.
 
 The controller stages a node's input files here (a file already there — from an
-earlier node, run or agent — is not sent again); agents fetch them to their own root
+earlier node, run or agent — is not sent again; below 256 KiB it is simply put, which
+costs what asking would); agents fetch them to their own root
 and store a node's outputs the same way. A manifest entry says where a file belongs,
 its digest, size and modification time, so the fetched copy is the same file to
 nipype (its default hash is size and mtime).
@@ -41,6 +42,12 @@ def sha256_file(path: str) -> str:
         for block in iter(lambda: fobj.read(_BLOCK), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+#: Files smaller than this are stored without asking first whether the store has them:
+#: a PUT of a small object costs what the HEAD would, and storing the same bytes under
+#: the same content key again changes nothing.
+BLIND_PUT_BELOW = 256 * 1024
 
 
 @dataclass(frozen=True)
@@ -137,14 +144,25 @@ class ContentStore:
                 files.append(path)
         files = list(dict.fromkeys(files))
         workers = min(8, max(1, self.settings.max_concurrency))
+        stats = [os.stat(path) for path in files]
+
+        def stored(pair) -> bool:
+            digest, st = pair
+            with self._lock:
+                if digest in self._known:
+                    return True
+            if st.st_size < BLIND_PUT_BELOW:
+                return False  # one PUT costs what the HEAD to avoid it would
+            return self.exists(digest)
+
         with ThreadPoolExecutor(max_workers=workers) as pool:
             digests = list(pool.map(self.digest, files))
-            missing = [d for d, there in zip(digests, pool.map(self.exists, digests),
-                                             strict=True) if not there]
+            missing = [d for d, there in zip(
+                digests, pool.map(stored, zip(digests, stats, strict=True)), strict=True)
+                if not there]
         entries = []
         uploads = {}
-        for path, digest in zip(files, digests, strict=True):
-            st = os.stat(path)
+        for path, digest, st in zip(files, digests, stats, strict=True):
             entries.append(ManifestEntry(path, digest, st.st_size, st.st_mtime))
             if digest in missing and digest not in uploads:
                 uploads[digest] = UploadItem(path, self.key(digest))

@@ -1,0 +1,45 @@
+"""The content store: what it asks S3 before storing, and what it stores."""
+
+import os
+
+import boto3
+import pytest
+from moto import mock_aws
+
+from nipype_s3.s3.cas import BLIND_PUT_BELOW, ContentStore, sha256_file
+
+
+@pytest.fixture
+def counted_client():
+    with mock_aws():
+        client = boto3.client("s3", region_name="us-east-1")
+        client.create_bucket(Bucket="cas-bucket")
+        calls = []
+        client.meta.events.register(
+            "before-send.s3", lambda request, **kw: calls.append(request.method))
+        yield client, calls
+
+
+def test_small_files_are_put_without_asking_large_ones_are_asked_first(counted_client,
+                                                                       tmp_path):
+    client, calls = counted_client
+    small = tmp_path / "small.txt"
+    small.write_bytes(b"result pickle, report, hash json...")
+    large = tmp_path / "large.bin"
+    large.write_bytes(os.urandom(BLIND_PUT_BELOW + 10))
+
+    first = ContentStore(client, "cas-bucket", "p")
+    entries = first.put([str(small), str(large)])
+    assert [e.sha256 for e in entries] == [sha256_file(small), sha256_file(large)]
+    assert sorted(calls) == ["HEAD", "PUT", "PUT"]  # one HEAD: for the large file only
+
+    calls.clear()
+    first.put([str(small), str(large)])
+    assert calls == []  # this store knows both now
+
+    calls.clear()
+    other = ContentStore(client, "cas-bucket", "p")  # another process, say
+    other.put([str(small), str(large)])
+    assert sorted(calls) == ["HEAD", "PUT"]  # the small one again, blind; the large one found
+    body = client.get_object(Bucket="cas-bucket", Key=other.key(sha256_file(small)))["Body"]
+    assert body.read() == small.read_bytes()
