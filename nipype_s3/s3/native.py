@@ -102,6 +102,9 @@ class _Unsupported(Exception):
     pass
 
 
+_NETWORK_VARS = ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "AWS_CA_BUNDLE",
+                 "REQUESTS_CA_BUNDLE")
+
 _HOOKED_EVENTS = ("before-parameter-build", "before-call", "request-created", "before-sign",
                   "before-send", "needs-retry", "after-call")
 
@@ -151,6 +154,11 @@ class NativeEngine:
 
         if client.meta.config.signature_version is UNSIGNED:
             raise _Unsupported("unsigned (anonymous) requests")
+        # the CRT would not use botocore's proxies or certificate bundle: keep those
+        # setups entirely on botocore rather than fail every object once first
+        if client.meta.config.proxies or any(
+                os.environ.get(name) for name in _NETWORK_VARS):
+            raise _Unsupported("a proxy or a custom certificate bundle is configured")
 
         credentials = client._get_credentials()
         if credentials is None:

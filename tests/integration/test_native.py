@@ -170,6 +170,11 @@ def test_engine_switch_and_hooked_clients_use_botocore(seaweedfs, weed_bucket, f
     anon = make_s3_client(boto3.Session(), endpoint_url=seaweedfs.url, region="us-east-1",
                           anon=True)
     assert native.native_engine(anon, weed_bucket, max_concurrency=4, part_size=8 << 20) is None
+    # a proxy or a CA bundle of botocore's the CRT would not use: botocore throughout
+    monkeypatch.setenv("AWS_CA_BUNDLE", "/etc/ssl/corporate.pem")
+    assert native.native_engine(_client(seaweedfs.url), weed_bucket, max_concurrency=4,
+                                part_size=8 << 20) is None
+    monkeypatch.delenv("AWS_CA_BUNDLE")
     monkeypatch.setenv("NIPYPE_S3_ENGINE", "fastest")
     with pytest.raises(ConfigurationError, match="NIPYPE_S3_ENGINE='fastest'"):
         native.native_engine(client, weed_bucket, max_concurrency=4, part_size=8 << 20)
