@@ -102,9 +102,6 @@ class _Unsupported(Exception):
     pass
 
 
-_NETWORK_VARS = ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "AWS_CA_BUNDLE",
-                 "REQUESTS_CA_BUNDLE")
-
 _HOOKED_EVENTS = ("before-parameter-build", "before-call", "request-created", "before-sign",
                   "before-send", "needs-retry", "after-call")
 
@@ -132,6 +129,38 @@ def _foreign_handlers(client) -> list[str]:
     return foreign
 
 
+def _proxied(client, url) -> bool:
+    """Whether botocore would send requests for ``url`` through a proxy."""
+    import urllib.request
+
+    if client.meta.config.proxies:
+        return True
+    proxies = urllib.request.getproxies_environment()
+    if not proxies.get(url.scheme) and not proxies.get("all"):
+        return False
+    return not urllib.request.proxy_bypass_environment(url.hostname or "", proxies)
+
+
+def _tls_options(client, url):
+    """TLS for the CRT as botocore has it: the same CA bundle, or no verification."""
+    if url.scheme != "https":
+        return None
+    from awscrt.io import ClientTlsContext, TlsContextOptions
+
+    verify = getattr(getattr(getattr(client, "_endpoint", None), "http_session", None),
+                     "_verify", True)
+    options = TlsContextOptions()
+    if verify is False:
+        options.verify_peer = False
+    else:
+        bundle = verify if isinstance(verify, str) else os.environ.get("AWS_CA_BUNDLE")
+        if bundle:
+            options.override_default_trust_store_from_path(ca_filepath=bundle)
+    connection = ClientTlsContext(options).new_connection_options()
+    connection.set_server_name(url.hostname)
+    return connection
+
+
 class NativeEngine:
     """Concurrent whole-object GETs and single PUTs of files through awscrt's S3 client.
 
@@ -154,11 +183,6 @@ class NativeEngine:
 
         if client.meta.config.signature_version is UNSIGNED:
             raise _Unsupported("unsigned (anonymous) requests")
-        # the CRT would not use botocore's proxies or certificate bundle: keep those
-        # setups entirely on botocore rather than fail every object once first
-        if client.meta.config.proxies or any(
-                os.environ.get(name) for name in _NETWORK_VARS):
-            raise _Unsupported("a proxy or a custom certificate bundle is configured")
 
         credentials = client._get_credentials()
         if credentials is None:
@@ -174,6 +198,10 @@ class NativeEngine:
             "get_object", Params={"Bucket": bucket, "Key": "k"}, ExpiresIn=60))
         if not url.path.endswith("/k"):
             raise _Unsupported(f"unexpected request URL {url.path!r}")
+        if _proxied(client, url):
+            # the CRT would not go through botocore's proxy: keep such setups on botocore
+            # rather than fail every object once first
+            raise _Unsupported(f"requests to {url.hostname} go through a proxy")
         self.host = url.netloc
         self.base_path = url.path[:-1]
         self.bucket = bucket
@@ -187,7 +215,7 @@ class NativeEngine:
         loops = EventLoopGroup(max(1, min(4, os.cpu_count() or 1)))
         self._client = S3Client(
             bootstrap=ClientBootstrap(loops, DefaultHostResolver(loops)), region=region,
-            signing_config=signing,
+            signing_config=signing, tls_connection_options=_tls_options(client, url),
             tls_mode=S3RequestTlsMode.ENABLED if url.scheme == "https" else
             S3RequestTlsMode.DISABLED,
             # ranged GETs of large objects in 8 MiB parts (measured: 16 MiB parts were no

@@ -170,11 +170,16 @@ def test_engine_switch_and_hooked_clients_use_botocore(seaweedfs, weed_bucket, f
     anon = make_s3_client(boto3.Session(), endpoint_url=seaweedfs.url, region="us-east-1",
                           anon=True)
     assert native.native_engine(anon, weed_bucket, max_concurrency=4, part_size=8 << 20) is None
-    # a proxy or a CA bundle of botocore's the CRT would not use: botocore throughout
-    monkeypatch.setenv("AWS_CA_BUNDLE", "/etc/ssl/corporate.pem")
+    # a proxy the CRT would not go through: botocore throughout (unless bypassed)
+    monkeypatch.setenv("HTTP_PROXY", "http://proxy.example:3128")
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    monkeypatch.delenv("no_proxy", raising=False)
     assert native.native_engine(_client(seaweedfs.url), weed_bucket, max_concurrency=4,
                                 part_size=8 << 20) is None
-    monkeypatch.delenv("AWS_CA_BUNDLE")
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+    assert native.native_engine(_client(seaweedfs.url), weed_bucket, max_concurrency=4,
+                                part_size=8 << 20) is not None
+    monkeypatch.delenv("HTTP_PROXY")
     monkeypatch.setenv("NIPYPE_S3_ENGINE", "fastest")
     with pytest.raises(ConfigurationError, match="NIPYPE_S3_ENGINE='fastest'"):
         native.native_engine(client, weed_bucket, max_concurrency=4, part_size=8 << 20)
@@ -188,3 +193,23 @@ def test_in_process_moto_keeps_requests_in_botocore(tmp_path):
         client.create_bucket(Bucket="moto-bucket")
         assert native.native_engine(client, "moto-bucket", max_concurrency=4,
                                     part_size=8 << 20) is None
+
+
+def test_https_endpoints_get_botocores_certificate_settings(monkeypatch):
+    """No request is made: the engine for an AWS bucket is set up as botocore would talk."""
+    from urllib.parse import urlsplit
+
+    from awscrt.io import TlsConnectionOptions
+
+    monkeypatch.setenv("AWS_CA_BUNDLE", "/etc/ssl/certs/ca-certificates.crt")
+    client = make_s3_client(boto3.Session(), endpoint_url="https://s3.us-east-1.amazonaws.com",
+                            region="us-east-1")
+    url = urlsplit("https://s3.us-east-1.amazonaws.com/b/k")
+    if os.path.exists("/etc/ssl/certs/ca-certificates.crt"):
+        assert isinstance(native._tls_options(client, url), TlsConnectionOptions)
+    assert native._tls_options(client, urlsplit("http://127.0.0.1:9000/b/k")) is None
+    unverified = boto3.Session().client("s3", region_name="us-east-1", verify=False)
+    assert isinstance(native._tls_options(unverified, url), TlsConnectionOptions)
+    engine = native.native_engine(client, "nipype-s3-some-bucket", max_concurrency=4,
+                                  part_size=8 << 20)
+    assert engine is not None and engine.host.endswith("amazonaws.com")
