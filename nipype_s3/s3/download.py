@@ -12,6 +12,7 @@ import datetime as _dt
 import functools
 import logging
 import os
+import re
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -179,6 +180,39 @@ def _native_first(client, bucket, settings, items, request_payer, progress):
     return outcomes, small, large
 
 
+_TEMP_NAME = re.compile(r".\.nipype-s3-(\d+)-[0-9a-z]+\.part$")
+
+
+def _sweep_dead_temps(folder: str) -> None:
+    """Remove our temporary files in ``folder`` left by processes that no longer run.
+
+    A download killed with SIGKILL cannot clean up after itself; its
+    ``<dest>.nipype-s3-<pid>-<n>.part`` stays beside the destination (never at it).
+    The next download into the same folder removes those whose process is gone.
+    """
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return
+    for name in names:
+        match = _TEMP_NAME.search(name)
+        if match is None or int(match.group(1)) == os.getpid() \
+                or _alive(int(match.group(1))):
+            continue
+        _remove(os.path.join(folder, name))
+        logger.debug("removed %s, left by a download that was killed", name)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process: alive
+        return True
+    return True
+
+
 def _size(path: str) -> int:
     try:
         return os.path.getsize(path)
@@ -228,8 +262,10 @@ def download_files(client, bucket: str, items, *, settings: TransferSettings | N
                     todo.append(item)
         failures = []
         if todo:
-            for item in todo:
-                os.makedirs(os.path.dirname(os.path.abspath(item.dest)) or ".", exist_ok=True)
+            folders = {os.path.dirname(os.path.abspath(item.dest)) or "." for item in todo}
+            for folder in folders:
+                os.makedirs(folder, exist_ok=True)
+                _sweep_dead_temps(folder)
             total = sum(i.size or 0 for i in todo)
             progress = Progress(total, "download", settings.progress)
 

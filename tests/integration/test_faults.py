@@ -181,6 +181,8 @@ def test_sigkill_mid_grab_then_rerun_fetches_only_the_rest(seaweedfs, weed_bucke
         result = grab.run(cwd=str(tmp_path))
         object_gets = proxy.count("GET") - proxy.count("GET", query_has="list-type")
         assert object_gets == N_FILES - len(complete)
+        # the killed run's temporary files are gone too (swept: their process is dead)
+        assert not [p.name for p in dest.iterdir() if ".nipype-s3-" in p.name]
     got = {os.path.basename(p): hashlib.sha256(open(p, "rb").read()).hexdigest()
            for p in result.outputs.outfiles}
     assert got == sums

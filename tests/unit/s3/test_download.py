@@ -64,3 +64,27 @@ def test_common_prefix():
     assert common_prefix(["x", "y"]) == ""
     assert common_prefix([]) == ""
     assert common_prefix(["only/one/key.nii"]) == "only/one/"
+
+
+def test_temporary_files_of_killed_downloads_are_swept(s3_inprocess, tmp_path):
+    """A SIGKILLed download leaves ``<dest>.nipype-s3-<pid>-<n>.part``; the next download
+    into that folder removes it, but never a live process's."""
+    import subprocess
+    import sys
+
+    client, bucket = s3_inprocess, "sweep-bucket"
+    client.create_bucket(Bucket=bucket)
+    client.put_object(Bucket=bucket, Key="k/a.bin", Body=b"abc")
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)
+    dead_pid = int(dead.stdout)
+    leftover = tmp_path / f"other.bin.nipype-s3-{dead_pid}-140234.part"
+    leftover.write_bytes(b"half of something")
+    running = tmp_path / f"b.bin.nipype-s3-{os.getppid()}-n.part"  # a live process's
+    running.write_bytes(b"in progress")
+    unrelated = tmp_path / "notes.part"
+    unrelated.write_text("not ours")
+    download_files(client, bucket, [DownloadItem("k/a.bin", str(tmp_path / "a.bin"), 3)])
+    assert (tmp_path / "a.bin").read_bytes() == b"abc"
+    assert not leftover.exists()
+    assert running.exists() and unrelated.exists()
