@@ -83,7 +83,12 @@ class ForkedWorker:
         null_fd = os.open(os.devnull, os.O_RDONLY)
         for stream in (sys.stdout, sys.stderr):
             stream.flush()
-        pid = os.fork()
+        try:
+            pid = os.fork()
+        except OSError:  # no memory or process slot: the caller starts an interpreter
+            os.close(log_fd)
+            os.close(null_fd)
+            raise
         if pid == 0:  # the child: never returns
             code = 1
             try:

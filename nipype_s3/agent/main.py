@@ -193,10 +193,13 @@ class Agent:
         outcome_path = os.path.join(jobdir, "outcome.json")
         env = {"NIPYPE_S3_AGENT_CONFIG": self.cfg.to_json(), "NIPYPE_NO_ET": "1"}
         env.update((name, str(n_procs)) for name in _THREAD_VARS)
-        how = "a fork of the agent"
+        how, proc = "a fork of the agent", None
         if n_procs == 1 and can_fork():
-            proc = ForkedWorker.start(spec_path, outcome_path, log_path, jobdir, env)
-        else:
+            try:
+                proc = ForkedWorker.start(spec_path, outcome_path, log_path, jobdir, env)
+            except OSError as exc:
+                logger.warning("could not fork a worker (%s): starting an interpreter", exc)
+        if proc is None:
             how = "a new interpreter"
             with open(log_path, "ab") as log:
                 proc = subprocess.Popen(

@@ -108,3 +108,14 @@ def test_no_fork_unless_preloaded_and_single_threaded(monkeypatch):
     finally:
         stop.set()
         extra.join()
+
+
+def test_a_failed_fork_closes_what_it_opened(tmp_path, monkeypatch):
+    def no_fork():
+        raise OSError(12, "Cannot allocate memory")
+
+    monkeypatch.setattr(os, "fork", no_fork)
+    before = len(os.listdir("/proc/self/fd"))
+    with pytest.raises(OSError, match="allocate"):
+        forked.ForkedWorker.start("s", "o", str(tmp_path / "log"), str(tmp_path), {})
+    assert len(os.listdir("/proc/self/fd")) == before
