@@ -13,6 +13,7 @@ import functools
 import logging
 import os
 import re
+import stat
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -109,19 +110,25 @@ def _remove(path: str) -> None:
         pass
 
 
-def _unchanged(item: DownloadItem, settings: TransferSettings) -> bool:
+def _quick_check(item: DownloadItem) -> bool | None:
+    """From ``stat`` alone: ``False`` to download, ``True`` unchanged, ``None`` to hash."""
     if item.size is None:
         return False
     try:
         st = os.stat(item.dest)
     except OSError:
         return False
-    if st.st_size != item.size or not os.path.isfile(item.dest):
+    if st.st_size != item.size or not stat.S_ISREG(st.st_mode):
         return False
-    if item.mtime is not None and int(st.st_mtime) == int(item.mtime):
-        return True  # size and time as we left them: no need to read the file
-    if item.etag is None or not etag_matches(item.dest, item.etag,
-                                             part_size=settings.multipart_chunksize):
+    if item.mtime is not None and abs(st.st_mtime - item.mtime) < 0.001:
+        # size and time as we left them (to the millisecond S3 gives): no need to read
+        # the file. A same-size rewrite in the same second still has another time.
+        return True
+    return None if item.etag is not None else False
+
+
+def _same_content(item: DownloadItem, settings: TransferSettings) -> bool:
+    if not etag_matches(item.dest, item.etag, part_size=settings.multipart_chunksize):
         return False
     _set_mtime(item)
     return True
@@ -251,8 +258,16 @@ def download_files(client, bucket: str, items, *, settings: TransferSettings | N
     with Timer() as timer:
         todo = items
         if skip_unchanged and items:
-            with ThreadPoolExecutor(max_workers=min(8, max(1, settings.max_concurrency))) as ex:
-                same = list(ex.map(lambda it: _unchanged(it, settings), items))
+            # stat in this thread (a few microseconds each); hash in threads only what
+            # has the right size but another time
+            same = [_quick_check(item) for item in items]
+            unsure = [i for i, verdict in enumerate(same) if verdict is None]
+            if unsure:
+                with ThreadPoolExecutor(
+                        max_workers=min(8, len(unsure), max(1, settings.max_concurrency))) as ex:
+                    for i, verdict in zip(unsure, ex.map(
+                            lambda i: _same_content(items[i], settings), unsure), strict=True):
+                        same[i] = verdict
             todo = []
             for item, unchanged in zip(items, same, strict=True):
                 if unchanged:

@@ -42,6 +42,28 @@ def test_round_trip_and_skip(s3_inprocess, tmp_path):
     assert (tmp_path / "data/sub-01/x.bin").read_bytes() == blobs["data/sub-01/x.bin"]
 
 
+def test_same_size_files_are_hashed_unless_their_time_matches(s3_inprocess, tmp_path):
+    s3_inprocess.create_bucket(Bucket="bkt")
+    blobs = {f"k{i}.bin": os.urandom(300) for i in range(3)}
+    for key, data in blobs.items():
+        s3_inprocess.put_object(Bucket="bkt", Key=key, Body=data)
+    items = [DownloadItem(k, str(tmp_path / k), i.size, i.etag, i.last_modified)
+             for k, i in list_objects(s3_inprocess, "bkt").items()]
+    assert download_files(s3_inprocess, "bkt", items).files == 3
+    # k0: same bytes, another time (a copy): read, found equal, given the object's time
+    os.utime(tmp_path / "k0.bin", (1_000_000, 1_000_000))
+    # k1: same size, other bytes, written within the object's second: downloaded again
+    (tmp_path / "k1.bin").write_bytes(os.urandom(300))
+    stamp = items[1].mtime + 0.4
+    os.utime(tmp_path / "k1.bin", (stamp, stamp))
+    again = download_files(s3_inprocess, "bkt", items)
+    assert (again.files, again.skipped) == (1, 2)
+    assert again.done == [str(tmp_path / "k1.bin")]
+    for key, data in blobs.items():
+        assert (tmp_path / key).read_bytes() == data
+    assert int((tmp_path / "k0.bin").stat().st_mtime) == int(items[0].mtime)
+
+
 def test_missing_key_leaves_no_file(s3_inprocess, tmp_path):
     s3_inprocess.create_bucket(Bucket="bkt")
     dest = tmp_path / "out" / "gone.nii"

@@ -135,3 +135,35 @@ def test_listing_uses_the_fast_parser_and_keeps_times(tmp_path):
     assert info.last_modified.tzinfo is not None
     assert abs(info.last_modified - dt.datetime.now(dt.timezone.utc)).total_seconds() < 600
     assert info.last_modified == head["LastModified"]
+
+
+@pytest.mark.parametrize("was_enabled", [True, False])
+def test_paused_gc_restores_the_collector(was_enabled):
+    import gc
+
+    from nipype_s3.s3.session import paused_gc
+
+    (gc.enable if was_enabled else gc.disable)()
+    try:
+        with paused_gc():
+            assert not gc.isenabled()
+        assert gc.isenabled() is was_enabled
+        with pytest.raises(KeyError), paused_gc():
+            raise KeyError("x")
+        assert gc.isenabled() is was_enabled
+    finally:
+        gc.enable()
+
+
+def test_sessions_share_one_model_loader_per_data_path(monkeypatch, tmp_path):
+    def loader_of(session):
+        make_s3_client(session, endpoint_url="http://127.0.0.1:9")
+        return session._session.get_component("data_loader")
+
+    monkeypatch.setattr(s3session, "_loaders", {})
+    first, second = loader_of(boto3.Session()), loader_of(boto3.Session())
+    assert first is second
+    # a session that looks for models elsewhere keeps a loader of its own
+    monkeypatch.setenv("AWS_DATA_PATH", str(tmp_path))
+    other = loader_of(boto3.Session())
+    assert other is not first and str(tmp_path) in other.search_paths
