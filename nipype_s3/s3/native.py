@@ -28,6 +28,7 @@ from collections import deque
 from urllib.parse import quote, urlsplit
 
 from .. import config as cfg
+from .session import signs_payloads
 
 __all__ = ["NativeEngine", "native_engine", "engine_choice"]
 
@@ -208,10 +209,14 @@ class NativeEngine:
         self.bucket = bucket
         self.pid = os.getpid()
         region = client.meta.region_name or "us-east-1"
+        self.signs_bodies = signs_payloads(url.geturl())
         signing = AwsSigningConfig(
             algorithm=AwsSigningAlgorithm.V4, region=region, service="s3",
             credentials_provider=AwsCredentialsProvider.new_delegate(current),
-            signed_body_value=AwsSignedBodyValue.UNSIGNED_PAYLOAD,
+            # bodies are hashed into the signature only where nothing else protects them:
+            # over TLS the hash costs CPU and adds nothing (see session.signs_payloads)
+            signed_body_value=None if self.signs_bodies else
+            AwsSignedBodyValue.UNSIGNED_PAYLOAD,
             signed_body_header_type=AwsSignedBodyHeaderType.X_AMZ_CONTENT_SHA_256)
         loops = EventLoopGroup(max(1, min(4, os.cpu_count() or 1)))
         self._client = S3Client(
@@ -268,8 +273,10 @@ class NativeEngine:
         """PUT each ``(key, source_path)`` of ``jobs`` as one request.
 
         ``extra`` is the ``ExtraArgs`` botocore would get, plus ``Metadata`` per job when
-        the job is ``(key, path, metadata)``. Raises ``ValueError`` for arguments the
-        engine cannot send (use botocore then).
+        the job is ``(key, path, metadata)``, and a ``Content-MD5`` (base64) when it is
+        ``(key, path, metadata, content_md5)``: the server refuses a body that does not
+        match it. Raises ``ValueError`` for arguments the engine cannot send (use
+        botocore then).
         """
         from awscrt.s3 import S3RequestType
 
@@ -278,9 +285,11 @@ class NativeEngine:
             raise ValueError(f"arguments not sent natively: {sorted(unknown)}")
         base = [(_PUT_HEADERS[k], str(v)) for k, v in extra.items()]
 
-        def start(key, path, metadata=None, *, progress):
+        def start(key, path, metadata=None, content_md5=None, *, progress):
             headers = base + [("Content-Length", str(os.path.getsize(path)))]
             headers += [(f"x-amz-meta-{k}", v) for k, v in (metadata or {}).items()]
+            if content_md5:
+                headers.append(("Content-MD5", content_md5))
             return self._client.make_request(
                 type=S3RequestType.PUT_OBJECT, request=self._request("PUT", key, headers),
                 send_filepath=path, on_progress=progress)

@@ -17,7 +17,7 @@ from botocore.config import Config
 from .. import config as cfg
 from .errors import s3_errors
 
-__all__ = ["make_s3_client", "bucket_region", "client_config", "endpoint_of"]
+__all__ = ["make_s3_client", "bucket_region", "client_config", "endpoint_of", "signs_payloads"]
 
 logger = logging.getLogger(__name__)
 
@@ -25,13 +25,28 @@ _region_cache: dict[tuple[str | None, str], str] = {}
 _region_lock = threading.Lock()
 
 
+def signs_payloads(endpoint_url: str | None) -> bool:
+    """Whether request bodies sent to ``endpoint_url`` are hashed into their signature.
+
+    Only over plain HTTP, where the SHA-256 in the signature is the one thing that lets
+    the server notice a body changed on the way. Over HTTPS (AWS itself, or an ``https``
+    endpoint) TLS already guarantees that, and the hash costs a second read of every
+    byte plus about 1.5 s of CPU per GiB. botocore would hash every S3 body we send,
+    HTTPS included, because we leave out the CRC checksums many S3-compatible stores
+    reject; requests are signed with ``UNSIGNED-PAYLOAD`` instead, as the AWS SDKs do
+    for S3 over HTTPS.
+    """
+    return not (endpoint_url or "https://").lower().startswith("https://")
+
+
 def client_config(*, max_concurrency: int = cfg.DEFAULT_MAX_CONCURRENCY, anon: bool = False,
-                  region: str | None = None) -> Config:
+                  region: str | None = None, sign_payloads: bool = True) -> Config:
     """botocore ``Config`` for our clients.
 
     Adaptive retries with backoff, bounded connect and read timeouts (a stalled
     connection ends in a retry, never a hang) and a connection pool large enough for
-    ``max_concurrency`` transfers at once.
+    ``max_concurrency`` transfers at once. ``sign_payloads=False`` leaves S3 request
+    bodies out of the signature (see :func:`signs_payloads`).
     """
     kwargs = dict(
         retries={"mode": "adaptive", "max_attempts": cfg.max_attempts()},
@@ -47,6 +62,8 @@ def client_config(*, max_concurrency: int = cfg.DEFAULT_MAX_CONCURRENCY, anon: b
     )
     if anon:
         kwargs["signature_version"] = UNSIGNED
+    if not sign_payloads:
+        kwargs["s3"] = {"payload_signing_enabled": False}
     return Config(**kwargs)
 
 
@@ -192,9 +209,17 @@ def make_s3_client(session: boto3.Session, *, bucket: str | None = None,
             region = session.region_name or "us-east-1"
     _use_fast_timestamps(session)
     _share_loader(session)
+    sign = signs_payloads(endpoint_url)
     with paused_gc():
         client = session.client(
             "s3", endpoint_url=endpoint_url, region_name=region,
-            config=client_config(max_concurrency=max_concurrency, anon=anon, region=region))
+            config=client_config(max_concurrency=max_concurrency, anon=anon, region=region,
+                                 sign_payloads=sign))
+        if not sign and signs_payloads(client.meta.endpoint_url):
+            # plain HTTP after all (an endpoint from the shared config file): sign bodies
+            client = session.client(
+                "s3", endpoint_url=endpoint_url, region_name=region,
+                config=client_config(max_concurrency=max_concurrency, anon=anon,
+                                     region=region))
     client.meta.events.register("before-send.s3", _drop_expect_header)
     return client

@@ -8,6 +8,7 @@ no incomplete upload is left behind.
 
 from __future__ import annotations
 
+import base64
 import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -109,13 +110,29 @@ def _native_first(client, bucket, settings, small, args, kms, progress):
                            part_size=settings.multipart_chunksize) if small else None
     if engine is None:
         return [], small
-    jobs = []
-    for item, _ in small:
-        meta = {METADATA_MD5_KEY: _md5(item.source)} if kms else None
-        jobs.append((item.key, item.source, meta))
+
+    def job(pair):
+        item = pair[0]
+        try:
+            digest = _md5(item.source) if kms or engine.signs_bodies else None
+        except OSError:  # gone since it was checked: the PUT fails and botocore reports it
+            return item.key, item.source, None, None
+        meta = {METADATA_MD5_KEY: digest} if kms else None
+        # over plain HTTP the CRT cannot hash bodies into the signature as botocore does;
+        # a Content-MD5 has the server check each body instead (and the digest is kept,
+        # so the next run's skip-unchanged comparison reads nothing)
+        content_md5 = base64.b64encode(bytes.fromhex(digest)).decode() \
+            if engine.signs_bodies else None
+        return item.key, item.source, meta, content_md5
+
     try:
-        failed = engine.upload(jobs, extra=args, on_bytes=progress.update,
-                               stall_seconds=cfg.read_timeout())
+        # digests are computed ahead, in two threads, while the first requests go out
+        pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="nipype-s3-md5")
+        try:
+            failed = engine.upload(pool.map(job, small), extra=args,
+                                   on_bytes=progress.update, stall_seconds=cfg.read_timeout())
+        finally:
+            pool.shutdown(cancel_futures=True)
     except ValueError as exc:  # arguments the engine does not send
         logger.debug("botocore uploads: %s", exc)
         return [], small

@@ -1,6 +1,7 @@
 """The native (awscrt) transfer engine against a real S3 server: used, exact, and never
 the last word (whatever it does not finish, botocore does)."""
 
+import base64
 import hashlib
 import os
 
@@ -78,6 +79,14 @@ def test_small_puts_and_all_gets_go_native_byte_exact(seaweedfs, weed_bucket, fi
     assert up.files == down.files == N + 1
     assert _sums(dest) == sums
     assert len(puts) == N and all(_native(r) for r in puts)  # the small ones, one PUT each
+    # plain HTTP: the server can check every body: botocore hashes them into the
+    # signature, the native PUTs carry a Content-MD5
+    parts = [r for r in proxy.requests if r.method == "PUT" and "partNumber" in r.query]
+    assert len(parts) == 2
+    assert all(len(r.header("x-amz-content-sha256") or "") == 64 for r in parts)
+    for r in puts:
+        body = (root / r.key.rsplit("/", 1)[1]).read_bytes()
+        assert r.header("content-md5") == base64.b64encode(hashlib.md5(body).digest()).decode()
     assert gets and all(_native(r) for r in gets)
     assert sum(1 for r in gets if r.key.endswith("big.bin")) == 2  # two 8 MiB ranges
     assert not [p for p in dest.iterdir() if ".part" in p.name]
@@ -102,6 +111,24 @@ def test_what_the_engine_cannot_finish_botocore_does(seaweedfs, weed_bucket, fil
     assert up.files == down.files == N
     assert _sums(dest) == sums
     assert by_botocore == refused  # only those, once each way
+
+
+def test_the_server_refuses_a_native_body_that_does_not_match_its_md5(
+        seaweedfs, weed_bucket, files, tmp_path, monkeypatch):
+    """Over plain HTTP each native PUT carries a Content-MD5 the server checks: a body
+    that changed on the way is refused, and botocore sends it again (signed)."""
+    from nipype_s3.s3 import upload
+
+    root, sums = files
+    real = upload._md5
+    monkeypatch.setattr(upload, "_md5", lambda path: "0" * 32 if path.endswith("f07.bin")
+                        else real(path))  # as if f07's bytes had changed in transit
+    with RecordingProxy(seaweedfs.url) as proxy:
+        up, down = _round_trip(proxy.url, weed_bucket, root, tmp_path / "dest")
+        f07 = [(r.status, _native(r)) for r in proxy.requests
+               if r.method == "PUT" and r.key.endswith("f07.bin")]
+    assert f07 == [(400, True), (200, False)]
+    assert up.files == down.files == N and _sums(tmp_path / "dest") == sums
 
 
 def test_a_stalled_native_transfer_is_cancelled_and_redone(seaweedfs, weed_bucket, files,
@@ -213,3 +240,4 @@ def test_https_endpoints_get_botocores_certificate_settings(monkeypatch):
     engine = native.native_engine(client, "nipype-s3-some-bucket", max_concurrency=4,
                                   part_size=8 << 20)
     assert engine is not None and engine.host.endswith("amazonaws.com")
+    assert engine.signs_bodies is False  # TLS protects the bodies: UNSIGNED-PAYLOAD

@@ -167,3 +167,35 @@ def test_sessions_share_one_model_loader_per_data_path(monkeypatch, tmp_path):
     monkeypatch.setenv("AWS_DATA_PATH", str(tmp_path))
     other = loader_of(boto3.Session())
     assert other is not first and str(tmp_path) in other.search_paths
+
+
+@pytest.mark.parametrize("url, signed", [
+    (None, False), ("https://s3.eu-west-1.amazonaws.com", False), ("HTTPS://minio:9000", False),
+    ("http://127.0.0.1:8333", True), ("http://minio.lab:9000", True)])
+def test_bodies_are_hashed_into_signatures_only_without_tls(url, signed):
+    import hashlib
+
+    from botocore.awsrequest import AWSResponse
+
+    from nipype_s3.s3.session import signs_payloads
+
+    assert signs_payloads(url) is signed
+    client = make_s3_client(boto3.Session(aws_access_key_id="AKIDEXAMPLE",
+                                          aws_secret_access_key="not-a-secret"),
+                            endpoint_url=url, region="eu-west-1")
+    sent = {}
+
+    class Raw:
+        def stream(self):
+            yield b""
+
+    def capture(request, **kwargs):
+        sent.update(request.headers)
+        return AWSResponse(request.url, 200, {}, Raw())
+
+    client.meta.events.register_last("before-send.s3", capture)
+    body = b"nifti" * 1000
+    client.put_object(Bucket="bkt", Key="k", Body=body)
+    value = sent["x-amz-content-sha256"]
+    value = value.decode() if isinstance(value, bytes) else value
+    assert value == (hashlib.sha256(body).hexdigest() if signed else "UNSIGNED-PAYLOAD")
