@@ -8,8 +8,9 @@ read from SSM Parameter Store at start.
 from __future__ import annotations
 
 import json
+import logging
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 
 from ..ec2.jobs import RunLayout
 from ..exceptions import ConfigurationError
@@ -17,6 +18,8 @@ from ..exceptions import ConfigurationError
 __all__ = ["AgentConfig", "DEFAULT_WORKER_ROOT"]
 
 DEFAULT_WORKER_ROOT = "/var/lib/nipype-s3/work"
+
+logger = logging.getLogger("nipype_s3.agent")
 
 
 @dataclass
@@ -41,6 +44,9 @@ class AgentConfig:
     poll_wait: int = 20
     lease_check: float = 15.0
     max_attempts: int = 3
+    #: how long AWS may stay unreachable (every request failing) before an agent with no
+    #: job running gives up; running jobs are never killed for it
+    max_outage: float = 600.0
     worker_root: str = DEFAULT_WORKER_ROOT
     vcpus: int | None = None
     mem_gb: float | None = None
@@ -57,8 +63,14 @@ class AgentConfig:
     def from_json(cls, text: str) -> AgentConfig:
         try:
             data = json.loads(text)
-            return cls(**data)
-        except (ValueError, TypeError) as exc:
+            known = {f.name for f in fields(cls)}
+            unknown = sorted(set(data) - known)
+            if unknown:
+                # a newer controller: run with what this version knows
+                logger.warning("agent configuration: ignoring settings this nipype_s3 "
+                               "version does not know: %s", ", ".join(unknown))
+            return cls(**{k: v for k, v in data.items() if k in known})
+        except (ValueError, TypeError, AttributeError) as exc:
             raise ConfigurationError(f"Invalid agent configuration: {exc}") from None
 
     @classmethod

@@ -11,6 +11,11 @@ the events queue and deletes the message. A job whose message was received more 
 It stops — and on EC2 the bootstrap then shuts the instance down, which terminates it —
 after ``idle_timeout`` without work, when the controller's lease goes stale, or at
 ``max_lifetime``.
+
+AWS errors that may pass (no connection, a timeout, throttling, a 5xx answer: see
+:func:`transient`) do not stop it: the loop waits and tries again, running jobs go on,
+and a finished job's report is written once AWS answers again. Only an agent with
+nothing running gives up, after ``max_outage`` seconds without a successful request.
 """
 
 from __future__ import annotations
@@ -41,6 +46,32 @@ _LOG_TAIL = 40
 _BUSY_RECEIVE_EVERY = 2.0
 
 
+_THROTTLED = {"Throttling", "ThrottlingException", "SlowDown", "RequestTimeout",
+              "RequestLimitExceeded", "ServiceUnavailable", "InternalError",
+              "RequestThrottled", "TooManyRequestsException"}
+
+
+def transient(exc: BaseException) -> bool:
+    """Whether an AWS error may pass if the request is made again later.
+
+    Connection failures and timeouts (botocore's own errors), throttling and server-side
+    (5xx) errors are; a refusal (403), a missing object or queue (404) or a bad request
+    are not.
+    """
+    if isinstance(exc, botocore.exceptions.ClientError):
+        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0
+        code = exc.response.get("Error", {}).get("Code", "")
+        return status >= 500 or status == 429 or code in _THROTTLED
+    return isinstance(exc, (botocore.exceptions.ConnectionError,
+                            botocore.exceptions.HTTPClientError,
+                            botocore.exceptions.ReadTimeoutError,
+                            botocore.exceptions.ConnectTimeoutError,
+                            botocore.exceptions.NoCredentialsError))
+
+
+_AWS_ERRORS = (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError)
+
+
 @dataclass
 class _Running:
     job_id: str
@@ -53,6 +84,16 @@ class _Running:
     mem_gb: float
     started: float
     last_beat: float
+
+
+#: After a failed AWS request the agent waits this long, doubling up to ``_RETRY_MAX``.
+_RETRY_FIRST, _RETRY_MAX = 1.0, 30.0
+
+
+@dataclass
+class _Outage:
+    since: float
+    delay: float
 
 
 class Agent:
@@ -91,8 +132,10 @@ class Agent:
         try:
             body = self.s3.get_object(Bucket=self.cfg.bucket, Key=self.layout.lease_key)
             lease = json.loads(body["Body"].read())
-        except botocore.exceptions.ClientError:
-            return True
+        except botocore.exceptions.ClientError as exc:
+            if transient(exc):
+                raise  # unknown, not stale: the loop tries again
+            return True  # gone (the run was cleaned up) or no longer readable
         except ValueError:
             return True
         return time.time() > float(lease.get("expires", 0))
@@ -143,6 +186,8 @@ class Agent:
             if spec.get("job_id") != body["job_id"]:
                 raise MessageRejected("the spec names another job than its message")
         except (MessageRejected, botocore.exceptions.ClientError, ValueError) as exc:
+            if isinstance(exc, botocore.exceptions.ClientError) and transient(exc):
+                raise  # the message comes back after its visibility timeout
             logger.error("refused a job message: %s", exc)
             self._delete(receipt)
             return
@@ -169,7 +214,21 @@ class Agent:
         if self.running and (n_procs > cpus or mem_gb > mem):
             # does not fit beside the jobs running here: put it back as a fresh message,
             # so this receive is not counted as an attempt (max_attempts counts starts)
-            self.sqs.send_message(QueueUrl=self.cfg.jobs_queue_url, MessageBody=msg["Body"])
+            try:
+                self.sqs.send_message(QueueUrl=self.cfg.jobs_queue_url,
+                                      MessageBody=msg["Body"])
+            except _AWS_ERRORS as exc:
+                # keep the message: visible again at once (this receive then counts as an
+                # attempt), or after its visibility timeout if even that fails
+                logger.warning("could not put job %s back as a new message (%s); "
+                               "returning the message itself", job_id, exc)
+                try:
+                    self.sqs.change_message_visibility(
+                        QueueUrl=self.cfg.jobs_queue_url, ReceiptHandle=receipt,
+                        VisibilityTimeout=0)
+                except _AWS_ERRORS:
+                    pass
+                return
             self._delete(receipt)
             return
         self._start(spec, receipt, attempt, n_procs, mem_gb)
@@ -226,14 +285,18 @@ class Agent:
                     logger.warning("heartbeat for job %s failed: %s", run.job_id, exc)
 
     def _reap(self) -> bool:
-        """Finish the jobs whose worker ended; True when any did."""
+        """Finish the jobs whose worker ended; True when any did.
+
+        A job leaves ``running`` only once its report is written: if AWS does not answer,
+        the next round tries again (the log upload and the report are idempotent).
+        """
         reaped = False
         for job_id, run in list(self.running.items()):
             code = run.proc.poll()
             if code is None:
                 continue
-            del self.running[job_id]
             self._finish(run, code)
+            del self.running[job_id]
             reaped = True
         return reaped
 
@@ -261,6 +324,28 @@ class Agent:
         self._delete(run.receipt)
         self.jobs_done += 1
         logger.info("job %s finished: %s", run.job_id, report["status"])
+
+    def _outage(self, outage: _Outage | None, exc: BaseException) -> _Outage | None:
+        """Wait after a failed AWS request; ``None`` when the agent should stop.
+
+        An error that will not pass by itself (a refusal, a missing queue) is raised. A
+        passing one is waited out (1 s, doubling up to 30 s) for as long as jobs run, or up
+        to ``max_outage`` seconds when none do.
+        """
+        if not transient(exc):
+            raise exc
+        now = time.monotonic()
+        outage = outage or _Outage(since=now, delay=_RETRY_FIRST)
+        if not self.running and now - outage.since > self.cfg.max_outage:
+            self.stop_reason = (f"AWS did not answer for {now - outage.since:.0f} s "
+                                f"(max_outage): {exc}")
+            return None
+        logger.warning("an AWS request failed (%s); trying again in %.3g s%s", exc,
+                       outage.delay, f" ({len(self.running)} jobs keep running)"
+                       if self.running else "")
+        time.sleep(outage.delay)
+        outage.delay = min(_RETRY_MAX, outage.delay * 2)
+        return outage
 
     def _kill_all(self) -> None:
         for run in self.running.values():
@@ -318,19 +403,26 @@ class Agent:
         self._send_event("", "agent-up")  # the controller counts instances that booted
         if os.environ.get("NIPYPE_S3_AGENT_FORK", "1") != "0":
             preload()  # one-CPU jobs then start as forks of this process, imports done
+        outage: _Outage | None = None
         try:
             while not self._stop:
                 now = time.monotonic()
                 if now - start > cfg.max_lifetime:
                     self.stop_reason = "max lifetime reached"
                     break
-                if now - last_lease >= cfg.lease_check:
-                    last_lease = now
-                    if self._lease_stale():
-                        self.stop_reason = "the controller's lease is stale"
+                try:
+                    if now - last_lease >= cfg.lease_check:
+                        last_lease = now
+                        if self._lease_stale():
+                            self.stop_reason = "the controller's lease is stale"
+                            break
+                    freed = self._reap()
+                    self._heartbeat()
+                except _AWS_ERRORS as exc:
+                    outage = self._outage(outage, exc)
+                    if outage is None:
                         break
-                freed = self._reap()
-                self._heartbeat()
+                    continue
                 if self.running:
                     last_work = now
                 elif now - last_work > cfg.idle_timeout:
@@ -348,13 +440,23 @@ class Agent:
                 last_receive = now
                 wait = 0 if self.running else int(min(cfg.poll_wait, max(
                     0, cfg.idle_timeout - (now - last_work)), cfg.lease_check))
-                resp = self.sqs.receive_message(
-                    QueueUrl=cfg.jobs_queue_url, MaxNumberOfMessages=max(1, min(10, cpus)),
-                    WaitTimeSeconds=wait, VisibilityTimeout=int(cfg.visibility_timeout),
-                    MessageSystemAttributeNames=["ApproximateReceiveCount"])
-                messages = resp.get("Messages", [])
-                for msg in messages:
-                    self._take(msg)
+                try:
+                    resp = self.sqs.receive_message(
+                        QueueUrl=cfg.jobs_queue_url, MaxNumberOfMessages=max(1, min(10, cpus)),
+                        WaitTimeSeconds=wait, VisibilityTimeout=int(cfg.visibility_timeout),
+                        MessageSystemAttributeNames=["ApproximateReceiveCount"])
+                    messages = resp.get("Messages", [])
+                    for msg in messages:
+                        self._take(msg)
+                except _AWS_ERRORS as exc:
+                    outage = self._outage(outage, exc)
+                    if outage is None:
+                        break
+                    continue
+                if outage is not None:
+                    logger.info("AWS answers again after %.0f s", time.monotonic()
+                                - outage.since)
+                    outage = None
                 if messages:
                     last_work = time.monotonic()
                     last_receive = 0.0  # there may be more: ask again at once

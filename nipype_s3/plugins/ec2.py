@@ -132,6 +132,9 @@ class EC2Settings:
     max_boot_failures : int
         Instances that may end before their agent starts (a broken bootstrap) before
         the run stops with a clear error instead of launching again and again.
+    boot_timeout : float
+        Seconds from launch to the agent's first message. An instance still silent
+        after that (a bootstrap that hangs) is terminated and counts as a boot failure.
     """
 
     s3_prefix: str = ""
@@ -167,6 +170,7 @@ class EC2Settings:
     agent_vcpus: int | None = None
     agent_mem_gb: float | None = None
     max_boot_failures: int = 3
+    boot_timeout: float = 900.0
 
     _NIPYPE_KEYS = {"max_jobs", "status_callback", "template", "qsub_args"}
 
@@ -601,13 +605,16 @@ class EC2Plugin(SGELikeBatchManagerBase):
         A bootstrap that cannot work (no route to PyPI, a broken AMI, a profile without
         SSM or SQS access) would otherwise cost a launch after launch, forever.
         """
+        self._end_hung_boots()
         dead = [iid for f in self._fleets.values() for iid in f.pool.ended
                 if iid not in self._booted]
         if len(dead) < self.settings.max_boot_failures:
             return False
         self._fatal = InstanceLaunchError(
             f"{len(dead)} instances of run {self.run_id} ended before their agent started "
-            f"({', '.join(dead[:5])}): the bootstrap fails. Check an instance's console "
+            f"({', '.join(dead[:5])}; an instance silent for boot_timeout="
+            f"{self.settings.boot_timeout:.0f} s is ended): the bootstrap fails or hangs. "
+            "Check an instance's console "
             "output (aws ec2 get-console-output --instance-id ID), that its subnet reaches "
             "PyPI (or use an AMI with nipype_s3 installed), and that the instance profile "
             "allows S3, SQS and SSM.")
@@ -615,6 +622,31 @@ class EC2Plugin(SGELikeBatchManagerBase):
         for job in self._outstanding():
             self._fail_unrunnable(job)
         return True
+
+    def _end_hung_boots(self) -> None:
+        """Terminate instances whose agent has not said a word ``boot_timeout`` after
+        launch: billed, and no use. They then count as boot failures."""
+        now = time.time()
+        for fleet in self._fleets.values():
+            pool = fleet.pool
+            hung = [iid for iid, info in pool.launched.items()
+                    if iid not in self._booted and "ended" not in info
+                    and "terminated" not in info
+                    and now - info.get("launched", now) > self.settings.boot_timeout]
+            if not hung:
+                continue
+            logger.warning(
+                "EC2Plugin: no agent started on %s within boot_timeout=%.0f s of launch; "
+                "terminating (see the console output: aws ec2 get-console-output "
+                "--instance-id %s)", ", ".join(hung), self.settings.boot_timeout, hung[0])
+            try:
+                pool.ec2.terminate_instances(InstanceIds=hung)
+            except botocore.exceptions.ClientError as exc:
+                logger.error("EC2Plugin: could not terminate %s: %s", ", ".join(hung), exc)
+                continue
+            for iid in hung:
+                pool.launched[iid]["terminated"] = now
+                pool.ended.append(iid)
 
     def _fail_unrunnable(self, job: _Job) -> None:
         """Give a job that can never run a crash result naming the launch failure."""

@@ -115,6 +115,7 @@ class LocalCloud:
         self.peak_alive = 0
         self._launch_faults: list[str] = []
         self._boot_faults = 0
+        self._boot_hangs = 0
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -196,6 +197,12 @@ class LocalCloud:
         """Make the next ``times`` instances' bootstrap fail (the agent never starts)."""
         with self._lock:
             self._boot_faults += times
+
+    def hang_boots(self, times: int = 1) -> None:
+        """Make the next ``times`` instances' bootstrap hang (the instance runs, its agent
+        never starts), as one stuck on an unreachable package index does."""
+        with self._lock:
+            self._boot_hangs += times
 
     def _respond(self, request):
         if request.action != "RunInstances":
@@ -366,6 +373,10 @@ class LocalCloud:
                 self._boot_faults -= 1
                 argv = [sys.executable, "-c", "import sys; print('bootstrap failed: pip could "
                         "not reach the package index'); sys.exit(1)"]
+            elif self._boot_hangs and not via_ssm:
+                self._boot_hangs -= 1
+                argv = [sys.executable, "-c", "import time; print('bootstrap: waiting for the "
+                        "package index', flush=True); time.sleep(3600)"]
         with open(log_path, "ab") as log:
             proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT,
                                     stdin=subprocess.DEVNULL, cwd=root, env=env,

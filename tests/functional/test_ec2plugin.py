@@ -405,6 +405,25 @@ def test_broken_bootstrap_stops_the_run_instead_of_relaunching(cloud, tmp_path):
     assert cloud.live_instances() == []
 
 
+def test_a_hanging_bootstrap_is_ended_and_counted(cloud, tmp_path):
+    cloud.hang_boots(10)
+    wf = Workflow("hangboot", base_dir=str(tmp_path))
+    wf.config["execution"]["poll_sleep_duration"] = 0.3
+    node = _fn("a", _double, ["x"], ["y"])
+    node.inputs.x = 1
+    wf.add_nodes([node])
+    plugin = _plugin(max_boot_failures=2, max_instances=1, boot_timeout=2)
+    with pytest.raises(Exception) as err:
+        wf.run(plugin=plugin)
+    assert "ended before their agent started" in str(err.value)
+    assert "boot_timeout=2 s" in str(err.value) and "hangs" in str(err.value)
+    hung = cloud.instance_list()
+    assert len(hung) == 2  # each ended after boot_timeout; no third launch
+    assert all("waiting for the package index" in inst.log() for inst in hung)
+    assert cloud.live_instances() == []
+    assert cloud.wait_idle(10)  # and their processes were stopped
+
+
 def _threads_env(x):
     import os
 

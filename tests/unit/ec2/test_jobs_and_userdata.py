@@ -83,6 +83,21 @@ def test_user_data_is_valid_bash_small_and_carries_the_config(tmp_path):
     assert "trap 'shutdown -h now' EXIT" in script
 
 
+def test_an_older_agent_runs_a_newer_controllers_config(caplog):
+    """Settings this version does not know are dropped, with a warning naming them;
+    a config that is not one is still refused."""
+    import json
+
+    data = json.loads(_config().to_json())
+    data["some_future_setting"] = 5
+    assert AgentConfig.from_json(json.dumps(data)) == _config()
+    assert "ignoring settings this nipype_s3 version does not know: some_future_setting" \
+        in caplog.text
+    for bad in ("[1, 2]", "{not json", json.dumps({"bucket": "b"})):
+        with pytest.raises(ConfigurationError, match="Invalid agent configuration"):
+            AgentConfig.from_json(bad)
+
+
 def test_user_data_limit_is_enforced():
     with pytest.raises(ConfigurationError, match="AWS allows 16384"):
         render_user_data(run_id="r", config_json="{}", region="us-east-1", worker_root="/w",
