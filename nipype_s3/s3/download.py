@@ -187,14 +187,15 @@ def _native_first(client, bucket, settings, items, request_payer, progress):
     return outcomes, small, large
 
 
-_TEMP_NAME = re.compile(r".\.nipype-s3-(\d+)-[0-9a-z]+\.part$")
+_TEMP_NAME = re.compile(r".\.nipype-s3-(\d+)-[0-9a-z]+\.part(\.[0-9a-fA-F]{8})?$")
 
 
 def _sweep_dead_temps(folder: str) -> None:
     """Remove our temporary files in ``folder`` left by processes that no longer run.
 
     A download killed with SIGKILL cannot clean up after itself; its
-    ``<dest>.nipype-s3-<pid>-<n>.part`` stays beside the destination (never at it).
+    ``<dest>.nipype-s3-<pid>-<n>.part`` (or s3transfer's ``….part.<8 hex digits>``)
+    stays beside the destination (never at it).
     The next download into the same folder removes those whose process is gone.
     """
     try:
@@ -288,11 +289,18 @@ def download_files(client, bucket: str, items, *, settings: TransferSettings | N
                 _get_to_temp(client, bucket, item, extra)
                 progress.update(item.size or 0)
 
+            # s3transfer writes to "<its target>.<8 hex digits>" and renames that to its
+            # target when done: its target is a temporary name of ours, put in place
+            # below, so a killed run leaves names the next run can sweep
+            large_temps: dict[str, str] = {}
+
             def submit_large(manager, item):
                 subs = [progress]
                 if item.size is not None:
                     subs.insert(0, _ProvideSize(item.size, item.etag))
-                return manager.download(bucket, item.key, item.dest, extra_args=extra,
+                tmp = large_temps[item.dest] = \
+                    f"{item.dest}.nipype-s3-{os.getpid()}-l{len(large_temps)}.part"
+                return manager.download(bucket, item.key, tmp, extra_args=extra,
                                         subscribers=subs)
 
             try:
@@ -300,9 +308,21 @@ def download_files(client, bucket: str, items, *, settings: TransferSettings | N
                                                        request_payer, progress)
                 outcomes += run_transfers(client, settings, small, get_small, large,
                                           submit_large)
+            except BaseException:
+                for tmp in large_temps.values():
+                    _remove(tmp)
+                raise
             finally:
                 progress.close()
             for item, exc in outcomes:
+                tmp = large_temps.get(item.dest)
+                if tmp is not None:
+                    if exc is None:
+                        try:
+                            os.replace(tmp, item.dest)
+                        except OSError as err:
+                            exc = err
+                    _remove(tmp)
                 if exc is None:
                     _set_mtime(item)
                     summary.files += 1

@@ -102,11 +102,40 @@ def test_temporary_files_of_killed_downloads_are_swept(s3_inprocess, tmp_path):
     dead_pid = int(dead.stdout)
     leftover = tmp_path / f"other.bin.nipype-s3-{dead_pid}-140234.part"
     leftover.write_bytes(b"half of something")
+    by_s3transfer = tmp_path / f"big.nii.nipype-s3-{dead_pid}-l0.part.0aF39bC1"
+    by_s3transfer.write_bytes(b"a part of a large object")
     running = tmp_path / f"b.bin.nipype-s3-{os.getppid()}-n.part"  # a live process's
     running.write_bytes(b"in progress")
     unrelated = tmp_path / "notes.part"
     unrelated.write_text("not ours")
     download_files(client, bucket, [DownloadItem("k/a.bin", str(tmp_path / "a.bin"), 3)])
     assert (tmp_path / "a.bin").read_bytes() == b"abc"
-    assert not leftover.exists()
+    assert not leftover.exists() and not by_s3transfer.exists()
     assert running.exists() and unrelated.exists()
+
+
+def test_large_objects_through_s3transfer_land_in_place_and_leave_nothing(s3_inprocess,
+                                                                         tmp_path):
+    """In-process moto keeps transfers on botocore: objects from the multipart threshold
+    go through s3transfer, into a temporary name of ours first."""
+    from nipype_s3.s3.transfer import TransferSettings
+
+    s3_inprocess.create_bucket(Bucket="big-bucket")
+    blobs = {f"big{i}.bin": os.urandom(3 * 1024 * 1024 + i) for i in range(2)}
+    for key, data in blobs.items():
+        s3_inprocess.put_object(Bucket="big-bucket", Key=key, Body=data)
+    items = [DownloadItem(k, str(tmp_path / k), i.size, i.etag, i.last_modified)
+             for k, i in list_objects(s3_inprocess, "big-bucket").items()]
+    settings = TransferSettings(multipart_threshold=1024 * 1024, multipart_chunksize=1024 * 1024)
+    summary = download_files(s3_inprocess, "big-bucket", items, settings=settings)
+    assert summary.files == 2
+    assert sorted(os.listdir(tmp_path)) == sorted(blobs)  # no temporary name left
+    for key, data in blobs.items():
+        assert (tmp_path / key).read_bytes() == data
+    # a destination that cannot be written: an error for that object, nothing left beside
+    (tmp_path / "big0.bin").unlink()
+    (tmp_path / "big0.bin").mkdir()
+    (tmp_path / "big0.bin" / "x").write_text("a folder in the way")
+    with pytest.raises(TransferFailed, match="1 of 2 objects failed"):
+        download_files(s3_inprocess, "big-bucket", items, settings=settings)
+    assert sorted(os.listdir(tmp_path)) == sorted(blobs)
