@@ -1,11 +1,13 @@
 """Transfer benchmarks: nipype_s3 against the tools users would pick instead, in one run.
 
-    python benchmarks/run.py            # the full cases (a few minutes)
+    python benchmarks/run.py            # the full cases, 5 repeats (about 15 minutes)
     python benchmarks/run.py --quick    # small cases, 3 repeats (CI: catches regressions)
 
 Starts a SeaweedFS server on 127.0.0.1 (a real S3 server; moto is too CPU-hungry to time
 against), makes the data, and times each contender in its own process, each figure the
-median of the repeats:
+median of the repeats. The contenders of a case take turns (each repeat starts with
+another one), and dirty pages are flushed (``sync``) before every timed run, so one
+tool's writes are not written back to disk during the next tool's run:
 
 * upload:   S3DataSink (Node.run), nipype's DataSink (via AWS_ENDPOINT_URL), s5cmd,
             ``aws s3 cp --recursive``, and ``cp -r`` as the local-disk reference;
@@ -106,6 +108,7 @@ def run_timed(argv: list[str], env: dict) -> tuple[float, float, str]:
 
     out = tempfile.TemporaryFile()
     err = tempfile.TemporaryFile()
+    os.sync()  # the runs before wrote hundreds of MiB: not during this one's time
     start = time.perf_counter()
     proc = subprocess.Popen(argv, stdout=out, stderr=err, env=env)
     peak = [0]
@@ -323,8 +326,9 @@ def write_report(bench: Bench, path_md: str, args, plugin_rows: dict | None = No
         "",
         f"{_dt.date.today().isoformat()} on {platform.machine()}, {os.cpu_count()} cores; "
         f"{versions}; s5cmd {s5}. Median of {bench.repeats} runs, each tool in its own "
-        "process against one SeaweedFS server on 127.0.0.1; our times are Node.run() only "
-        "(Python start-up and imports excluded), the CLIs' include their start-up.",
+        "process against one SeaweedFS server on 127.0.0.1, the tools taking turns, dirty "
+        "pages flushed before each run; our times are Node.run() only (Python start-up and "
+        "imports excluded), the CLIs' include their start-up.",
         "",
         "| case | direction | tool | seconds | MiB/s | files/s | peak RSS MiB | vs s5cmd |"
         " notes |",
@@ -378,7 +382,8 @@ def write_report(bench: Bench, path_md: str, args, plugin_rows: dict | None = No
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="small cases (under 2 minutes)")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=None,
+                        help="runs of each contender (default 5, or 3 with --quick)")
     parser.add_argument("--out", default=os.path.join(HERE, "results", "latest.md"))
     parser.add_argument("--no-plugin", action="store_true",
                         help="transfers only (skip the EC2Plugin overhead case)")
@@ -387,7 +392,8 @@ def main(argv=None) -> int:
         [("small", 500, 256 * KiB), ("large", 4, 200 * MiB)]
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     work = tempfile.mkdtemp(prefix="nipype-s3-bench-")
-    bench = Bench(args.quick, max(3, args.repeats), work)
+    repeats = args.repeats or (3 if args.quick else 5)
+    bench = Bench(args.quick, max(3, repeats), work)
     try:
         for case, count, size in cases:
             print(f"case {case}: {count} x {size // KiB} KiB", flush=True)
@@ -401,7 +407,7 @@ def main(argv=None) -> int:
             nodes, agents = (8, 2) if args.quick else (50, 4)
             print(f"case plugin: {nodes} trivial nodes, up to {agents} LocalCloud instances",
                   flush=True)
-            plugin_rows = plugin.run(nodes, agents, bench.repeats,
+            plugin_rows = plugin.run(nodes, agents, 3,
                                      work=os.path.join(work, "plugin"))
         print(write_report(bench, args.out, args, plugin_rows))
     finally:

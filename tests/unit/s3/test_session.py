@@ -155,7 +155,7 @@ def test_paused_gc_restores_the_collector(was_enabled):
         gc.enable()
 
 
-def test_sessions_share_one_model_loader_per_data_path(monkeypatch, tmp_path):
+def test_sessions_share_one_model_loader_per_search_path(monkeypatch, tmp_path):
     def loader_of(session):
         make_s3_client(session, endpoint_url="http://127.0.0.1:9")
         return session._session.get_component("data_loader")
@@ -164,6 +164,10 @@ def test_sessions_share_one_model_loader_per_data_path(monkeypatch, tmp_path):
     first, second = loader_of(boto3.Session()), loader_of(boto3.Session())
     assert first is second
     # a session that looks for models elsewhere keeps a loader of its own
+    # so does a session whose loader a user gave a search path of their own
+    custom = boto3.Session()
+    custom._session.get_component("data_loader").search_paths.append(str(tmp_path))
+    assert loader_of(custom) is not first
     monkeypatch.setenv("AWS_DATA_PATH", str(tmp_path))
     other = loader_of(boto3.Session())
     assert other is not first and str(tmp_path) in other.search_paths
