@@ -142,11 +142,21 @@ def _set_mtime(item: DownloadItem) -> None:
             pass
 
 
+def _create_empty(path: str) -> None:
+    os.close(os.open(path, os.O_CREAT | os.O_WRONLY | os.O_TRUNC, 0o644))
+
+
 def _native_first(client, bucket, settings, items, request_payer, progress):
     """Download what the native engine can; hand back ``(outcomes, small, large)``.
 
     ``outcomes`` are the items done; ``small`` and ``large`` are those left for botocore
     (all of them when there is no engine).
+
+    Creating a file costs a few hundred microseconds on a journalling file system, and
+    the CRT creates its target in the thread that starts the request, holding the GIL.
+    So two threads create the temporary files ahead of the requests (the CRT then opens
+    an existing file), and one thread puts finished files in place: the thread starting
+    requests does little else.
     """
     engine = native_engine(client, bucket, max_concurrency=settings.max_concurrency,
                            part_size=settings.multipart_chunksize) if items else None
@@ -154,23 +164,65 @@ def _native_first(client, bucket, settings, items, request_payer, progress):
     outcomes = []
     if engine is not None:
         temps = [f"{item.dest}.nipype-s3-{os.getpid()}-n.part" for item in items]
+        placed: dict[int, object] = {}
+
+        stopped: list[BaseException] = []  # an interrupt met while putting files in place
 
         def put_in_place(index):
+            if stopped:
+                return
             item, tmp = items[index], temps[index]
-            if item.size is not None and _size(tmp) != item.size:
-                raise botocore.exceptions.IncompleteReadError(
-                    actual_bytes=_size(tmp), expected_bytes=item.size)
-            os.replace(tmp, item.dest)
-            _set_mtime(item)
+            try:
+                size = _size(tmp)
+                if item.size is not None and size != item.size:
+                    raise botocore.exceptions.IncompleteReadError(
+                        actual_bytes=size, expected_bytes=item.size)
+                os.replace(tmp, item.dest)
+                _set_mtime(item)
+            except Exception:
+                raise
+            except BaseException as exc:
+                stopped.append(exc)
+                raise
 
+        def place(index):
+            if stopped:  # raised here, in the thread running the requests
+                raise stopped[0]
+            placed[index] = placer.submit(put_in_place, index)
+
+        creator = ThreadPoolExecutor(max_workers=2, thread_name_prefix="nipype-s3-create")
+        placer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nipype-s3-place")
         try:
-            jobs = [(item.key, tmp) for item, tmp in zip(items, temps, strict=True)]
-            failed = engine.download(jobs, request_payer=request_payer, on_bytes=progress.update,
-                                     on_done=put_in_place, stall_seconds=cfg.read_timeout())
+            created = [creator.submit(_create_empty, tmp) for tmp in temps]
+
+            def jobs():
+                for index, (item, tmp) in enumerate(zip(items, temps, strict=True)):
+                    try:
+                        created[index].result()
+                    except OSError:
+                        pass  # the CRT creates it, or reports why it cannot
+                    yield item.key, tmp
+
+            failed = engine.download(
+                jobs(), request_payer=request_payer, on_bytes=progress.update,
+                on_done=place, stall_seconds=cfg.read_timeout())
+            for index, future in placed.items():
+                exc = future.exception()
+                if exc is not None and index not in failed:
+                    failed[index] = exc  # e.g. a wrong size: botocore again
+            if stopped:
+                raise stopped[0]
         except BaseException:
+            for future in created + list(placed.values()):
+                future.cancel()
+            creator.shutdown(wait=True)
+            placer.shutdown(wait=True)
             for tmp in temps:  # interrupted: what is not in place yet is not left behind
                 _remove(tmp)
             raise
+        finally:
+            creator.shutdown(wait=False)
+            placer.shutdown(wait=False)
         left = []
         for index, item in enumerate(items):
             if index not in failed:
@@ -287,6 +339,7 @@ def download_files(client, bucket: str, items, *, settings: TransferSettings | N
 
             def get_small(item):
                 _get_to_temp(client, bucket, item, extra)
+                _set_mtime(item)
                 progress.update(item.size or 0)
 
             # s3transfer writes to "<its target>.<8 hex digits>" and renames that to its
@@ -320,11 +373,11 @@ def download_files(client, bucket: str, items, *, settings: TransferSettings | N
                     if exc is None:
                         try:
                             os.replace(tmp, item.dest)
+                            _set_mtime(item)
                         except OSError as err:
                             exc = err
                     _remove(tmp)
                 if exc is None:
-                    _set_mtime(item)
                     summary.files += 1
                     summary.bytes += item.size if item.size is not None else \
                         os.path.getsize(item.dest)

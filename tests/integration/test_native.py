@@ -241,3 +241,53 @@ def test_https_endpoints_get_botocores_certificate_settings(monkeypatch):
                                   part_size=8 << 20)
     assert engine is not None and engine.host.endswith("amazonaws.com")
     assert engine.signs_bodies is False  # TLS protects the bodies: UNSIGNED-PAYLOAD
+
+
+def test_a_failed_write_of_a_native_body_is_redone_by_botocore(seaweedfs, weed_bucket, files,
+                                                               tmp_path, monkeypatch):
+    """The engine writes bodies itself; a write that fails (a full disk, say) fails that
+    request, nothing is left at the destination, and botocore tries the object again."""
+    import errno
+
+    root, sums = files
+    _put_all(seaweedfs, weed_bucket, root)
+    real_write = native._write_at
+    refused = []
+
+    def full_disk_once(fd, chunk, offset, **kwargs):
+        if not refused and len(chunk) == 1000 + 4099 * 11:  # f11.bin's body
+            refused.append(fd)
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_write(fd, chunk, offset, **kwargs)
+
+    monkeypatch.setattr(native, "_write_at", full_disk_once)
+    dest = tmp_path / "dest"
+    with RecordingProxy(seaweedfs.url) as proxy:
+        down = download_files(_client(proxy.url), weed_bucket,
+                              [DownloadItem(f"n/{p.name}", str(dest / p.name),
+                                            p.stat().st_size) for p in sorted(root.iterdir())])
+        by_botocore = [r.key.rsplit("/", 1)[-1] for r in proxy.requests
+                       if not _native(r) and r.method == "GET" and "list-type" not in r.query]
+    assert refused and by_botocore == ["f11.bin"]
+    assert down.files == N and _sums(dest) == sums
+    assert not [p for p in dest.iterdir() if ".part" in p.name]
+
+
+def test_a_file_that_cannot_be_put_in_place_fails_alone_and_leaves_nothing(
+        seaweedfs, weed_bucket, files, tmp_path):
+    from nipype_s3.exceptions import TransferFailed
+
+    root, sums = files
+    _put_all(seaweedfs, weed_bucket, root)
+    dest = tmp_path / "dest"
+    (dest / "f04.bin").mkdir(parents=True)  # a folder where a file should go
+    with pytest.raises(TransferFailed, match=r"1 of 30 objects failed.*'n/f04\.bin'") as err:
+        download_files(_client(seaweedfs.url), weed_bucket,
+                       [DownloadItem(f"n/{p.name}", str(dest / p.name), p.stat().st_size)
+                        for p in sorted(root.iterdir())])
+    assert [key for key, _ in err.value.failures] == ["n/f04.bin"]
+    assert (dest / "f04.bin").is_dir()
+    del sums["f04.bin"]
+    assert {p.name: hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in dest.iterdir() if p.is_file()} == sums
+    assert not [p for p in dest.iterdir() if ".part" in p.name]

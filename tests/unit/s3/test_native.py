@@ -1,0 +1,25 @@
+"""The native engine's own pieces, without a server."""
+
+import os
+
+
+def test_bodies_are_written_in_slices_at_their_offsets(tmp_path, monkeypatch):
+    """One ``write`` of a multi-megabyte part costs several times the kernel time of the
+    same bytes in 64 KiB writes (measured on a 2-core Linux VM); the engine writes slices."""
+    from nipype_s3.s3 import native
+
+    sizes = []
+    real = os.pwrite
+    monkeypatch.setattr(os, "pwrite", lambda fd, data, off: sizes.append(len(data))
+                        or real(fd, data, off))
+    part = os.urandom(3 * native._WRITE_SLICE + 123)
+    path = tmp_path / "body"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT)
+    try:
+        native._write_at(fd, part, 1000, extra="ignored")  # the CRT's keyword arguments
+        native._write_at(fd, b"head", 0)
+    finally:
+        os.close(fd)
+    data = path.read_bytes()
+    assert data[:4] == b"head" and data[1000:] == part and len(data) == 1000 + len(part)
+    assert max(sizes) == native._WRITE_SLICE and sum(sizes) == len(part) + 4
