@@ -40,6 +40,7 @@ import statistics
 import threading
 import time
 import zipfile
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import botocore.exceptions
@@ -74,6 +75,11 @@ from ..secrets import scrub_tree, secret_values
 __all__ = ["EC2Plugin", "EC2Settings"]
 
 logger = logging.getLogger("nipype.workflow")
+
+#: Finished jobs fetched at once (each a few small requests, mostly waiting).
+_COLLECTORS = 8
+#: Jobs sent at once: their inputs stored, pickle and spec written, message queued.
+_SENDERS = 4
 
 _LOCAL_INTERFACES = {"IdentityInterface", "Merge", "Select", "Split", "Rename",
                      "AssertEqual"}
@@ -217,6 +223,8 @@ class _Job:
     done: bool = False
     report: dict | None = None
     instance_type: str = ""
+    #: the upload of its inputs, pickle and spec and the queue message, while under way
+    sending: object = None
 
 
 class EC2Plugin(SGELikeBatchManagerBase):
@@ -248,6 +256,7 @@ class EC2Plugin(SGELikeBatchManagerBase):
         self.peak = 0
         self._fleets = {}
         self._booted: set[str] = set()
+        self._senders: ThreadPoolExecutor | None = None
 
     # -- run lifecycle ------------------------------------------------------------------
     def run(self, graph, config, updatehash=False):
@@ -384,6 +393,8 @@ class EC2Plugin(SGELikeBatchManagerBase):
 
     def _finish_run(self) -> None:
         self._lease_stop.set()
+        if self._senders is not None:  # jobs not yet sent are not sent
+            self._senders.shutdown(wait=True, cancel_futures=True)
         errors = []
         for step in (self._terminate_instances, self._expire_lease, self._write_cost_report,
                      self._delete_queues, self._delete_job_key):
@@ -511,10 +522,12 @@ class EC2Plugin(SGELikeBatchManagerBase):
         return taskid
 
     def _send(self, taskid, node, node_dir, updatehash) -> _Job:
+        """Prepare a node's job here (nipype's objects stay in this thread), and send it in
+        the background: storing its inputs and writing its pickle and spec are requests
+        that would otherwise queue one job behind another."""
         node._get_inputs()
         node._get_hashval()  # with the controller's paths: the agent keeps this hash
         inputs = _input_paths(node)
-        entries = self.store.put(inputs)
         job_id = f"{taskid:05d}-{_slug(node.fullname)}"
         if os.path.isdir(node_dir):
             shutil.rmtree(node_dir)  # nipype empties a node's folder before running it
@@ -530,26 +543,58 @@ class EC2Plugin(SGELikeBatchManagerBase):
             "version": 1, "run_id": self.run_id, "job_id": job_id, "node": node.fullname,
             "node_pickle": self.layout.pickle_key(job_id),
             "node_sha256": hashlib.sha256(raw).hexdigest(),
-            "manifest": [e.to_json() for e in entries],
             "prefixes": sorted({node.base_dir} | set(inputs)),
             "n_procs": n_procs, "mem_gb": mem_gb,
         }
+        if self._senders is None:
+            self._senders = ThreadPoolExecutor(max_workers=_SENDERS,
+                                               thread_name_prefix="nipype-s3-send")
+        sending = self._senders.submit(self._deliver, node.fullname, inputs, raw, spec,
+                                       fleet.queue_url)
+        return _Job(taskid, job_id, node, node_dir, time.time(), n_procs, mem_gb,
+                    instance_type=fleet.instance_type, sending=sending)
+
+    def _deliver(self, name, inputs, raw, spec, queue_url) -> None:
+        entries = self.store.put(inputs)
+        spec = dict(spec, manifest=[e.to_json() for e in entries])
         spec_bytes = json.dumps(spec, sort_keys=True).encode()
+        job_id = spec["job_id"]
         self.s3.put_object(Bucket=self.layout.bucket, Key=spec["node_pickle"], Body=raw)
         self.s3.put_object(Bucket=self.layout.bucket, Key=self.layout.spec_key(job_id),
                            Body=spec_bytes, ContentType="application/json")
-        self.sqs.send_message(QueueUrl=fleet.queue_url, MessageBody=make_message(
+        self.sqs.send_message(QueueUrl=queue_url, MessageBody=make_message(
             self.layout, job_id, spec_bytes, self._job_key))
-        logger.info("EC2Plugin: submitted %s as job %s (%d input files)", node.fullname,
-                    job_id, len(entries))
-        return _Job(taskid, job_id, node, node_dir, time.time(), n_procs, mem_gb,
-                    instance_type=fleet.instance_type)
+        logger.info("EC2Plugin: submitted %s as job %s (%d input files)", name, job_id,
+                    len(entries))
+
+    def _check_sent(self, job: _Job) -> None:
+        """Once ``job`` has been sent, or failed to be: a failure ends the run (with what
+        went wrong as its error) and fails the jobs not done yet."""
+        sending = job.sending
+        if sending is None or not sending.done():
+            return
+        job.sending = None
+        if sending.cancelled() or sending.exception() is None:
+            return
+        exc = sending.exception()
+        if isinstance(exc, botocore.exceptions.ClientError):
+            err = translate(exc, bucket=self.layout.bucket, key=self.layout.run_prefix,
+                            action="submit a job to")
+            err.__cause__ = exc
+        else:
+            err = exc
+        if self._fatal is None:
+            self._fatal = err
+            logger.error("EC2Plugin: job %s (%s) could not be sent: %s", job.job_id,
+                         job.node.fullname, err)
+        self._fail_outstanding("its job could not be sent")
 
     # -- polling ------------------------------------------------------------------------
     def _is_pending(self, taskid):
         job = self._jobs[taskid]
         if job.done:
             return False
+        self._check_sent(job)
         self._poll()
         return not job.done
 
@@ -595,8 +640,7 @@ class EC2Plugin(SGELikeBatchManagerBase):
             except InstanceLaunchError as exc:
                 self._fatal = exc
                 logger.error("EC2Plugin: %s", exc)
-                for job in self._outstanding():
-                    self._fail_unrunnable(job)
+                self._fail_outstanding("no instance could be launched")
                 return
 
     def _check_boots(self) -> bool:
@@ -619,8 +663,7 @@ class EC2Plugin(SGELikeBatchManagerBase):
             "PyPI (or use an AMI with nipype_s3 installed), and that the instance profile "
             "allows S3, SQS and SSM.")
         logger.error("EC2Plugin: %s", self._fatal)
-        for job in self._outstanding():
-            self._fail_unrunnable(job)
+        self._fail_outstanding("its instances ended before their agent started")
         return True
 
     def _end_hung_boots(self) -> None:
@@ -648,12 +691,20 @@ class EC2Plugin(SGELikeBatchManagerBase):
                 pool.launched[iid]["terminated"] = now
                 pool.ended.append(iid)
 
-    def _fail_unrunnable(self, job: _Job) -> None:
-        """Give a job that can never run a crash result naming the launch failure."""
+    def _fail_outstanding(self, why: str) -> None:
+        """The run cannot go on: every job not done yet fails (those not sent yet are not
+        sent)."""
+        for job in self._outstanding():
+            if job.sending is not None:
+                job.sending.cancel()
+            self._fail_unrunnable(job, why)
+
+    def _fail_unrunnable(self, job: _Job, why: str | None = None) -> None:
+        """Give a job that can never run a crash result naming the run's failure."""
+        why = why or f"run {self.run_id} stopped before it could run (the error above)"
         write_failure_result(job.node, [
             f"{type(self._fatal).__name__}: {self._fatal}\n",
-            f"[nipype_s3] node {job.node.fullname} was not run: no instance could be "
-            f"launched for run {self.run_id}.\n"])
+            f"[nipype_s3] node {job.node.fullname} was not run: {why}.\n"])
         job.done = True
 
     def _drain_events(self) -> None:
@@ -663,6 +714,7 @@ class EC2Plugin(SGELikeBatchManagerBase):
             messages = resp.get("Messages", [])
             if not messages:
                 return
+            finished = []
             for msg in messages:
                 try:
                     event = json.loads(msg["Body"])
@@ -671,10 +723,10 @@ class EC2Plugin(SGELikeBatchManagerBase):
                 if event.get("status") == "agent-up":
                     self._booted.add(event.get("instance_id"))
                     continue
-                job_id = event.get("job_id")
-                job = self._by_job_id.get(job_id)
-                if job is not None and not job.done:
-                    self._collect(job)
+                job = self._by_job_id.get(event.get("job_id"))
+                if job is not None and not job.done and job not in finished:
+                    finished.append(job)
+            self._collect(finished)
             self.sqs.delete_message_batch(QueueUrl=self.events_queue, Entries=[
                 {"Id": str(i), "ReceiptHandle": m["ReceiptHandle"]}
                 for i, m in enumerate(messages)])
@@ -685,25 +737,62 @@ class EC2Plugin(SGELikeBatchManagerBase):
         if not self._outstanding():
             return
         prefix = self.layout.key("done") + "/"
+        finished = []
         for info in iter_objects(self.s3, self.layout.bucket, prefix):
             job = self._by_job_id.get(info.key[len(prefix):-len(".json")])
             if job is not None and not job.done:
-                self._collect(job)
+                finished.append(job)
+        self._collect(finished)
 
-    def _collect(self, job: _Job) -> None:
-        """Fetch a finished job's report and node directory into the controller's."""
-        body = self.s3.get_object(Bucket=self.layout.bucket,
-                                  Key=self.layout.done_key(job.job_id))["Body"].read()
-        report = json.loads(body)
-        job.report = report
+    def _collect(self, jobs: list[_Job]) -> None:
+        """Bring finished jobs' results into the controller's node directories.
+
+        Each job costs a few requests, one after the other (the report, then its files,
+        the result pickle last): several jobs are fetched at once, so jobs that end
+        together are not seen one request-latency after another. Their bookkeeping is
+        done here, in the thread running the workflow.
+        """
+        if len(jobs) <= 1:
+            fetched = [(job, self._fetch(job)) for job in jobs]
+        else:
+            with ThreadPoolExecutor(max_workers=min(_COLLECTORS, len(jobs)),
+                                    thread_name_prefix="nipype-s3-collect") as pool:
+                futures = [(job, pool.submit(self._fetch, job)) for job in jobs]
+            fetched, errors = [], []
+            for job, future in futures:
+                if future.exception() is None:
+                    fetched.append((job, future.result()))
+                else:
+                    errors.append(future.exception())
+            if errors:
+                for job, collected in fetched:  # what did arrive is not fetched again
+                    self._collected(job, collected)
+                raise errors[0]
+        for job, collected in fetched:
+            self._collected(job, collected)
+
+    def _collected(self, job: _Job, collected: float) -> None:
+        report = job.report
         self._busy_seconds += max(0.0, float(report.get("finished", 0))
                                   - float(report.get("started", 0)))
         self.timings.append({"job_id": job.job_id, "submitted": job.submitted,
                              "received": report.get("received"),
                              "node_started": report.get("node_started"),
                              "node_finished": report.get("node_finished"),
-                             "reported": report.get("reported"), "collected": time.time()})
-        node = job.node
+                             "reported": report.get("reported"), "collected": collected})
+        status = report.get("status")
+        job.done = True
+        self.stats["remote_done"] += 1
+        logger.info("EC2Plugin: job %s (%s) %s on %s (attempt %s)", job.job_id,
+                    job.node.fullname, "finished" if status == "ok" else f"FAILED ({status})",
+                    report.get("instance_id"), report.get("attempt"))
+
+    def _fetch(self, job: _Job) -> float:
+        """A finished job's report and node directory, into the controller's; returns
+        when it had them (seconds since the epoch)."""
+        body = self.s3.get_object(Bucket=self.layout.bucket,
+                                  Key=self.layout.done_key(job.job_id))["Body"].read()
+        report = json.loads(body)
         os.makedirs(job.node_dir, exist_ok=True)
         outputs = [ManifestEntry.from_json(e) for e in report.get("outputs", [])]
         pathmap = PathMap(report.get("worker_root") or "/")
@@ -725,14 +814,10 @@ class EC2Plugin(SGELikeBatchManagerBase):
                             os.path.basename(entry.path).startswith(("_0x", "report", "_")):
                         rewrite_text_file(path, pathmap.text_to_controller)
                     os.utime(path, (entry.mtime, entry.mtime))
-        status = report.get("status")
-        if status != "ok":
+        if report.get("status") != "ok":
             self._annotate_failure(job, report)
-        job.done = True
-        self.stats["remote_done"] += 1
-        logger.info("EC2Plugin: job %s (%s) %s on %s (attempt %s)", job.job_id, node.fullname,
-                    "finished" if status == "ok" else f"FAILED ({status})",
-                    report.get("instance_id"), report.get("attempt"))
+        job.report = report
+        return time.time()
 
     def _annotate_failure(self, job: _Job, report: dict) -> None:
         """Make the node's result file carry the remote traceback, instance and log."""

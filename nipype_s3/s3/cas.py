@@ -170,8 +170,8 @@ class ContentStore:
             summary = upload_files(self.client, self.bucket, uploads.values(),
                                    settings=self.settings, skip_unchanged=False,
                                    target=f"to s3://{self.bucket}/{self.key('')}")
-            self.bytes_up += summary.bytes
             with self._lock:
+                self.bytes_up += summary.bytes
                 self._known.update(uploads)
         return entries
 
@@ -195,7 +195,8 @@ class ContentStore:
         summary = download_files(self.client, self.bucket, [i for _, i in items],
                                  settings=self.settings, skip_unchanged=True,
                                  target=f"from s3://{self.bucket}/{self.key('')}")
-        self.bytes_down += summary.bytes
+        with self._lock:
+            self.bytes_down += summary.bytes
         bad = []
         for entry, item in items:
             if verify and item.dest in summary.done and sha256_file(item.dest) != entry.sha256:

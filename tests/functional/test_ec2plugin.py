@@ -447,3 +447,31 @@ def test_one_cpu_jobs_fork_and_multi_cpu_jobs_get_their_threads(cloud, tmp_path)
     assert "(threads.one) started in a fork of the agent" in logs
     assert "(threads.two) started in a new interpreter" in logs
     assert cloud.live_instances() == []
+
+
+def test_a_job_that_cannot_be_sent_stops_the_run_clearly(cloud, tmp_path):
+    """Jobs are sent in the background (inputs stored, pickle and spec written, message
+    queued); a failure there is the run's error, as it was when sending was inline."""
+    import botocore.exceptions
+
+    wf = Workflow("unsendable", base_dir=str(tmp_path))
+    wf.config["execution"]["poll_sleep_duration"] = 0.3
+    src = Node(IdentityInterface(fields=["x"]), "src")
+    src.iterables = ("x", [1, 2, 3])
+    node = _fn("a", _double, ["x"], ["y"])
+    wf.connect(src, "x", node, "x")
+
+    class Denied(EC2Plugin):
+        def _deliver(self, name, inputs, raw, spec, queue_url):
+            if spec["job_id"].startswith("00001"):
+                raise botocore.exceptions.ClientError(
+                    {"Error": {"Code": "AccessDenied", "Message": "Access Denied"},
+                     "ResponseMetadata": {"HTTPStatusCode": 403}}, "PutObject")
+            return super()._deliver(name, inputs, raw, spec, queue_url)
+
+    with pytest.raises(Exception) as err:
+        wf.run(plugin=Denied(plugin_args={"s3_prefix": "s3://my-bucket/nipype-runs",
+                                          "max_instances": 1, **FAST}))
+    assert "my-bucket" in str(err.value) and "denied" in str(err.value).lower()
+    assert "submit a job to" in str(err.value)
+    assert cloud.live_instances() == []

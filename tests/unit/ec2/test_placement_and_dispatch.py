@@ -119,3 +119,50 @@ def test_a_failed_fork_closes_what_it_opened(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="allocate"):
         forked.ForkedWorker.start("s", "o", str(tmp_path / "log"), str(tmp_path), {})
     assert len(os.listdir("/proc/self/fd")) == before
+
+
+def _finished_jobs(n):
+    from nipype_s3.plugins.ec2 import _Job
+
+    return [_Job(i, f"{i:05d}-n", Node(DataSink(), f"n{i}"), f"/nowhere/{i}", 0.0, 1, 0.0)
+            for i in range(n)]
+
+
+def test_jobs_that_end_together_are_fetched_together():
+    """Fetching a result is a few requests, mostly waiting: jobs seen in one poll are
+    fetched at once (if one after the other, the barrier would never fill)."""
+    import threading
+
+    from nipype_s3 import EC2Plugin
+
+    jobs = _finished_jobs(3)
+    together = threading.Barrier(3, timeout=30)
+    plugin = EC2Plugin(plugin_args={"s3_prefix": "s3://bucket/runs"})
+
+    def fetch(job):
+        together.wait()
+        job.report = {"status": "ok", "started": 1.0, "finished": 3.0}
+        return 4.0
+
+    plugin._fetch = fetch
+    plugin._collect(jobs)
+    assert all(job.done for job in jobs) and plugin.stats["remote_done"] == 3
+    assert plugin._busy_seconds == 6.0 and [t["collected"] for t in plugin.timings] == [4.0] * 3
+
+
+def test_a_failed_fetch_still_books_the_jobs_that_arrived():
+    from nipype_s3 import EC2Plugin
+
+    jobs = _finished_jobs(3)
+    plugin = EC2Plugin(plugin_args={"s3_prefix": "s3://bucket/runs"})
+
+    def fetch(job):
+        if job.taskid == 1:
+            raise OSError("disk full")
+        job.report = {"status": "ok"}
+        return 1.0
+
+    plugin._fetch = fetch
+    with pytest.raises(OSError, match="disk full"):
+        plugin._collect(jobs)
+    assert [job.done for job in jobs] == [True, False, True]  # job 1: fetched again later
