@@ -307,15 +307,19 @@ class Agent:
             self.s3.upload_file(run.log_path, self.cfg.bucket, log_key)
         except (botocore.exceptions.ClientError, OSError) as exc:
             logger.warning("could not upload the log of job %s: %s", run.job_id, exc)
-        outcome = None
-        if os.path.exists(run.outcome_path):
+        outcome, why = None, (f"The worker process for this job died (exit code {code}) "
+                              "before reporting; see the log tail below.\n")
+        try:
             with open(run.outcome_path) as fobj:
                 outcome = json.load(fobj)
-        if outcome is None:
+        except FileNotFoundError:
+            pass
+        except (OSError, ValueError) as exc:  # a worker killed while writing it, a bad disk
+            why = (f"The worker's outcome file {run.outcome_path} could not be read "
+                   f"({exc}; exit code {code}); see the log tail below.\n")
+        if not isinstance(outcome, dict) or "status" not in outcome:
             outcome = {"job_id": run.job_id, "status": "error", "outputs": [],
-                       "started": run.started, "finished": time.time(),
-                       "traceback": [f"The worker process for this job died (exit code "
-                                     f"{code}) before reporting; see the log tail below.\n"]}
+                       "started": run.started, "finished": time.time(), "traceback": [why]}
         report = dict(outcome, attempt=run.attempt, instance_id=self.instance_id,
                       log_key=log_key, log_tail=tail, exit_code=code, received=run.started,
                       reported=time.time())

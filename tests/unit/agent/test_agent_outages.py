@@ -199,3 +199,19 @@ def test_a_finished_job_is_reported_once_aws_answers_again(run, tmp_path):
                                     Key=layout.done_key("j-done"))["Body"].read())
     assert done["status"] == "ok" and done["instance_id"] == "i-test"
     assert agent.jobs_done == 1
+
+
+@pytest.mark.parametrize("content", ['{"job_id": "j-bad", "status": "o', "\x00\x00", "[]"])
+def test_an_unreadable_outcome_is_reported_as_an_error_not_a_dead_agent(run, tmp_path,
+                                                                        content):
+    layout, cfg, key, sqs, s3 = run
+    agent = Agent(cfg, instance_id="i-test")
+    _occupy(agent, tmp_path, "j-bad", proc=_Ended(-9))
+    (tmp_path / "j-bad.outcome.json").write_text(content)
+    assert agent._reap() is True and not agent.running
+    done = json.loads(s3.get_object(Bucket=layout.bucket,
+                                    Key=layout.done_key("j-bad"))["Body"].read())
+    assert done["status"] == "error" and done["exit_code"] == -9
+    assert "worker log" in done["log_tail"]
+    if content != "[]":
+        assert "j-bad.outcome.json could not be read" in done["traceback"][0]
