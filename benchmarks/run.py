@@ -178,8 +178,21 @@ class Bench:
                 seconds, mem, _ = run_timed(make_argv(rep), self.env)
                 times[tool].append(seconds)
                 mems[tool].append(mem)
-        return [self._row(case, direction, tool, times[tool], mems[tool], files, nbytes)
+        rows = [self._row(case, direction, tool, times[tool], mems[tool], files, nbytes)
                 for tool, _, _ in contenders]
+        for row, (tool, make_argv, prepare) in zip(rows, contenders, strict=True):
+            if "local disk" not in tool:
+                row["requests_per_file"] = self.count_requests(make_argv, prepare) / files
+        return rows
+
+    def count_requests(self, make_argv, prepare) -> int:
+        """Requests of one more (untimed) run, counted by a recording proxy."""
+        with RecordingProxy(self.server.url) as proxy:
+            if prepare:
+                prepare("counted")
+            argv = [a.replace(self.server.url, proxy.url) for a in make_argv("counted")]
+            run_timed(argv, dict(self.env, AWS_ENDPOINT_URL=proxy.url))
+            return proxy.count()
 
     def measure(self, case, direction, tool, make_argv, files, nbytes, prepare=None,
                 note=""):
@@ -330,15 +343,15 @@ def write_report(bench: Bench, path_md: str, args, plugin_rows: dict | None = No
         "pages flushed before each run; our times are Node.run() only (Python start-up and "
         "imports excluded), the CLIs' include their start-up.",
         "",
-        "| case | direction | tool | seconds | MiB/s | files/s | peak RSS MiB | vs s5cmd |"
-        " notes |",
-        "|---|---|---|---:|---:|---:|---:|---:|---|",
+        "| case | direction | tool | seconds | MiB/s | files/s | requests/file | peak RSS MiB "
+        "| vs s5cmd | notes |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---|",
     ]
     s5_rows = {(r["case"], r["direction"]): r for r in bench.rows if r["tool"] == "s5cmd"}
     for r in bench.rows:
         if r["seconds"] is None:
-            lines.append(f"| {r['case']} | {r['direction']} | {r['tool']} | – | – | – | – | – |"
-                         f" {r['note']} |")
+            lines.append(f"| {r['case']} | {r['direction']} | {r['tool']} | – | – | – | – | – "
+                         f"| – | {r['note']} |")
             continue
         ref = s5_rows.get((r["case"], r["direction"]))
         ratio = f"{ref['seconds'] / r['seconds']:.2f}×" if ref else ""
@@ -346,11 +359,13 @@ def write_report(bench: Bench, path_md: str, args, plugin_rows: dict | None = No
         if "puts" in r:
             note = (f"{r['puts']} PUT, {r['gets']} GET of data, {r['lists']} LIST in "
                     f"{bench.repeats} runs ({r['requests_per_file']:.4f} requests/file)")
+        per_file = "–" if r["requests_per_file"] is None else f"{r['requests_per_file']:.3g}"
         lines.append(f"| {r['case']} | {r['direction']} | {r['tool']} | {r['seconds']:.3f} | "
-                     f"{r['mib_s']:.1f} | {r['files_s']:.1f} | {r['peak_mib']:.0f} | {ratio} | "
-                     f"{note} |")
+                     f"{r['mib_s']:.1f} | {r['files_s']:.1f} | {per_file} | "
+                     f"{r['peak_mib']:.0f} | {ratio} | {note} |")
     lines += ["", "`vs s5cmd` is s5cmd's time divided by the tool's: above 1× is faster "
-                  "than s5cmd.", ""]
+                  "than s5cmd. `requests/file` is from one more, untimed run of each tool "
+                  "through a recording proxy (LISTs, HEADs, multipart calls included).", ""]
     if plugin_rows is not None:
         import plugin
 

@@ -28,3 +28,9 @@ def test_quick_benchmark_writes_its_table(tmp_path):
     plugin_rows = [line for line in table.split("## EC2Plugin", 1)[1].splitlines()
                    if line.startswith("| ") and not line.startswith("| figure")]
     assert len(plugin_rows) == 13 and not any("–" in line for line in plugin_rows)
+    # requests per file, counted through a proxy: one GET or PUT per small file, plus a LIST
+    for direction, tool in (("upload", "S3DataSink"), ("download", "S3DataGrabber")):
+        row = next(line for line in table.splitlines()
+                   if line.startswith(f"| small | {direction} | {tool} |"))
+        per_file = float(row.split("|")[7])
+        assert 1.0 <= per_file <= 1.1, row
