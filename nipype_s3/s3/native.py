@@ -259,7 +259,7 @@ class NativeEngine:
         complete, with why; their temporary files are removed.
 
         The body is written here, in slices of :data:`_WRITE_SLICE`, rather than by the
-        CRT, which writes each 8 MiB part in one call: on the Linux VMs measured, one
+        CRT, which writes each 8 MiB part in one call: on the 2-core Linux VM measured, one
         ``write`` of a megabyte or more into the page cache cost four to six times the
         kernel time of the same bytes in 64 KiB writes (``docs/benchmarks.rst``).
         """
@@ -268,6 +268,10 @@ class NativeEngine:
         headers = [("x-amz-request-payer", "requester")] if request_payer else []
 
         def start(key, path, *, progress):
+            if not _HAS_PWRITE:  # Windows: the CRT writes the file itself
+                return self._client.make_request(
+                    type=S3RequestType.GET_OBJECT, request=self._request("GET", key, headers),
+                    recv_filepath=path, on_progress=progress)
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | _O_CLOEXEC, 0o644)
             try:
                 request = self._client.make_request(
@@ -377,6 +381,7 @@ class NativeEngine:
 #: Bytes per ``write`` of a downloaded body (see :meth:`NativeEngine.download`).
 _WRITE_SLICE = 64 * 1024
 _O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
+_HAS_PWRITE = hasattr(os, "pwrite")
 
 
 def _write_at(fd: int, chunk, offset: int, **_kwargs) -> None:
