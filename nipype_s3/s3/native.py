@@ -72,6 +72,12 @@ def native_engine(client, bucket: str, *, max_concurrency: int, part_size: int):
     choice = engine_choice()
     if choice == "botocore":
         return None
+    if _crt_state["inherited"]:
+        # forked from a process whose CRT threads were running: the CRT is not fork-safe
+        # (a lock held by one of those threads at the fork stays held here), so this
+        # process keeps to botocore. nipype's MultiProc forks on Linux before Python 3.14.
+        logger.debug("native transfers not used: forked from a process that used them")
+        return None
     key = (bucket, max_concurrency, part_size, os.getpid())
     try:
         foreign = _foreign_handlers(client)
@@ -81,6 +87,7 @@ def native_engine(client, bucket: str, *, max_concurrency: int, part_size: int):
             per_client = _engines.setdefault(client, {})
             engine = per_client.get(key)
             if engine is None:
+                _crt_state["started"] = True
                 engine = NativeEngine(client, bucket, max_concurrency=max_concurrency,
                                       part_size=part_size)
                 per_client[key] = engine
@@ -99,6 +106,18 @@ def native_engine(client, bucket: str, *, max_concurrency: int, part_size: int):
 
 
 _warned: list = []
+
+#: whether this process started the CRT, or was forked from one that had
+_crt_state = {"started": False, "inherited": False}
+
+
+def _after_fork_in_child() -> None:
+    if _crt_state["started"]:  # the engines inherited are left alone: never used here
+        _crt_state["inherited"] = True
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 class _Unsupported(Exception):

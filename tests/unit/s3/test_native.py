@@ -23,3 +23,31 @@ def test_bodies_are_written_in_slices_at_their_offsets(tmp_path, monkeypatch):
     data = path.read_bytes()
     assert data[:4] == b"head" and data[1000:] == part and len(data) == 1000 + len(part)
     assert max(sizes) == native._WRITE_SLICE and sum(sizes) == len(part) + 4
+
+
+def test_a_process_forked_after_the_crt_started_keeps_to_botocore(monkeypatch):
+    """The CRT is not fork-safe (nipype's MultiProc forks on Linux before Python 3.14):
+    a child of a process whose CRT threads ran uses botocore; other children do not."""
+    import sys
+
+    import pytest
+
+    from nipype_s3.s3 import native
+
+    if not hasattr(os, "fork") or sys.platform == "win32":
+        pytest.skip("no fork here")
+
+    def child_says() -> bool:
+        pid = os.fork()
+        if pid == 0:  # the child: 0 when the engine would be refused
+            os._exit(0 if native.native_engine(object(), "b", max_concurrency=1,
+                                               part_size=1) is None
+                     and native._crt_state["inherited"] else 1)
+        _, status = os.waitpid(pid, 0)
+        return os.waitstatus_to_exitcode(status) == 0
+
+    monkeypatch.setitem(native._crt_state, "started", True)
+    assert child_says() is True
+    assert native._crt_state["inherited"] is False  # the parent itself goes on
+    monkeypatch.setitem(native._crt_state, "started", False)
+    assert child_says() is False
