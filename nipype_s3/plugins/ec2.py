@@ -393,8 +393,8 @@ class EC2Plugin(SGELikeBatchManagerBase):
 
     def _finish_run(self) -> None:
         self._lease_stop.set()
-        if self._senders is not None:  # jobs not yet sent are not sent
-            self._senders.shutdown(wait=True, cancel_futures=True)
+        if self._senders is not None:  # jobs not yet sent are not sent...
+            self._senders.shutdown(wait=False, cancel_futures=True)
         errors = []
         for step in (self._terminate_instances, self._expire_lease, self._write_cost_report,
                      self._delete_queues, self._delete_job_key):
@@ -403,6 +403,10 @@ class EC2Plugin(SGELikeBatchManagerBase):
             except Exception as exc:
                 errors.append(exc)
                 logger.error("EC2Plugin: cleanup step %s failed: %s", step.__name__, exc)
+        if self._senders is not None:
+            # ...and those being sent are waited for only once the instances are ended:
+            # a send stuck in retries must not keep them running (and billed)
+            self._senders.shutdown(wait=True)
         if errors and isinstance(errors[0], EC2Error):
             logger.error("EC2Plugin: instances of run %s may still run: %s", self.run_id,
                          errors[0])

@@ -166,3 +166,27 @@ def test_a_failed_fetch_still_books_the_jobs_that_arrived():
     with pytest.raises(OSError, match="disk full"):
         plugin._collect(jobs)
     assert [job.done for job in jobs] == [True, False, True]  # job 1: fetched again later
+
+
+def test_instances_end_before_the_run_waits_for_a_send_under_way():
+    """A job still being sent when the run stops (Ctrl-C, an error) is not waited for
+    while instances run: they are terminated first; jobs not started are not sent."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from nipype_s3 import EC2Plugin
+
+    plugin = EC2Plugin(plugin_args={"s3_prefix": "s3://bucket/runs"})
+    order, release = [], threading.Event()
+    plugin._senders = ThreadPoolExecutor(max_workers=1)
+    under_way = plugin._senders.submit(lambda: release.wait(30) and order.append("sent"))
+    queued = plugin._senders.submit(order.append, "queued job sent")
+
+    def terminate():
+        order.append("terminated")
+        release.set()
+
+    plugin._terminate_instances = terminate
+    plugin._finish_run()
+    assert order == ["terminated", "sent"]
+    assert under_way.done() and queued.cancelled()
