@@ -291,3 +291,19 @@ def test_a_file_that_cannot_be_put_in_place_fails_alone_and_leaves_nothing(
     assert {p.name: hashlib.sha256(p.read_bytes()).hexdigest()
             for p in dest.iterdir() if p.is_file()} == sums
     assert not [p for p in dest.iterdir() if ".part" in p.name]
+
+
+def test_a_native_download_over_a_longer_stale_file_leaves_exactly_the_object(
+        seaweedfs, weed_bucket, files, tmp_path):
+    """Target files are opened without ``O_TRUNC`` (ext4 would start writing them back at
+    ``close``); whatever was longer at the path before is cut to the object's size."""
+    root, sums = files
+    _put_all(seaweedfs, weed_bucket, root)
+    engine = native.native_engine(_client(seaweedfs.url), weed_bucket, max_concurrency=4,
+                                  part_size=8 << 20)
+    names = ["f00.bin", "f07.bin"]
+    for name in names:
+        (tmp_path / name).write_bytes(b"stale" * 20000)  # longer than either object
+    assert engine.download([(f"n/{name}", str(tmp_path / name)) for name in names]) == {}
+    assert {name: hashlib.sha256((tmp_path / name).read_bytes()).hexdigest()
+            for name in names} == {name: sums[name] for name in names}

@@ -51,3 +51,27 @@ def test_a_process_forked_after_the_crt_started_keeps_to_botocore(monkeypatch):
     assert native._crt_state["inherited"] is False  # the parent itself goes on
     monkeypatch.setitem(native._crt_state, "started", False)
     assert child_says() is False
+
+
+def test_download_targets_are_opened_without_o_trunc_and_come_out_empty(tmp_path,
+                                                                        monkeypatch):
+    """ext4 (``auto_da_alloc``) starts writing a file back at ``close`` when it was opened
+    with ``O_TRUNC``; the engine opens without it and truncates only a non-empty file."""
+    from nipype_s3.s3 import native
+
+    flags = []
+    real_open = os.open
+    monkeypatch.setattr(os, "open", lambda path, flag, mode=0o777: flags.append(flag)
+                        or real_open(path, flag, mode))
+    made_empty = tmp_path / "made-empty"
+    made_empty.write_bytes(b"")
+    stale = tmp_path / "stale"
+    stale.write_bytes(b"x" * 5000)
+    for path in (made_empty, stale, tmp_path / "missing"):
+        fd = native._open_empty(str(path))
+        try:
+            os.pwrite(fd, b"new", 0)
+        finally:
+            os.close(fd)
+        assert path.read_bytes() == b"new"
+    assert flags and not any(flag & os.O_TRUNC for flag in flags)
