@@ -6,6 +6,7 @@ import datetime as _dt
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+from ..exceptions import NipypeS3Error
 from .errors import s3_errors
 from .session import endpoint_of
 
@@ -30,18 +31,31 @@ class ObjectInfo:
 
 def iter_objects(client, bucket: str, prefix: str = "", *,
                  request_payer: bool = False) -> Iterator[ObjectInfo]:
-    """Yield every object whose key starts with ``prefix`` (1,000 keys per request)."""
+    """Yield every object whose key starts with ``prefix`` (1,000 keys per request).
+
+    The pages are followed here rather than through botocore's paginator, whose model
+    costs a fresh process about 10 ms to find and load: a tenth of a small grab.
+    """
     kwargs = {"Bucket": bucket, "Prefix": prefix}
     if request_payer:
         kwargs["RequestPayer"] = "requester"
-    paginator = client.get_paginator("list_objects_v2")
     with s3_errors(bucket=bucket, key=prefix or None, action="list",
                    endpoint=endpoint_of(client)):
-        for page in paginator.paginate(**kwargs):
+        while True:
+            page = client.list_objects_v2(**kwargs)
             for item in page.get("Contents", ()):
                 yield ObjectInfo(item["Key"], int(item.get("Size", 0)),
                                  str(item.get("ETag", "")).strip('"'),
                                  item.get("LastModified"))
+            token = page.get("NextContinuationToken")
+            if not page.get("IsTruncated") or not token:
+                return
+            if token == kwargs.get("ContinuationToken"):
+                raise NipypeS3Error(
+                    f"Listing s3://{bucket}/{prefix} did not advance: the server sent the "
+                    "same continuation token twice. Check the S3 server (a proxy "
+                    "caching its answers?) and try again.")
+            kwargs["ContinuationToken"] = token
 
 
 def list_objects(client, bucket: str, prefix: str = "", **kwargs) -> dict[str, ObjectInfo]:
