@@ -116,7 +116,25 @@ def paused_gc():
         yield
     finally:
         if enabled:
+            _promote_young_objects()
             gc.enable()
+
+
+def _promote_young_objects() -> None:
+    """Move every object the collector tracks into its oldest generation.
+
+    The model objects just made live as long as the process (the loader caches them),
+    yet would each be walked once by a young collection and once more by a middle one
+    before reaching the oldest generation (measured: 15 to 20 ms of a 0.45 s grab of
+    500 files). ``freeze`` then ``unfreeze`` moves the young generations into the
+    oldest in one step; nothing becomes uncollectable, and full collections still see
+    everything. Skipped when the process has frozen objects of its own (a server
+    preparing to fork), which ``unfreeze`` would release.
+    """
+    if not hasattr(gc, "freeze") or gc.get_freeze_count():
+        return
+    gc.freeze()
+    gc.unfreeze()
 
 
 _loaders: dict[tuple, object] = {}

@@ -155,6 +155,47 @@ def test_paused_gc_restores_the_collector(was_enabled):
         gc.enable()
 
 
+def test_objects_made_while_paused_go_straight_to_the_oldest_generation():
+    """The model objects of a client live as long as the process: they are not walked
+    by young collections, and cyclic garbage among them is still collected."""
+    import gc
+    import weakref
+
+    from nipype_s3.s3.session import paused_gc
+
+    class Node:
+        pass
+
+    assert gc.isenabled() and gc.get_freeze_count() == 0
+    gc.collect()  # every generation's count at 0: the next collection is a young one
+    with paused_gc():
+        kept = [[i] for i in range(5000)]
+        a, b = Node(), Node()
+        a.other, b.other = b, a  # a cycle, dropped below
+    oldest = {id(o) for o in gc.get_objects(generation=2)}
+    assert id(kept) in oldest and id(kept[-1]) in oldest
+    assert gc.get_freeze_count() == 0
+    gone = weakref.ref(a)
+    del a, b
+    gc.collect()
+    assert gone() is None  # nothing was made uncollectable
+
+
+def test_a_process_that_froze_its_objects_keeps_them_frozen():
+    import gc
+
+    from nipype_s3.s3.session import paused_gc
+
+    gc.freeze()
+    try:
+        frozen = gc.get_freeze_count()
+        with paused_gc():
+            [[i] for i in range(100)]
+        assert gc.get_freeze_count() == frozen
+    finally:
+        gc.unfreeze()
+
+
 def test_sessions_share_one_model_loader_per_search_path(monkeypatch, tmp_path):
     def loader_of(session):
         make_s3_client(session, endpoint_url="http://127.0.0.1:9")
