@@ -64,6 +64,26 @@ def _sums(folder):
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in folder.iterdir()}
 
 
+def _open_under(folder, wait=5.0):
+    """This process's descriptors still open on files in ``folder`` (Linux), once those
+    the CRT closes as its requests finish have been closed (it does so just after)."""
+    import time
+
+    deadline = time.monotonic() + wait
+    while True:
+        held = []
+        for fd in os.listdir("/proc/self/fd"):
+            try:
+                target = os.readlink(f"/proc/self/fd/{fd}")
+            except OSError:
+                continue
+            if target.startswith(str(folder)):
+                held.append(target)
+        if not held or time.monotonic() > deadline:
+            return held
+        time.sleep(0.05)
+
+
 def test_small_puts_and_all_gets_go_native_byte_exact(seaweedfs, weed_bucket, files, tmp_path):
     root, sums = files
     dest = tmp_path / "dest"
@@ -78,6 +98,8 @@ def test_small_puts_and_all_gets_go_native_byte_exact(seaweedfs, weed_bucket, fi
         gets = [r for r in proxy.requests if r.method == "GET" and "list-type" not in r.query]
     assert up.files == down.files == N + 1
     assert _sums(dest) == sums
+    if os.path.isdir("/proc/self/fd"):  # every file the engine wrote is closed
+        assert _open_under(dest) == []
     assert len(puts) == N and all(_native(r) for r in puts)  # the small ones, one PUT each
     # plain HTTP: the server can check every body: botocore hashes them into the
     # signature, the native PUTs carry a Content-MD5
@@ -170,11 +192,16 @@ def test_interrupted_native_download_leaves_no_partial_file(seaweedfs, weed_buck
     monkeypatch.setattr(os, "replace", replace_then_interrupt)
     dest = tmp_path / "dest"
     with pytest.raises(KeyboardInterrupt):
+        # 2 connections: 8 requests at a time, so most files are opened ahead and not
+        # yet handed to the engine when the interrupt comes
         download_files(_client(seaweedfs.url), weed_bucket,
                        [DownloadItem(f"n/{p.name}", str(dest / p.name), p.stat().st_size)
-                        for p in sorted(root.iterdir())])
+                        for p in sorted(root.iterdir())],
+                       settings=TransferSettings(max_concurrency=2))
     left = sorted(p.name for p in dest.iterdir())
     assert left == sorted(os.path.basename(c) for c in calls[:4])  # put in place before it
+    if os.path.isdir("/proc/self/fd"):  # files opened ahead of their requests are closed
+        assert _open_under(dest) == []
     for name in left:
         assert hashlib.sha256((dest / name).read_bytes()).hexdigest() == sums[name]
 

@@ -68,7 +68,7 @@ def test_download_targets_are_opened_without_o_trunc_and_come_out_empty(tmp_path
     stale = tmp_path / "stale"
     stale.write_bytes(b"x" * 5000)
     for path in (made_empty, stale, tmp_path / "missing"):
-        fd = native._open_empty(str(path))
+        fd = native.open_empty(str(path))
         try:
             os.pwrite(fd, b"new", 0)
         finally:
