@@ -210,11 +210,13 @@ class Bench:
         med = statistics.median(times)
         row = {"case": case, "direction": direction, "tool": tool, "seconds": med,
                "mib_s": nbytes / MiB / med if med else 0.0, "files_s": files / med,
-               "peak_mib": max(mems), "note": note, "requests_per_file": None}
+               "peak_mib": max(mems), "note": note, "requests_per_file": None,
+               "runs": [round(t, 3) for t in times]}
         self.rows.append(row)
         print(f"  {case:<10} {direction:<8} {tool:<22} {med:7.3f} s "
               f"{row['mib_s']:9.1f} MiB/s {row['files_s']:8.1f} files/s "
-              f"peak {row['peak_mib']:6.0f} MiB", flush=True)
+              f"peak {row['peak_mib']:6.0f} MiB  runs {' '.join(f'{t:.2f}' for t in times)}",
+              flush=True)
         return row
 
     def unavailable(self, case, direction, tool, why):
