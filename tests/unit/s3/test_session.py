@@ -169,7 +169,7 @@ def test_objects_made_while_paused_go_straight_to_the_oldest_generation():
     assert gc.isenabled() and gc.get_freeze_count() == 0
     gc.collect()  # every generation's count at 0: the next collection is a young one
     with paused_gc():
-        kept = [[i] for i in range(5000)]
+        kept = [[i] for i in range(30_000)]  # a model's worth
         a, b = Node(), Node()
         a.other, b.other = b, a  # a cycle, dropped below
     oldest = {id(o) for o in gc.get_objects(generation=2)}
@@ -179,6 +179,17 @@ def test_objects_made_while_paused_go_straight_to_the_oldest_generation():
     del a, b
     gc.collect()
     assert gone() is None  # nothing was made uncollectable
+
+
+def test_a_few_objects_made_while_paused_stay_young():
+    import gc
+
+    from nipype_s3.s3.session import paused_gc
+
+    gc.collect()
+    with paused_gc():
+        few = [[i] for i in range(100)]
+    assert id(few) not in {id(o) for o in gc.get_objects(generation=2)}
 
 
 def test_a_process_that_froze_its_objects_keeps_them_frozen():
