@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import datetime as _dt
+import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+from .. import config as cfg
 from ..exceptions import NipypeS3Error
 from .errors import s3_errors
 from .session import endpoint_of
 
 __all__ = ["ObjectInfo", "iter_objects", "list_objects", "common_prefix"]
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -33,22 +37,42 @@ def iter_objects(client, bucket: str, prefix: str = "", *,
                  request_payer: bool = False) -> Iterator[ObjectInfo]:
     """Yield every object whose key starts with ``prefix`` (1,000 keys per request).
 
-    The pages are followed here rather than through botocore's paginator, whose model
-    costs a fresh process about 10 ms to find and load: a tenth of a small grab.
+    Pages come through the native engine when it can run (parsed in C and a few lines
+    here: botocore spends about 30 microseconds of Python per key), otherwise, or for
+    any page the engine does not bring back well-formed, through botocore, whose errors
+    and retries are then the ones raised. botocore's paginator is not used: its model
+    costs a fresh process about 10 ms to find and load.
     """
     kwargs = {"Bucket": bucket, "Prefix": prefix}
     if request_payer:
         kwargs["RequestPayer"] = "requester"
+    engine = _engine(client, bucket)
     with s3_errors(bucket=bucket, key=prefix or None, action="list",
                    endpoint=endpoint_of(client)):
         while True:
-            page = client.list_objects_v2(**kwargs)
-            for item in page.get("Contents", ()):
-                yield ObjectInfo(item["Key"], int(item.get("Size", 0)),
-                                 str(item.get("ETag", "")).strip('"'),
-                                 item.get("LastModified"))
-            token = page.get("NextContinuationToken")
-            if not page.get("IsTruncated") or not token:
+            token = kwargs.get("ContinuationToken")
+            page = None
+            if engine is not None:
+                try:
+                    page = engine.list_page(prefix, token, request_payer=request_payer,
+                                            timeout=cfg.read_timeout())
+                except Exception as exc:  # noqa: BLE001 - botocore asks again, and says why
+                    logger.debug("native LIST of s3://%s/%s did not complete (%s); "
+                                 "using botocore", bucket, prefix, exc)
+                    engine = None
+            if page is not None:
+                for key, size, etag, modified in page["objects"]:
+                    yield ObjectInfo(key, size, etag, modified)
+                truncated, token = page["truncated"], page["token"]
+            else:
+                answer = client.list_objects_v2(**kwargs)
+                for item in answer.get("Contents", ()):
+                    yield ObjectInfo(item["Key"], int(item.get("Size", 0)),
+                                     str(item.get("ETag", "")).strip('"'),
+                                     item.get("LastModified"))
+                truncated = answer.get("IsTruncated")
+                token = answer.get("NextContinuationToken")
+            if not truncated or not token:
                 return
             if token == kwargs.get("ContinuationToken"):
                 raise NipypeS3Error(
@@ -56,6 +80,16 @@ def iter_objects(client, bucket: str, prefix: str = "", *,
                     "same continuation token twice. Check the S3 server (a proxy "
                     "caching its answers?) and try again.")
             kwargs["ContinuationToken"] = token
+
+
+def _engine(client, bucket: str):
+    try:
+        from .native import listing_engine
+
+        return listing_engine(client, bucket)
+    except Exception as exc:  # noqa: BLE001 - a speed-up only
+        logger.debug("native LIST not used: %s", exc)
+        return None
 
 
 def list_objects(client, bucket: str, prefix: str = "", **kwargs) -> dict[str, ObjectInfo]:

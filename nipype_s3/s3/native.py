@@ -11,8 +11,9 @@ botocore would use) and *what goes wrong*: any object the engine does not finish
 whatever reason (an error answer, a dropped connection, a stall), is handed back and
 transferred again through botocore, which retries and reports errors in the usual way.
 
-Used for plain GETs (any size) and for PUTs below the multipart threshold; large uploads
-stay on s3transfer, whose part size the skip-unchanged ETag comparison relies on. Set
+Used for plain GETs (any size), PUTs below the multipart threshold and LIST pages;
+large uploads stay on s3transfer, whose part size the skip-unchanged ETag comparison
+relies on. Set
 ``NIPYPE_S3_ENGINE=botocore`` to switch the engine off.
 """
 
@@ -31,7 +32,8 @@ from urllib.parse import quote, urlsplit
 from .. import config as cfg
 from .session import signs_payloads
 
-__all__ = ["NativeEngine", "native_engine", "engine_choice", "open_empty"]
+__all__ = ["NativeEngine", "native_engine", "engine_choice", "listing_engine",
+           "open_empty", "parse_list_page"]
 
 logger = logging.getLogger(__name__)
 
@@ -269,6 +271,48 @@ class NativeEngine:
         return HttpRequest(method, self._path(key),
                            HttpHeaders([("Host", self.host)] + headers))
 
+    def list_page(self, prefix: str, token: str | None = None, *,
+                  request_payer: bool = False, timeout: float = 60.0,
+                  max_keys: int | None = None) -> dict:
+        """One page (up to 1,000 keys) of a ``ListObjectsV2`` of ``prefix``.
+
+        Returns ``{"objects": [(key, size, etag, last_modified), ...], "truncated": bool,
+        "token": str or None}``, ``token`` being where the next page starts (up to
+        ``max_keys`` keys a page, or the server's default of 1,000). Raises on anything but a
+        well-formed answer (an error status, no answer within ``timeout``); the caller
+        then asks botocore, which retries and reports in its own words.
+        """
+        from awscrt.s3 import S3RequestType
+
+        query = [("list-type", "2"), ("encoding-type", "url"), ("prefix", prefix)]
+        if token:
+            query.append(("continuation-token", token))
+        if max_keys:
+            query.append(("max-keys", str(int(max_keys))))
+        headers = [("x-amz-request-payer", "requester")] if request_payer else []
+        body: list[bytes] = []
+        request = self._client.make_request(
+            type=S3RequestType.DEFAULT, operation_name="ListObjectsV2",
+            request=self._bucket_request("GET", query, headers),
+            on_body=lambda chunk, **_kw: body.append(bytes(chunk)))
+        try:
+            request.finished_future.result(timeout=timeout)
+        except concurrent.futures.TimeoutError:
+            request.cancel()
+            raise
+        return parse_list_page(b"".join(body))
+
+    def _bucket_request(self, method: str, query: list, headers: list):
+        from awscrt.http import HttpHeaders, HttpRequest
+
+        # the bucket itself: "/bucket" (path style) or "/" (virtual host); query values
+        # URI-encoded as SigV4 has them in the canonical request
+        path = self.base_path.rstrip("/") or "/"
+        encoded = "&".join(f"{quote(k, safe='-_.~')}={quote(v, safe='-_.~')}"
+                           for k, v in sorted(query))
+        return HttpRequest(method, f"{path}?{encoded}",
+                           HttpHeaders([("Host", self.host)] + headers))
+
     def download(self, jobs, *, request_payer: bool = False, on_bytes=None, on_done=None,
                  stall_seconds: float = 60.0) -> dict[int, BaseException]:
         """GET each ``(key, temp_path)`` of ``jobs`` into its temporary path.
@@ -403,6 +447,52 @@ class NativeEngine:
             cancel_pending(done=None)
             raise
         return failed
+
+
+def parse_list_page(xml: bytes) -> dict:
+    """A ``ListBucketResult`` (ListObjectsV2) as :meth:`NativeEngine.list_page` returns it.
+
+    Keys are URL-decoded when the answer says they were encoded (``EncodingType``: a
+    server may ignore the request for it), as botocore does. Raises ``ValueError`` for
+    anything that is not such a document.
+    """
+    import xml.etree.ElementTree as ET
+    from urllib.parse import unquote_plus
+
+    from .session import fast_timestamp
+
+    try:
+        root = ET.fromstring(xml)
+    except ET.ParseError as exc:
+        raise ValueError(f"not an XML answer: {exc}") from None
+    ns = root.tag[:root.tag.index("}") + 1] if root.tag.startswith("{") else ""
+    if root.tag != ns + "ListBucketResult":
+        raise ValueError(f"not a listing: <{root.tag}>")
+    encoded = (root.findtext(ns + "EncodingType") or "").lower() == "url"
+    objects = []
+    for entry in root.iterfind(ns + "Contents"):
+        key = entry.findtext(ns + "Key")
+        if key is None:
+            raise ValueError("a listed object without a key")
+        modified = entry.findtext(ns + "LastModified")
+        objects.append((unquote_plus(key) if encoded else key,
+                        int(entry.findtext(ns + "Size") or 0),
+                        (entry.findtext(ns + "ETag") or "").strip('"'),
+                        fast_timestamp(modified) if modified else None))
+    truncated = (root.findtext(ns + "IsTruncated") or "").lower() == "true"
+    token = root.findtext(ns + "NextContinuationToken") if truncated else None
+    return {"objects": objects, "token": token or None, "truncated": truncated}
+
+
+def listing_engine(client, bucket: str):
+    """An engine for LISTs of ``bucket``: one already made for ``client``, or a new one
+    with the default settings (``None`` when botocore is to be used)."""
+    with _engines_lock:
+        for (engine_bucket, _conc, _part, pid), engine in _engines.get(client, {}).items():
+            if engine_bucket == bucket and pid == os.getpid():
+                return engine
+    return native_engine(client, bucket, max_concurrency=cfg.DEFAULT_MAX_CONCURRENCY,
+                         part_size=cfg.DEFAULT_MULTIPART_CHUNKSIZE)
 
 
 #: Bytes per ``write`` of a downloaded body (see :meth:`NativeEngine.download`).

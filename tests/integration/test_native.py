@@ -334,3 +334,51 @@ def test_a_native_download_over_a_longer_stale_file_leaves_exactly_the_object(
     assert engine.download([(f"n/{name}", str(tmp_path / name)) for name in names]) == {}
     assert {name: hashlib.sha256((tmp_path / name).read_bytes()).hexdigest()
             for name in names} == {name: sums[name] for name in names}
+
+
+AWKWARD = ["odd/a b.txt", "odd/plus+sign", "odd/ünï/ç.nii.gz", "odd/q?x=1&y=2", "odd/pct%20",
+           "odd/tilde~", "odd/eq=sign", "odd/ctl\x01char", "odd/amp&lt;"]
+
+
+def test_native_listings_match_botocores_for_awkward_keys_and_pages(seaweedfs, weed_bucket,
+                                                                     monkeypatch):
+    from nipype_s3.s3.listing import list_objects
+
+    client = _client(seaweedfs.url)
+    for key in AWKWARD:
+        client.put_object(Bucket=weed_bucket, Key=key, Body=key.encode())
+    with RecordingProxy(seaweedfs.url) as proxy:
+        via_proxy = _client(proxy.url)
+        native_lists = {prefix: list_objects(via_proxy, weed_bucket, prefix)
+                        for prefix in ("odd/", "odd/ü", "odd/q?x", "none/")}
+        lists = [r for r in proxy.requests if "list-type" in r.query]
+    assert lists and all(_native(r) for r in lists)  # the engine listed, botocore did not
+    monkeypatch.setenv("NIPYPE_S3_ENGINE", "botocore")
+    assert native_lists == {prefix: list_objects(client, weed_bucket, prefix)
+                            for prefix in native_lists}
+    assert sorted(native_lists["odd/"]) == sorted(AWKWARD)
+    monkeypatch.delenv("NIPYPE_S3_ENGINE")
+
+    # page by page: the tokens lead through every key once
+    engine = native.listing_engine(client, weed_bucket)
+    seen, token, pages = [], None, 0
+    while True:
+        page = engine.list_page("odd/", token, max_keys=4)
+        seen += [key for key, *_ in page["objects"]]
+        pages += 1
+        token = page["token"]
+        if not page["truncated"]:
+            break
+    assert pages == 3 and seen == sorted(AWKWARD)
+
+
+def test_a_native_listing_that_fails_is_asked_again_of_botocore(seaweedfs, weed_bucket):
+    from nipype_s3.exceptions import S3BucketNotFound
+    from nipype_s3.s3.listing import list_objects
+
+    with RecordingProxy(seaweedfs.url) as proxy:
+        client = _client(proxy.url)
+        with pytest.raises(S3BucketNotFound, match="nipype-s3-no-such-bucket"):
+            list_objects(client, "nipype-s3-no-such-bucket", "x/")
+        lists = [_native(r) for r in proxy.requests if "list-type" in r.query]
+    assert lists[0] is True and lists[-1] is False  # the engine tried; botocore reported

@@ -53,3 +53,28 @@ def test_a_truncated_page_without_a_token_ends_the_listing():
         page["IsTruncated"] = True  # some servers: botocore's paginator stops here too
         stub.add_response("list_objects_v2", page)
         assert list(list_objects(client, "bkt", "p/")) == ["p/a"]
+
+
+def test_a_native_page_that_fails_is_taken_over_by_botocore_from_its_token(monkeypatch):
+    from nipype_s3.s3 import listing
+
+    class Engine:
+        calls = []
+
+        def list_page(self, prefix, token, **kwargs):
+            self.calls.append(token)
+            if token is None:
+                return {"objects": [("p/a", 1, "e", WHEN)], "truncated": True, "token": "t1"}
+            raise ConnectionError("dropped")
+
+    monkeypatch.setattr(listing, "_engine", lambda client, bucket: Engine())
+    client = boto3.client("s3", region_name="us-east-1")
+    with Stubber(client) as stub:
+        stub.add_response("list_objects_v2", _page(["p/b"], "t2"),
+                          {"Bucket": "bkt", "Prefix": "p/", "ContinuationToken": "t1"})
+        stub.add_response("list_objects_v2", _page(["p/c"]),
+                          {"Bucket": "bkt", "Prefix": "p/", "ContinuationToken": "t2"})
+        listing_ = list_objects(client, "bkt", "p/")
+        stub.assert_no_pending_responses()
+    assert list(listing_) == ["p/a", "p/b", "p/c"]
+    assert Engine.calls == [None, "t1"]  # not asked again once it failed

@@ -75,3 +75,53 @@ def test_download_targets_are_opened_without_o_trunc_and_come_out_empty(tmp_path
             os.close(fd)
         assert path.read_bytes() == b"new"
     assert flags and not any(flag & os.O_TRUNC for flag in flags)
+
+
+_NS = "http://s3.amazonaws.com/doc/2006-03-01/"
+
+
+def _listing(entries, *, encoded=True, truncated=False, token=None):
+    parts = [f'<?xml version="1.0" encoding="UTF-8"?><ListBucketResult xmlns="{_NS}">',
+             f"<Name>b</Name><Prefix>p%2F</Prefix><KeyCount>{len(entries)}</KeyCount>"]
+    if encoded:
+        parts.append("<EncodingType>url</EncodingType>")
+    parts.append(f"<IsTruncated>{'true' if truncated else 'false'}</IsTruncated>")
+    if token:
+        parts.append(f"<NextContinuationToken>{token}</NextContinuationToken>")
+    for key, size in entries:
+        parts.append(f"<Contents><Key>{key}</Key><LastModified>2026-01-02T03:04:05.678Z"
+                     f"</LastModified><ETag>&quot;0123abcd&quot;</ETag><Size>{size}</Size>"
+                     "<StorageClass>STANDARD</StorageClass></Contents>")
+    parts.append("</ListBucketResult>")
+    return "".join(parts).encode()
+
+
+def test_a_listing_page_is_parsed_as_botocore_has_it():
+    import datetime as dt
+
+    from nipype_s3.s3.native import parse_list_page
+
+    page = parse_list_page(_listing([("p/a+b%C3%BC.nii", 12), ("p/sub/c%20d", 0)],
+                                    truncated=True, token="tok/1=="))
+    when = dt.datetime(2026, 1, 2, 3, 4, 5, 678000, tzinfo=dt.timezone.utc)
+    assert page == {"objects": [("p/a bü.nii", 12, "0123abcd", when),
+                                ("p/sub/c d", 0, "0123abcd", when)],
+                    "truncated": True, "token": "tok/1=="}
+    # a server that ignored encoding-type=url: keys as they are
+    raw = parse_list_page(_listing([("p/a+b", 1)], encoded=False))
+    assert raw["objects"][0][0] == "p/a+b" and raw["token"] is None
+    assert raw["truncated"] is False
+
+
+def test_what_is_not_a_listing_is_refused():
+    import pytest
+
+    from nipype_s3.s3.native import parse_list_page
+
+    with pytest.raises(ValueError, match="not a listing"):
+        parse_list_page(b"<Error><Code>AccessDenied</Code></Error>")
+    with pytest.raises(ValueError, match="not an XML answer"):
+        parse_list_page(b"<html><body>proxy says hello")
+    with pytest.raises(ValueError, match="without a key"):
+        parse_list_page(_listing([]).replace(
+            b"</ListBucketResult>", b"<Contents><Size>1</Size></Contents></ListBucketResult>"))
