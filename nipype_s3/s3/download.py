@@ -198,7 +198,8 @@ def _native_first(client, bucket, settings, items, request_payer, progress):
             ahead = 0
             for index, (item, tmp) in enumerate(zip(items, temps, strict=True)):
                 while ahead < min(len(items), index + _OPEN_AHEAD):
-                    opened[ahead] = opener.submit(open_empty, temps[ahead])
+                    opened[ahead] = opener.submit(open_empty, temps[ahead],
+                                                  items[ahead].size)
                     ahead += 1
                 try:
                     fd = opened.pop(index).result()

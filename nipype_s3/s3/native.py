@@ -23,6 +23,7 @@ import concurrent.futures
 import functools
 import logging
 import os
+import sys
 import threading
 import time
 import weakref
@@ -501,22 +502,66 @@ _O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
 _HAS_PWRITE = hasattr(os, "pwrite")
 
 
-def open_empty(path: str) -> int:
+def open_empty(path: str, size: int | None = None) -> int:
     """``path`` opened for writing, empty; created if missing.
 
     Not with ``O_TRUNC``: on ext4 (its default ``auto_da_alloc``) truncating a file marks
     it, and its ``close`` then starts writing the whole file back to disk, in the closing
     thread (measured: 0.1 s more for 4 x 200 MiB, and every small file started its own
     writeback). Only a file that is not empty is truncated.
+
+    With ``size`` (the object's, from a LIST) of :data:`_PREALLOCATE_FROM` or more, the
+    file's blocks are reserved at once (see :func:`_preallocate`).
     """
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | _O_CLOEXEC, 0o644)
     try:
         if os.fstat(fd).st_size:
             os.ftruncate(fd, 0)
+        if size is not None and size >= _PREALLOCATE_FROM:
+            _preallocate(fd, size)
     except BaseException:
         os.close(fd)
         raise
     return fd
+
+
+#: Files from this size up have their blocks reserved before their parts arrive.
+_PREALLOCATE_FROM = 8 * 1024 * 1024
+_FALLOC_FL_KEEP_SIZE = 0x01
+_fallocate: list = []  # [the C function, or None where there is none]
+
+
+def _preallocate(fd: int, size: int) -> None:
+    """Reserve ``size`` bytes of blocks for ``fd``, keeping its size (Linux; else nothing).
+
+    Parts arrive out of order, several files at once; reserving each file's blocks first
+    lets the file system allocate one extent instead of many as the pages are written
+    back (measured: 4 x 200 MiB came down in 0.71 s instead of 0.78 s, medians of 10).
+    Linux's ``fallocate`` with ``FALLOC_FL_KEEP_SIZE``, called directly: the file's size
+    stays what was written, so a short body is still caught by its size, and a file
+    system without the call says so instead of having zeros written (as
+    ``posix_fallocate`` would do). Any failure is ignored: this is only a speed-up.
+    """
+    if not _fallocate:
+        _fallocate.append(_find_fallocate())
+    call = _fallocate[0]
+    if call is not None:
+        call(fd, _FALLOC_FL_KEEP_SIZE, 0, size)  # an error (-1) changes nothing: ignored
+
+
+def _find_fallocate():
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        call = getattr(libc, "fallocate64", None) or libc.fallocate
+        call.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+        call.restype = ctypes.c_int
+        return call
+    except (OSError, AttributeError):  # pragma: no cover - a libc without it
+        return None
 
 
 def _write_at(fd: int, chunk, offset: int, **_kwargs) -> None:

@@ -125,3 +125,28 @@ def test_what_is_not_a_listing_is_refused():
     with pytest.raises(ValueError, match="without a key"):
         parse_list_page(_listing([]).replace(
             b"</ListBucketResult>", b"<Contents><Size>1</Size></Contents></ListBucketResult>"))
+
+
+def test_large_targets_have_their_blocks_reserved_but_keep_their_size(tmp_path):
+    """Blocks reserved with FALLOC_FL_KEEP_SIZE: the size stays what was written, so a
+    short body is still caught by the size check."""
+    import sys
+
+    from nipype_s3.s3 import native
+
+    size = native._PREALLOCATE_FROM * 2
+    fd = native.open_empty(str(tmp_path / "big"), size)
+    try:
+        st = os.fstat(fd)
+        assert st.st_size == 0
+        if sys.platform.startswith("linux"):
+            assert st.st_blocks * 512 >= size
+        os.pwrite(fd, b"short", 0)
+    finally:
+        os.close(fd)
+    assert (tmp_path / "big").read_bytes() == b"short"
+    small = native.open_empty(str(tmp_path / "small"), 1000)
+    try:
+        assert os.fstat(small).st_blocks == 0  # small files: nothing reserved
+    finally:
+        os.close(small)
