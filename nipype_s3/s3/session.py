@@ -135,8 +135,9 @@ def _promote_young_objects() -> None:
     before reaching the oldest generation (measured: 15 to 20 ms of a 0.45 s grab of
     500 files). ``freeze`` then ``unfreeze`` moves the young generations into the
     oldest in one step; nothing becomes uncollectable, and full collections still see
-    everything. Skipped when the process has frozen objects of its own (a server
-    preparing to fork), which ``unfreeze`` would release.
+    everything. Skipped when anything is frozen already (a server preparing to fork, or
+    Python 3.12, which starts with a few hundred objects of its own frozen): ``unfreeze``
+    would release those too.
     """
     if not hasattr(gc, "freeze") or gc.get_freeze_count():
         return
