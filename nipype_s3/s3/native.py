@@ -450,7 +450,7 @@ class NativeEngine:
         return failed
 
 
-def parse_list_page(xml: bytes) -> dict:
+def parse_list_page(document: bytes) -> dict:
     """A ``ListBucketResult`` (ListObjectsV2) as :meth:`NativeEngine.list_page` returns it.
 
     Keys are URL-decoded when the answer says they were encoded (``EncodingType``: a
@@ -463,7 +463,7 @@ def parse_list_page(xml: bytes) -> dict:
     from .session import fast_timestamp
 
     try:
-        root = ET.fromstring(xml)
+        root = ET.fromstring(document)
     except ET.ParseError as exc:
         raise ValueError(f"not an XML answer: {exc}") from None
     ns = root.tag[:root.tag.index("}") + 1] if root.tag.startswith("{") else ""
