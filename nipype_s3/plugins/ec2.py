@@ -785,6 +785,8 @@ class EC2Plugin(SGELikeBatchManagerBase):
                              "node_finished": report.get("node_finished"),
                              "reported": report.get("reported"), "collected": collected})
         status = report.get("status")
+        if status != "ok":  # the node's result file, written in the workflow's thread
+            self._annotate_failure(job, report)
         job.done = True
         self.stats["remote_done"] += 1
         logger.info("EC2Plugin: job %s (%s) %s on %s (attempt %s)", job.job_id,
@@ -818,8 +820,6 @@ class EC2Plugin(SGELikeBatchManagerBase):
                             os.path.basename(entry.path).startswith(("_0x", "report", "_")):
                         rewrite_text_file(path, pathmap.text_to_controller)
                     os.utime(path, (entry.mtime, entry.mtime))
-        if report.get("status") != "ok":
-            self._annotate_failure(job, report)
         job.report = report
         return time.time()
 
