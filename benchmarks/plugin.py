@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -118,13 +119,18 @@ def run(nodes: int = 50, agents: int = 4, repeats: int = 3, work: str | None = N
     from nipype_s3.testing import LocalCloud
 
     os.environ.setdefault("NIPYPE_NO_ET", "1")
+    own = work is None  # a folder made here is removed here
     work = work or tempfile.mkdtemp(prefix="nipype-s3-plugin-bench-")
     runs = []
-    with LocalCloud(directory=os.path.join(work, "cloud"), agents_via_proxy=True) as cloud:
-        for rep in range(repeats):
-            runs.append(one_repeat(cloud, nodes, agents, os.path.join(work, f"r{rep}")))
-            print(f"  plugin repeat {rep + 1}: EC2Plugin {runs[-1]['ec2_wall']:.1f} s, "
-                  f"MultiProc {runs[-1]['multiproc_wall']:.1f} s", flush=True)
+    try:
+        with LocalCloud(directory=os.path.join(work, "cloud"), agents_via_proxy=True) as cloud:
+            for rep in range(repeats):
+                runs.append(one_repeat(cloud, nodes, agents, os.path.join(work, f"r{rep}")))
+                print(f"  plugin repeat {rep + 1}: EC2Plugin {runs[-1]['ec2_wall']:.1f} s, "
+                      f"MultiProc {runs[-1]['multiproc_wall']:.1f} s", flush=True)
+    finally:
+        if own:
+            shutil.rmtree(work, ignore_errors=True)
     summary = {"nodes": nodes, "agents": agents, "repeats": repeats, "runs": runs}
     for key in runs[0]:
         values = [r[key] for r in runs if r[key] is not None]

@@ -20,17 +20,32 @@ import pytest
 
 os.environ["NIPYPE_NO_ET"] = "1"
 
+import atexit  # noqa: E402
+import shutil  # noqa: E402
 import tempfile  # noqa: E402
 
 from nipype import config as _nipype_config  # noqa: E402
 
+
+def _scratch(prefix: str) -> str:
+    """A temporary folder for this test process, removed when it exits (not when a child
+    forked from it does)."""
+    path, owner = tempfile.mkdtemp(prefix=prefix), os.getpid()
+
+    def remove():
+        if os.getpid() == owner:
+            shutil.rmtree(path, ignore_errors=True)
+
+    atexit.register(remove)
+    return path
+
+
 # crash files of tests that expect a crash go to a temporary folder, not the work tree
-_nipype_config.set("execution", "crashdump_dir",
-                   tempfile.mkdtemp(prefix="nipype-s3-test-crashes-"))
+_nipype_config.set("execution", "crashdump_dir", _scratch("nipype-s3-test-crashes-"))
 
 # the digest cache of a test run is its own (not the user's ~/.cache)
 os.environ["NIPYPE_S3_DIGEST_CACHE"] = os.path.join(
-    tempfile.mkdtemp(prefix="nipype-s3-test-digests-"), "digests.sqlite")
+    _scratch("nipype-s3-test-digests-"), "digests.sqlite")
 
 from nipype_s3.testing.servers import FAKE_ACCESS_KEY, FAKE_SECRET_KEY  # noqa: E402
 
