@@ -6,8 +6,9 @@
 Starts a SeaweedFS server on 127.0.0.1 (a real S3 server; moto is too CPU-hungry to time
 against), makes the data, and times each contender in its own process, each figure the
 median of the repeats. The contenders of a case take turns (each repeat starts with
-another one), and dirty pages are flushed (``sync``) before every timed run, so one
-tool's writes are not written back to disk during the next tool's run:
+another one, and each follows every other equally often), and dirty pages are flushed
+(``sync``) before every timed run, so one tool's writes are not written back to disk
+during the next tool's run:
 
 * upload:   S3DataSink (Node.run), nipype's DataSink (via AWS_ENDPOINT_URL), s5cmd,
             ``aws s3 cp --recursive``, and ``cp -r`` as the local-disk reference;
@@ -87,6 +88,30 @@ def make_files(root: str, count: int, size: int) -> None:
                 left -= len(chunk)
 
 
+def balanced_order(n: int, rep: int) -> list[int]:
+    """The order in which ``n`` contenders run in repeat ``rep``: a Williams design.
+
+    Starting each repeat with another contender but keeping one cycle (A B C D, B C D A,
+    ...) leaves every contender after the same one each time: the download that always
+    follows ``cp -r``'s burst of 500 new files ran in its wake in every repeat (measured
+    here: creating files right after such a burst is up to twice as slow). In these
+    orders (0 1 n-1 2 n-2 ..., shifted by ``rep``; mirrored in odd rounds when ``n`` is
+    odd) each contender follows each other one equally often over ``n`` repeats (``2n``
+    for odd ``n``), and still starts a repeat in turn.
+    """
+    first, low, high = [0], 1, n - 1
+    while len(first) < n:
+        first.append(low)
+        low += 1
+        if len(first) < n:
+            first.append(high)
+            high -= 1
+    order = [(i + rep) % n for i in first]
+    if n % 2 and (rep // n) % 2:
+        order.reverse()
+    return order
+
+
 def _hwm_kib(pid: int) -> int:
     try:
         with open(f"/proc/{pid}/status") as fobj:
@@ -162,17 +187,17 @@ class Bench:
     # -- measurements -----------------------------------------------------------------
     def compare(self, case, direction, contenders, files, nbytes) -> list[dict]:
         """Time each ``(tool, make_argv, prepare)`` of ``contenders`` ``repeats`` times,
-        taking turns: repeat ``r`` runs them all, starting with a different one each time.
+        taking turns in a balanced order (:func:`balanced_order`).
 
-        One tool's runs back to back would share whatever state the server is in then
-        (still settling the writes of the case before, or warmed up by the tool
+        One tool's runs back to back would share whatever state the machine is in then
+        (the server still settling the case before, the file system after the tool
         before); taking turns spreads that over every tool.
         """
         times = {tool: [] for tool, _, _ in contenders}
         mems = {tool: [] for tool, _, _ in contenders}
         for rep in range(self.repeats):
-            shift = rep % len(contenders)
-            for tool, make_argv, prepare in contenders[shift:] + contenders[:shift]:
+            order = balanced_order(len(contenders), rep)
+            for tool, make_argv, prepare in (contenders[i] for i in order):
                 if prepare:
                     prepare(rep)
                 seconds, mem, _ = run_timed(make_argv(rep), self.env)
