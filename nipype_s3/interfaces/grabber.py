@@ -20,16 +20,34 @@ from ..exceptions import ConfigurationError, S3AccessDenied, S3ObjectNotFound
 from ..s3.download import DownloadItem, download_files
 from ..s3.listing import list_objects
 from ..s3.transfer import TransferSettings
-from ..s3.uri import validate_bucket_name
+from ..s3.uri import is_s3_uri, parse_s3_uri, validate_bucket_name
 from ..templates import compile_template, covering_prefixes, fill_template, literal_prefix
 from ._base import S3ConnectionInputSpec, S3InterfaceMixin, iflogger
 
 __all__ = ["S3DataGrabber"]
 
 
+def _bucket_name(value: str) -> str:
+    """The grabber's ``bucket`` input as a bucket name; ``s3://name`` is taken as ``name``.
+
+    ``s3://name/some/prefix`` is refused with the two inputs it should have been: which
+    part is the bucket path is then for the user to say, not for us to guess.
+    """
+    if not is_s3_uri(value):
+        return validate_bucket_name(value)
+    uri = parse_s3_uri(value)
+    if uri.key.strip("/"):
+        raise ConfigurationError(
+            f"S3DataGrabber input 'bucket' is {value!r}, a bucket and a key prefix: give the "
+            f"bucket alone (bucket={uri.bucket!r}) and the prefix as bucket_path "
+            f"(bucket_path={uri.prefix!r}).")
+    return uri.bucket
+
+
 class _S3DataGrabberInputSpec(DynamicTraitedSpec, S3ConnectionInputSpec,
                               BaseInterfaceInputSpec):
-    bucket = Str(mandatory=True, desc="the S3 bucket holding the data")
+    bucket = Str(mandatory=True, desc="the S3 bucket holding the data: its name ('s3://name' "
+                                      "is accepted too)")
     bucket_path = Str("", usedefault=True,
                       desc="key prefix below which templates are matched (may be empty)")
     local_directory = Directory(
@@ -142,7 +160,7 @@ class S3DataGrabber(S3InterfaceMixin, IOBase):
                 raise ConfigurationError(
                     f"S3DataGrabber requires a value for input {key!r} because it was listed "
                     "in 'infields'.")
-        bucket = validate_bucket_name(self.inputs.bucket)
+        bucket = _bucket_name(self.inputs.bucket)
         mode = self.inputs.template_type
         base = self._bucket_path()
         patterns = self._field_patterns()

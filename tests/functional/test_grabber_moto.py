@@ -54,3 +54,30 @@ def test_regex_mode_on_moto(bids, tmp_path):
     result = grab.run(cwd=str(tmp_path))
     assert sorted(os.path.basename(p) for p in result.outputs.outfiles) == [
         "sub-01_T1w.nii", "sub-02_T1w.nii"]
+
+
+def test_bucket_given_as_an_s3_uri_is_its_name(bids, tmp_path):
+    grab = S3DataGrabber()
+    grab.inputs.bucket = "S3://bids-data/"  # any case of the scheme, a trailing slash
+    grab.inputs.bucket_path = "study/sub-02/anat/"
+    grab.inputs.template = "*.nii"
+    result = grab.run(cwd=str(tmp_path))
+    assert [os.path.basename(p) for p in [result.outputs.outfiles]] == ["sub-02_T1w.nii"]
+
+
+def test_local_directory_that_is_a_file_is_named_and_nothing_is_fetched(bids, tmp_path):
+    from nipype_s3 import ConfigurationError
+
+    blocker = tmp_path / "data"
+    blocker.write_text("not a folder")
+    grab = S3DataGrabber()
+    grab.inputs.bucket = "bids-data"
+    grab.inputs.bucket_path = "study/"
+    grab.inputs.template = "sub-01/anat/*"
+    grab.inputs.local_directory = str(blocker)
+    with pytest.raises(ConfigurationError) as err:
+        grab.run(cwd=str(tmp_path))
+    assert str(err.value) == (
+        f"Cannot download into '{blocker}/sub-01/anat': '{blocker}' is a file, not a "
+        "folder. Move that file, or download somewhere else (local_directory).")
+    assert blocker.read_text() == "not a folder"

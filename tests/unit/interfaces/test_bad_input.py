@@ -48,6 +48,18 @@ def test_grabber_bucket(bucket, message, tmp_path):
         grab.run(cwd=str(tmp_path))
 
 
+def test_grabber_bucket_uri_with_a_prefix(tmp_path):
+    grab = S3DataGrabber()
+    grab.inputs.bucket = "s3://mybucket/study/sub-01"
+    grab.inputs.template = "*"
+    with pytest.raises(ConfigurationError) as err:
+        grab.run(cwd=str(tmp_path))
+    assert str(err.value) == (
+        "S3DataGrabber input 'bucket' is 's3://mybucket/study/sub-01', a bucket and a key "
+        "prefix: give the bucket alone (bucket='mybucket') and the prefix as bucket_path "
+        "(bucket_path='study/sub-01/').")
+
+
 def test_grabber_infield_missing(tmp_path):
     grab = S3DataGrabber(infields=["subject_id"])
     grab.inputs.bucket = "mybucket"
