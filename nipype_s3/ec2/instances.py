@@ -180,6 +180,9 @@ class InstancePool:
         if code in _CAPACITY:
             return (f"EC2 has no capacity for {spec.instance_type} right now ({code}). Try "
                     "another instance_type, another subnet/availability zone, or later.")
+        if code == "InvalidInstanceType":
+            return (f"Instance type {spec.instance_type!r} does not exist in this region "
+                    f"({code}: {message}). Check the instance_type (e.g. 'c6i.2xlarge').")
         if code.startswith("InvalidAMIID"):
             return (f"AMI {spec.ami!r} cannot be used ({code}: {message}). Check the AMI id "
                     "exists in this region, or leave 'ami' unset for Amazon Linux 2023.")

@@ -8,10 +8,15 @@ price.
 
 from __future__ import annotations
 
+import logging
 import math
+
+from ..exceptions import ConfigurationError
 
 __all__ = ["ON_DEMAND_USD_PER_HOUR", "SHAPES", "hourly_price", "billed_seconds",
            "estimate_cost", "instance_shape"]
+
+logger = logging.getLogger(__name__)
 
 #: (vCPUs, memory GiB) of common types.
 SHAPES: dict[str, tuple[int, float]] = {
@@ -64,11 +69,33 @@ def estimate_cost(instance_type: str, seconds: float, *, spot: bool = False) -> 
 
 
 def instance_shape(instance_type: str, ec2_client=None) -> tuple[int, float]:
-    """(vCPUs, memory GiB) of a type: from the table, else ``DescribeInstanceTypes``."""
+    """(vCPUs, memory GiB) of a type: from the table, else ``DescribeInstanceTypes``.
+
+    A type the region does not offer (a typo, or a type of another region) raises
+    :class:`~nipype_s3.ConfigurationError` naming it; any other refusal of the request
+    (a policy without ``ec2:DescribeInstanceTypes``) is logged, and the run goes on with
+    2 vCPUs and 4 GiB per instance.
+    """
     if instance_type in SHAPES:
         return SHAPES[instance_type]
     if ec2_client is not None:
-        info = ec2_client.describe_instance_types(InstanceTypes=[instance_type])
+        import botocore.exceptions
+
+        try:
+            info = ec2_client.describe_instance_types(InstanceTypes=[instance_type])
+        except botocore.exceptions.ClientError as exc:
+            error = exc.response.get("Error", {})
+            region = ec2_client.meta.region_name
+            if error.get("Code") == "InvalidInstanceType":
+                raise ConfigurationError(
+                    f"Instance type {instance_type!r} does not exist in {region} "
+                    f"({error.get('Message') or 'InvalidInstanceType'}). Check the "
+                    "instance_type (e.g. 'c6i.2xlarge'), in plugin_args or a node's "
+                    "plugin_args.") from exc
+            logger.warning("could not look up instance type %s in %s (%s); packing jobs "
+                           "as if it had 2 vCPUs and 4 GiB", instance_type, region,
+                           error.get("Code") or exc)
+            return (2, 4.0)
         found = info.get("InstanceTypes") or []
         if found:
             return (int(found[0]["VCpuInfo"]["DefaultVCpus"]),

@@ -255,6 +255,8 @@ class EC2Plugin(SGELikeBatchManagerBase):
         self.cost_report: dict | None = None
         self.peak = 0
         self._fleets = {}
+        self._shapes: dict[str, tuple[int, float]] = {}
+        self._leased = False
         self._booted: set[str] = set()
         self._senders: ThreadPoolExecutor | None = None
 
@@ -297,12 +299,16 @@ class EC2Plugin(SGELikeBatchManagerBase):
                                   or endpoint, **kwargs)
         self.ec2 = session.client("ec2", endpoint_url=ec2_endpoint, **kwargs)
         self.store = ContentStore(self.s3, bucket, prefix)
+        self._shapes = {}
+        self._leased = False
+        self._shape(s.instance_type)  # a type that does not exist: said before anything is made
         logger.info("EC2Plugin: run %s, files in s3://%s/%s, up to %d x %s in %s",
                     self.run_id, bucket, self.layout.run_prefix, s.max_instances,
                     s.instance_type, region)
         with s3_errors(bucket=bucket, key=self.layout.lease_key, action="write the lease to",
                        endpoint=endpoint):
             self._write_lease()
+        self._leased = True
         self.events_queue = self.sqs.create_queue(
             QueueName=self.layout.queue_name("events"))["QueueUrl"]
         self._job_key = new_job_key()
@@ -337,12 +343,12 @@ class EC2Plugin(SGELikeBatchManagerBase):
             return fleet
         s = self.settings
         default = instance_type == s.instance_type
+        vcpus, mem_gb = self._shape(instance_type)  # a type that does not exist: nothing made
         kind = "jobs" if default else f"jobs-{_slug(instance_type).replace('.', '-')}"
         queue = self.sqs.create_queue(
             QueueName=self.layout.queue_name(kind),
             Attributes={"VisibilityTimeout": str(int(s.visibility_timeout)),
                         "MessageRetentionPeriod": "1209600"})["QueueUrl"]
-        vcpus, mem_gb = instance_shape(instance_type, self.ec2)
         if s.agent_vcpus:
             vcpus = int(s.agent_vcpus)
         if s.agent_mem_gb:
@@ -371,6 +377,12 @@ class EC2Plugin(SGELikeBatchManagerBase):
         fleet = _Fleet(instance_type, queue, pool, vcpus, mem_gb)
         self._fleets[instance_type] = fleet
         return fleet
+
+    def _shape(self, instance_type: str) -> tuple[int, float]:
+        """(vCPUs, GiB) of ``instance_type``, looked up once a run."""
+        if instance_type not in self._shapes:
+            self._shapes[instance_type] = instance_shape(instance_type, self.ec2)
+        return self._shapes[instance_type]
 
     @property
     def pool(self) -> InstancePool | None:
@@ -422,7 +434,7 @@ class EC2Plugin(SGELikeBatchManagerBase):
                         fleet.pool.launched[iid]["terminated"] = now
 
     def _expire_lease(self) -> None:
-        if self.layout is None or getattr(self, "s3", None) is None:
+        if not self._leased:  # the run stopped before its lease was written: nothing to end
             return
         body = json.dumps({"run_id": self.run_id, "expires": 0, "finished": time.time()})
         self.s3.put_object(Bucket=self.layout.bucket, Key=self.layout.lease_key,
@@ -542,7 +554,10 @@ class EC2Plugin(SGELikeBatchManagerBase):
         node_args = getattr(node, "plugin_args", None) or {}
         instance_type = node_args.get("instance_type") if isinstance(node_args, dict) \
             else None
-        fleet = self._fleet(instance_type or self.settings.instance_type)
+        try:
+            fleet = self._fleet(instance_type or self.settings.instance_type)
+        except ConfigurationError as exc:
+            raise ConfigurationError(f"Node {node.fullname}: {exc}") from exc
         spec = {
             "version": 1, "run_id": self.run_id, "job_id": job_id, "node": node.fullname,
             "node_pickle": self.layout.pickle_key(job_id),

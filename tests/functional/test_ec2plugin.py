@@ -275,6 +275,41 @@ def test_bad_launch_settings_are_clear(cloud, tmp_path, args, message):
     assert cloud.live_instances() == []
 
 
+def test_an_instance_type_that_does_not_exist_is_named_before_anything_is_made(cloud,
+                                                                               tmp_path):
+    from nipype_s3 import ConfigurationError
+
+    wf = Workflow("badtype", base_dir=str(tmp_path))
+    node = _fn("a", _double, ["x"], ["y"])
+    node.inputs.x = 1
+    wf.add_nodes([node])
+    with pytest.raises(ConfigurationError) as err:
+        wf.run(plugin=_plugin(instance_type="c9.huge"))
+    assert str(err.value).startswith("Instance type 'c9.huge' does not exist in us-east-1 (")
+    assert "Check the instance_type (e.g. 'c6i.2xlarge')" in str(err.value)
+    assert cloud.proxy.count(action="AmazonSQS.CreateQueue") == 0
+    assert cloud.proxy.count(action="RunInstances") == 0
+    assert not boto3.client("s3").list_objects_v2(Bucket="my-bucket").get("Contents")
+
+
+def test_a_node_asking_for_a_type_that_does_not_exist_is_named(cloud, tmp_path):
+    from nipype_s3 import ConfigurationError
+
+    wf = Workflow("badnodetype", base_dir=str(tmp_path))
+    wf.config["execution"]["poll_sleep_duration"] = 0.3
+    node = _fn("big", _double, ["x"], ["y"])
+    node.inputs.x = 1
+    node.plugin_args = {"instance_type": "r9.gigantic"}
+    wf.add_nodes([node])
+    with pytest.raises(ConfigurationError) as err:
+        wf.run(plugin=_plugin())
+    assert str(err.value).startswith(
+        "Node badnodetype.big: Instance type 'r9.gigantic' does not exist in us-east-1 (")
+    assert cloud.live_instances() == []
+    queues = boto3.client("sqs", region_name="us-east-1").list_queues().get("QueueUrls", [])
+    assert not [q for q in queues if "r9" in q]
+
+
 def test_controller_calls_per_poll_do_not_grow_with_pending_jobs(cloud, tmp_path):
     wf = Workflow("many", base_dir=str(tmp_path))
     wf.config["execution"]["poll_sleep_duration"] = 0.3

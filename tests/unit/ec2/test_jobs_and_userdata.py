@@ -110,3 +110,37 @@ def test_cost_estimates():
     assert estimate_cost("c6i.large", 3600, spot=True) == pytest.approx(0.0255)
     assert estimate_cost("x9.unknown", 100) is None
     assert instance_shape("c6i.2xlarge") == (8, 16)
+
+
+def _stubbed_ec2(code, message):
+    import boto3
+    from botocore.stub import Stubber
+
+    ec2 = boto3.client("ec2", region_name="eu-west-1")
+    stub = Stubber(ec2)
+    stub.add_client_error("describe_instance_types", service_error_code=code,
+                          service_message=message,
+                          expected_params={"InstanceTypes": ["c9.huge"]})
+    stub.activate()
+    return ec2, stub
+
+
+def test_an_instance_type_the_region_lacks_is_a_configuration_error():
+    ec2, stub = _stubbed_ec2("InvalidInstanceType", "The following supplied instance types "
+                                                    "do not exist: [c9.huge]")
+    with pytest.raises(ConfigurationError) as err:
+        instance_shape("c9.huge", ec2)
+    assert str(err.value) == (
+        "Instance type 'c9.huge' does not exist in eu-west-1 (The following supplied "
+        "instance types do not exist: [c9.huge]). Check the instance_type (e.g. "
+        "'c6i.2xlarge'), in plugin_args or a node's plugin_args.")
+    stub.assert_no_pending_responses()
+
+
+def test_an_instance_type_lookup_refused_by_policy_packs_as_two_cpus(caplog):
+    ec2, stub = _stubbed_ec2("UnauthorizedOperation", "not authorized")
+    with caplog.at_level("WARNING", logger="nipype_s3.ec2.pricing"):
+        assert instance_shape("c9.huge", ec2) == (2, 4.0)
+    assert "could not look up instance type c9.huge in eu-west-1 (UnauthorizedOperation)" \
+        in caplog.text
+    stub.assert_no_pending_responses()
