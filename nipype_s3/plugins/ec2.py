@@ -186,8 +186,13 @@ class EC2Settings:
         known = {f for f in cls.__dataclass_fields__ if not f.startswith("_")}
         unknown = set(args) - known - cls._NIPYPE_KEYS
         if unknown:
+            import difflib
+
+            hints = [f"{name!r} (did you mean {close[0]!r}?)" if close else repr(name)
+                     for name in sorted(unknown)
+                     for close in [difflib.get_close_matches(name, known, n=1)]]
             raise ConfigurationError(
-                f"EC2Plugin does not know plugin_args {sorted(unknown)}; the known ones are "
+                f"EC2Plugin does not know plugin_args {', '.join(hints)}; the known ones are "
                 f"{sorted(known)}.")
         settings = cls(**{k: v for k, v in args.items() if k in known})
         parse_s3_prefix(settings.s3_prefix)

@@ -190,3 +190,19 @@ def test_instances_end_before_the_run_waits_for_a_send_under_way():
     plugin._finish_run()
     assert order == ["terminated", "sent"]
     assert under_way.done() and queued.cancelled()
+
+
+@pytest.mark.parametrize("args, message", [
+    ({"instance_typo": "c6i.large"},
+     "EC2Plugin does not know plugin_args 'instance_typo' (did you mean 'instance_type'?); "
+     "the known ones are ["),
+    ({"colour": "blue"}, "EC2Plugin does not know plugin_args 'colour'; the known ones are ["),
+    ({"max_instances": 0}, "max_instances must be at least 1, not 0."),
+    ({}, "EC2Plugin needs plugin_args['s3_prefix']"),
+])
+def test_bad_plugin_args_are_named_before_anything_runs(args, message):
+    from nipype_s3 import ConfigurationError, EC2Plugin
+
+    with pytest.raises(ConfigurationError) as err:
+        EC2Plugin(plugin_args={"s3_prefix": "s3://bucket/runs", **args} if args else {})
+    assert str(err.value).startswith(message)
