@@ -12,6 +12,7 @@ from nipype.interfaces.io import DataSink, DataSinkInputSpec, DataSinkOutputSpec
 
 from ..exceptions import ConfigurationError, InputFileNotFound
 from ..layout import expand_entry, plan_sink
+from ..localfs import copy_file, copy_tree, make_folder
 from ..s3.delete import delete_keys
 from ..s3.listing import common_prefix, list_objects
 from ..s3.transfer import TransferSettings
@@ -123,6 +124,9 @@ class S3DataSink(S3InterfaceMixin, DataSink):
                 f"S3DataSink would write two files to the same key {dup!r}: {sources}. Use "
                 "different input names, parameterization, or substitutions to tell them apart.")
 
+        if isdefined(self.inputs.local_copy):  # a folder that cannot be: said before uploading
+            make_folder(os.path.abspath(self.inputs.local_copy), purpose="copy files into",
+                        instead="set local_copy to another folder")
         client = self._s3_client(bucket)
         settings = TransferSettings(max_concurrency=self.inputs.max_concurrency,
                                     progress=bool(self.inputs.progress))
@@ -180,11 +184,10 @@ def _looks_like_s3(value: str) -> bool:
 
 
 def _copy_local(entry, remove_dest_dir: bool) -> str:
-    os.makedirs(os.path.dirname(entry.dest) or ".", exist_ok=True)
+    make_folder(os.path.dirname(entry.dest) or ".", purpose="copy files into",
+                instead="set local_copy to another folder")
     if entry.is_dir:
         if remove_dest_dir and os.path.exists(entry.dest):
             shutil.rmtree(entry.dest)
-        shutil.copytree(entry.source, entry.dest, dirs_exist_ok=True)
-    else:
-        shutil.copy2(entry.source, entry.dest)
-    return entry.dest
+        return copy_tree(entry.source, entry.dest)
+    return copy_file(entry.source, entry.dest)

@@ -23,6 +23,7 @@ from s3transfer.subscribers import BaseSubscriber
 
 from .. import config as cfg
 from ..exceptions import ConfigurationError, NipypeS3Error, TransferFailed
+from ..localfs import make_folder
 from .errors import translate
 from .hashing import etag_matches
 from .native import native_engine, open_empty
@@ -245,24 +246,6 @@ def _native_first(client, bucket, settings, items, request_payer, progress):
     return outcomes, small, large
 
 
-def _make_folder(folder: str) -> None:
-    """Create ``folder`` (and its parents) to download into, or say why it cannot be."""
-    try:
-        os.makedirs(folder, exist_ok=True)
-    except OSError as exc:
-        blocker = folder
-        while blocker and not os.path.exists(blocker):
-            blocker = os.path.dirname(blocker)
-        if blocker and not os.path.isdir(blocker):
-            raise ConfigurationError(
-                f"Cannot download into {folder!r}: {blocker!r} is a file, not a folder. "
-                "Move that file, or download somewhere else (local_directory).") from exc
-        raise ConfigurationError(
-            f"Cannot create the folder {folder!r} to download into: "
-            f"{exc.strerror or exc}. Check that path and its permissions, or download "
-            "somewhere else (local_directory).") from exc
-
-
 def _close_opened(opened: dict) -> None:
     """Close the descriptors opened ahead and never handed to the engine."""
     for future in opened.values():
@@ -366,7 +349,8 @@ def download_files(client, bucket: str, items, *, settings: TransferSettings | N
         if todo:
             folders = {os.path.dirname(os.path.abspath(item.dest)) or "." for item in todo}
             for folder in sorted(folders):
-                _make_folder(folder)
+                make_folder(folder, purpose="download into",
+                            instead="download somewhere else (local_directory)")
                 _sweep_dead_temps(folder)
             total = sum(i.size or 0 for i in todo)
             progress = Progress(total, "download", settings.progress)

@@ -56,6 +56,50 @@ def test_out_file_lists_uris_and_local_copies(s3_inprocess, realigned, tmp_path)
     assert open(local, "rb").read() == open(realigned, "rb").read()
 
 
+def test_local_copy_blocked_by_a_file_is_named_before_anything_is_uploaded(
+        s3_inprocess, realigned, tmp_path):
+    s3_inprocess.create_bucket(Bucket="mybucket")
+    blocker = tmp_path / "mirror"
+    blocker.write_text("a file where the copies should go")
+    sink = S3DataSink(base_directory="s3://mybucket/out", local_copy=str(blocker / "sub"))
+    sink.inputs.motion = [realigned]
+    with pytest.raises(ConfigurationError) as err:
+        sink.run(cwd=str(tmp_path))
+    assert str(err.value) == (
+        f"Cannot copy files into {str(blocker / 'sub')!r}: {str(blocker)!r} is a file, not a "
+        "folder. Move that file, or set local_copy to another folder.")
+    assert _keys(s3_inprocess, "mybucket") == []
+    assert blocker.read_text() == "a file where the copies should go"
+
+
+def test_a_local_copy_that_fails_leaves_no_partial_file(s3_inprocess, realigned, tmp_path,
+                                                        monkeypatch):
+    import errno
+    import shutil
+
+    s3_inprocess.create_bucket(Bucket="mybucket")
+    mirror = tmp_path / "mirror"
+    old = mirror / "motion" / "realigned_file1.nii.gz"
+    old.parent.mkdir(parents=True)
+    old.write_bytes(b"the copy of an earlier run")
+    real_copy = shutil.copyfileobj
+
+    def disk_full(fsrc, fdst, length=0):
+        fdst.write(fsrc.read(100))
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(shutil, "copyfileobj", disk_full)
+    monkeypatch.setattr(shutil, "_fastcopy_sendfile", lambda *a: (_ for _ in ()).throw(
+        OSError(errno.ENOSPC, "No space left on device")), raising=False)
+    sink = S3DataSink(base_directory="s3://mybucket/out", local_copy=str(mirror))
+    sink.inputs.motion = [realigned]
+    with pytest.raises(OSError, match="No space left"):
+        sink.run(cwd=str(tmp_path))
+    monkeypatch.setattr(shutil, "copyfileobj", real_copy)
+    assert old.read_bytes() == b"the copy of an earlier run"  # untouched, not half-written
+    assert sorted(p.name for p in old.parent.iterdir()) == ["realigned_file1.nii.gz"]
+
+
 def test_missing_input_file_uploads_nothing(s3_inprocess, tmp_path, realigned):
     s3_inprocess.create_bucket(Bucket="mybucket")
     sink = S3DataSink(base_directory="s3://mybucket/out")
