@@ -11,11 +11,12 @@ import botocore.exceptions
 from .config import env_endpoint_url
 from .ec2.instances import terminate_run
 from .ec2.jobs import RUN_TAG, RunLayout, job_key_parameter, parse_s3_prefix
-from .exceptions import ConfigurationError
+from .exceptions import ConfigurationError, S3ObjectNotFound
 from .s3.delete import delete_keys
 from .s3.errors import s3_errors
 from .s3.listing import iter_objects
 from .s3.session import make_s3_client
+from .s3.uri import join_key
 
 __all__ = ["cleanup", "load_cost_report", "run_ids"]
 
@@ -91,7 +92,29 @@ def load_cost_report(run_id: str, s3_prefix: str) -> dict:
     bucket, prefix = parse_s3_prefix(s3_prefix)
     layout = RunLayout(bucket, prefix, run_id)
     s3 = make_s3_client(boto3.Session(), bucket=bucket)
-    with s3_errors(bucket=bucket, key=layout.cost_key, action="read the cost report",
-                   endpoint=env_endpoint_url()):
-        body = s3.get_object(Bucket=bucket, Key=layout.cost_key)["Body"].read()
+    try:
+        with s3_errors(bucket=bucket, key=layout.cost_key, action="read",
+                       endpoint=env_endpoint_url()):
+            body = s3.get_object(Bucket=bucket, Key=layout.cost_key)["Body"].read()
+    except S3ObjectNotFound as exc:
+        runs_prefix = join_key(prefix, "runs") + "/"
+        known = _run_ids(s3, bucket, runs_prefix)
+        listed = (f"The latest runs there: {', '.join(known[-5:])}." if known else
+                  "There are no runs there.")
+        raise S3ObjectNotFound(
+            f"No cost report for run {run_id!r}: s3://{bucket}/{layout.cost_key} does not "
+            f"exist. {listed} A run writes its report when it ends; check --run and "
+            "--s3-prefix (the run's s3_prefix).", bucket=bucket, key=layout.cost_key,
+            code=exc.code) from exc
     return json.loads(body)
+
+
+def _run_ids(s3, bucket: str, runs_prefix: str) -> list[str]:
+    """The run ids below ``runs_prefix`` (oldest first; ids start with their date)."""
+    try:
+        pages = s3.get_paginator("list_objects_v2").paginate(
+            Bucket=bucket, Prefix=runs_prefix, Delimiter="/")
+        return sorted(p["Prefix"][len(runs_prefix):].rstrip("/")
+                      for page in pages for p in page.get("CommonPrefixes", []))
+    except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError):
+        return []

@@ -123,4 +123,8 @@ def test_cost_command(cloud, tmp_path, capsys):
     assert "jobs: 1 on EC2, 0 on the controller" in out
     assert main(["cost", "--run", "no-such-run", "--s3-prefix",
                  "s3://my-bucket/nipype-runs"]) == 1
-    assert "does not exist" in capsys.readouterr().err
+    assert capsys.readouterr().err == (
+        "nipype-s3 cost: error: No cost report for run 'no-such-run': "
+        "s3://my-bucket/nipype-runs/runs/no-such-run/cost.json does not exist. The latest "
+        f"runs there: {plugin.run_id}. A run writes its report when it ends; check --run "
+        "and --s3-prefix (the run's s3_prefix).\n")
