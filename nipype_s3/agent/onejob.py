@@ -111,10 +111,12 @@ def run_one_job(cfg, spec: dict, workdir: str) -> dict:
             log.flush()
 
         try:
+            report["stage"] = "fetching the input"
             data = make_s3_client(_data_session(cfg, spec), endpoint_url=cfg.endpoint_url,
                                   region=cfg.region)
             say(f"fetching {spec['input_s3']}")
             input_path = _fetch_input(data, spec["input_s3"], os.path.join(workdir, "input"))
+            report["stage"] = "starting the command"
             output_dir = os.path.join(workdir, "output")
             os.makedirs(output_dir, exist_ok=True)
             argv = build_command(runtime=spec["runtime"], command=spec["command"],
@@ -122,6 +124,7 @@ def run_one_job(cfg, spec: dict, workdir: str) -> dict:
                                  output_dir=output_dir, gpu=bool(spec.get("gpu")),
                                  env=spec.get("env"))
             say("running: " + shlex.join(argv))
+            report["stage"] = "running the command"
             env = dict(os.environ)
             env.update({k: str(v) for k, v in (spec.get("env") or {}).items()})
             for secret in ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ACCESS_KEY_ID"):
@@ -142,6 +145,7 @@ def run_one_job(cfg, spec: dict, workdir: str) -> dict:
                         full = os.path.join(dirpath, name)
                         rel = os.path.relpath(full, output_dir).replace(os.sep, "/")
                         items.append(UploadItem(full, join_key(out.key, rel)))
+                report["stage"] = "uploading the outputs"
                 own = make_s3_client(boto3.Session(region_name=cfg.region),
                                      endpoint_url=cfg.endpoint_url, region=cfg.region)
                 say(f"uploading {len(items)} files to {spec['output_s3']}")
@@ -150,7 +154,8 @@ def run_one_job(cfg, spec: dict, workdir: str) -> dict:
                 report["status"] = "ok"
             elif report["status"] != "timeout":
                 say(f"the command exited with code {report['exit_code']}")
-        except Exception:
+        except Exception as exc:
+            report["error"] = f"{type(exc).__name__}: {exc}"[:1000]
             say("the job failed:\n" + format_exc())
     report["finished"] = time.time()
     report["log_path"] = log_path

@@ -21,8 +21,16 @@ from ..ec2.instances import InstancePool, LaunchSpec, default_ami, terminate_run
 from ..ec2.jobs import RunLayout, job_key_parameter, new_job_key, new_run_id, sign
 from ..ec2.pricing import estimate_cost
 from ..ec2.userdata import render_user_data
-from ..exceptions import ConfigurationError, EC2Error, InstanceTimeout, RemoteNodeError
+from ..exceptions import (
+    ConfigurationError,
+    EC2Error,
+    InstanceTimeout,
+    RemoteNodeError,
+    S3AccessDenied,
+    S3ObjectNotFound,
+)
 from ..s3.credentials import resolve_session
+from ..s3.errors import s3_errors
 from ..s3.session import bucket_region, make_s3_client
 from ..s3.uri import parse_s3_uri
 from ._base import S3InterfaceMixin, iflogger
@@ -135,8 +143,23 @@ class EC2ContainerRun(S3InterfaceMixin, BaseInterface):
         ec2 = session.client("ec2", **kw)
         ssm = session.client("ssm", **kw)
         self._warn_cross_region(session, endpoint, region)
+        self._check_input(session, endpoint)
 
         params = [job_key_parameter(run_id)]
+        try:
+            return self._run_job(runtime, run_id, layout, region, endpoint, s3, ec2, ssm,
+                                 params)
+        finally:  # whatever happened, no key or credentials are left in SSM
+            for name in params:
+                try:
+                    ssm.delete_parameter(Name=name)
+                except botocore.exceptions.ClientError:
+                    pass
+
+    def _run_job(self, runtime, run_id, layout, region, endpoint, s3, ec2, ssm, params):
+        """Store the key and spec, start the instance, wait for its report (``params``:
+        the SSM parameters made, which the caller deletes)."""
+        inputs = self.inputs
         key = new_job_key()
         ssm.put_parameter(Name=params[0], Type="SecureString", Value=key.hex(),
                           Overwrite=True)
@@ -149,9 +172,11 @@ class EC2ContainerRun(S3InterfaceMixin, BaseInterface):
                 "env": dict(inputs.env) if isdefined(inputs.env) else {},
                 "timeout": float(inputs.timeout), "data_credentials_parameter": data_param}
         spec_bytes = json.dumps(spec, sort_keys=True).encode()
-        s3.put_object(Bucket=layout.bucket, Key=layout.spec_key(_JOB), Body=spec_bytes)
-        s3.put_object(Bucket=layout.bucket, Key=layout.spec_key(_JOB) + ".hmac",
-                      Body=sign(key, spec_bytes).encode())
+        with s3_errors(bucket=layout.bucket, key=layout.spec_key(_JOB),
+                       action="write the job's spec to", endpoint=endpoint):
+            s3.put_object(Bucket=layout.bucket, Key=layout.spec_key(_JOB), Body=spec_bytes)
+            s3.put_object(Bucket=layout.bucket, Key=layout.spec_key(_JOB) + ".hmac",
+                          Body=sign(key, spec_bytes).encode())
         cfg = AgentConfig(bucket=layout.bucket, prefix=layout.prefix, run_id=run_id,
                           region=region, jobs_queue_url="", events_queue_url="",
                           job_key_parameter=params[0], endpoint_url=endpoint,
@@ -175,18 +200,11 @@ class EC2ContainerRun(S3InterfaceMixin, BaseInterface):
             report = self._wait(s3, ec2, layout, instance_id)
         finally:
             ended_at = time.time()
-            try:
-                if existing:
-                    ec2.stop_instances(InstanceIds=[existing])
-                    iflogger.info("EC2ContainerRun: StopInstances %s", existing)
-                else:
-                    terminate_run(ec2, run_id)
-            finally:
-                for name in params:
-                    try:
-                        ssm.delete_parameter(Name=name)
-                    except botocore.exceptions.ClientError:
-                        pass
+            if existing:
+                ec2.stop_instances(InstanceIds=[existing])
+                iflogger.info("EC2ContainerRun: StopInstances %s", existing)
+            else:
+                terminate_run(ec2, run_id)
         log_uri = f"s3://{layout.bucket}/{report.get('log_key', '')}"
         tail = report.get("log_tail") or ""
         if report.get("status") == "timeout":
@@ -194,10 +212,13 @@ class EC2ContainerRun(S3InterfaceMixin, BaseInterface):
                 f"EC2ContainerRun: the command ran longer than timeout={inputs.timeout:.0f} s "
                 f"and was stopped; instance {instance_id} was "
                 f"{'stopped' if existing else 'terminated'}. Log: {log_uri}\n{tail}")
-        if report.get("exit_code") != 0:
+        if report.get("status") != "ok":  # a failed upload after exit code 0 included
+            what = (f"the command failed (exit code {report['exit_code']})"
+                    if report.get("exit_code") not in (None, 0) else
+                    f"the job failed while {report.get('stage') or 'running'}"
+                    + (f": {report['error']}" if report.get("error") else ""))
             raise RemoteNodeError(
-                f"EC2ContainerRun: the command failed (exit code {report.get('exit_code')}) "
-                f"on instance {instance_id}; the instance was "
+                f"EC2ContainerRun: {what} on instance {instance_id}; the instance was "
                 f"{'stopped' if existing else 'terminated'}. Log: {log_uri}\n"
                 f"--- log tail ---\n{tail}", instance_id=instance_id, log_uri=log_uri,
                 remote_traceback=tail)
@@ -214,6 +235,37 @@ class EC2ContainerRun(S3InterfaceMixin, BaseInterface):
         return dict(getattr(self, "_results", {}) or {})
 
     # -- pieces ---------------------------------------------------------------------
+    def _check_input(self, session, endpoint) -> None:
+        """Make sure ``input_s3`` holds something before paying for an instance.
+
+        One HEAD (an object) or a one-key LIST (a prefix), with the credentials the
+        instance will fetch it with when they are given here (``data_profile``,
+        ``data_creds_path``). A refusal is not an answer: the instance's own role may
+        read what the controller may not.
+        """
+        uri = parse_s3_uri(self.inputs.input_s3)
+        data = session
+        if self._opt("data_profile") or self._opt("data_creds_path"):
+            data = resolve_session(creds_path=self._opt("data_creds_path"),
+                                   profile=self._opt("data_profile"))
+        try:
+            client = make_s3_client(data, bucket=uri.bucket, endpoint_url=endpoint)
+            folder = not uri.key or uri.key.endswith("/")
+            with s3_errors(bucket=uri.bucket, key=uri.key or None,
+                           action="find the input", endpoint=endpoint):
+                if not folder:
+                    client.head_object(Bucket=uri.bucket, Key=uri.key)
+                    return
+                listed = client.list_objects_v2(Bucket=uri.bucket, Prefix=uri.key, MaxKeys=1)
+        except S3AccessDenied as exc:
+            iflogger.debug("EC2ContainerRun: input not checked before launching: %s", exc)
+            return
+        if not listed.get("KeyCount") and not listed.get("Contents"):
+            raise S3ObjectNotFound(
+                f"EC2ContainerRun input_s3 {self.inputs.input_s3!r} holds no objects: nothing "
+                "to run the command on. Check the prefix (a prefix ends in '/'; without "
+                "it input_s3 names one object).", bucket=uri.bucket, key=uri.key)
+
     def _warn_cross_region(self, session, endpoint, region) -> None:
         if endpoint:
             return

@@ -100,6 +100,56 @@ def test_timeout_stops_the_command_and_terminates(cloud, tmp_path):
     assert cloud.live_instances() == []
 
 
+def _ssm_parameters():
+    ssm = boto3.client("ssm", region_name="us-east-1")
+    pages = ssm.get_paginator("describe_parameters").paginate()
+    return [p["Name"] for page in pages for p in page.get("Parameters", [])
+            if not p["Name"].startswith("/aws/")]  # AWS's own (the AMI ids)
+
+
+@pytest.mark.parametrize("input_s3, message", [
+    ("s3://abcd-data/sub-99/func/sub-99_bold.nii.gz",
+     "s3://abcd-data/sub-99/func/sub-99_bold.nii.gz does not exist"),
+    ("s3://abcd-data/sub-99/",
+     "EC2ContainerRun input_s3 's3://abcd-data/sub-99/' holds no objects: nothing to run "
+     "the command on."),
+])
+def test_missing_input_is_named_before_an_instance_is_paid_for(cloud, tmp_path, input_s3,
+                                                               message):
+    from nipype_s3 import S3ObjectNotFound
+
+    node = _run(command="cp {input} {output_dir}/")
+    node.inputs.input_s3 = input_s3
+    with pytest.raises(S3ObjectNotFound, match=message.replace(".", r"\.")):
+        node.run(cwd=str(tmp_path))
+    assert cloud.proxy.count(action="RunInstances") == 0
+    assert _ssm_parameters() == []
+
+
+def test_missing_output_bucket_is_named_and_leaves_no_key_in_ssm(cloud, tmp_path):
+    from nipype_s3 import S3BucketNotFound
+
+    node = _run(command="cp {input} {output_dir}/")
+    node.inputs.output_s3 = "s3://no-such-results/masks/"
+    with pytest.raises(S3BucketNotFound, match="Bucket 'no-such-results' does not exist"):
+        node.run(cwd=str(tmp_path))
+    assert cloud.proxy.count(action="RunInstances") == 0
+    assert _ssm_parameters() == []  # the job's signing key was stored, and is gone again
+
+
+def test_outputs_that_cannot_be_uploaded_fail_the_node(cloud, tmp_path):
+    """The command succeeds, its outputs cannot be stored: an error, never a success with
+    nothing uploaded."""
+    node = _run(command="cp {input} {output_dir}/", staging_s3="s3://my-results/staging/")
+    node.inputs.output_s3 = "s3://no-such-results/masks/"
+    with pytest.raises(RemoteNodeError) as err:
+        node.run(cwd=str(tmp_path))
+    assert "the job failed while uploading the outputs: " in str(err.value)
+    assert "no-such-results" in str(err.value)
+    assert cloud.live_instances() == []
+    assert _ssm_parameters() == []
+
+
 def _docker_works() -> bool:
     if not shutil.which("docker"):
         return False
