@@ -83,6 +83,12 @@ def translate(exc: BaseException, *, bucket: str | None = None, key: str | None 
         return CredentialsError(
             f"Incomplete AWS credentials ({exc}). Set both the access key id and the secret "
             "key (and the session token for temporary credentials).")
+    if isinstance(exc, botocore.exceptions.SSLError):
+        return S3Error(
+            f"TLS failed with the S3 endpoint{at} while trying to {action} {where}: {exc}. "
+            "If the server speaks plain HTTP, use an http:// endpoint_url; if its "
+            "certificate comes from an authority of its own, point AWS_CA_BUNDLE at that "
+            "authority's certificate.", bucket=bucket, key=key, code="SSLError")
     if isinstance(exc, (botocore.exceptions.EndpointConnectionError,
                         botocore.exceptions.ConnectionClosedError)):
         return S3Error(

@@ -6,7 +6,9 @@ import contextlib
 import datetime as _dt
 import gc
 import logging
+import re
 import threading
+from urllib.parse import urlsplit
 
 import boto3
 import botocore.exceptions
@@ -15,9 +17,11 @@ from botocore import UNSIGNED
 from botocore.config import Config
 
 from .. import config as cfg
+from ..exceptions import ConfigurationError
 from .errors import s3_errors
 
-__all__ = ["make_s3_client", "bucket_region", "client_config", "endpoint_of", "signs_payloads"]
+__all__ = ["make_s3_client", "bucket_region", "check_endpoint_url", "client_config", "endpoint_of",
+           "signs_payloads"]
 
 logger = logging.getLogger(__name__)
 
@@ -169,6 +173,17 @@ def _share_loader(session: boto3.Session) -> None:
         logger.debug("botocore data loader not shared: %s", exc)
 
 
+def check_endpoint_url(url: str) -> str:
+    """``url`` if it is an ``http(s)://host[:port]`` URL, else a ``ConfigurationError``."""
+    parts = urlsplit(url)
+    if parts.scheme.lower() not in ("http", "https") or not parts.netloc:
+        hint = f" (did you mean 'http://{url}' or 'https://{url}'?)" if "://" not in url else ""
+        raise ConfigurationError(
+            f"S3 endpoint {url!r} is not an http:// or https:// URL{hint}. Set endpoint_url "
+            "(or AWS_ENDPOINT_URL) to the server's URL, e.g. 'http://127.0.0.1:9000'.")
+    return url
+
+
 def endpoint_of(client) -> str | None:
     """The custom endpoint URL of a client, or ``None`` for AWS's own endpoints."""
     url = getattr(client.meta, "endpoint_url", None) or ""
@@ -228,6 +243,8 @@ def make_s3_client(session: boto3.Session, *, bucket: str | None = None,
         Transfers at once; sizes the connection pool.
     """
     endpoint_url = endpoint_url or cfg.env_endpoint_url()
+    if endpoint_url:
+        check_endpoint_url(endpoint_url)
     if not region:
         if bucket and not endpoint_url:
             region = bucket_region(bucket, session, anon=anon)
@@ -248,4 +265,27 @@ def make_s3_client(session: boto3.Session, *, bucket: str | None = None,
                 config=client_config(max_concurrency=max_concurrency, anon=anon,
                                      region=region))
     client.meta.events.register("before-send.s3", _drop_expect_header)
+    client.meta.events.register_first("needs-retry.s3", _tls_misconfiguration_is_final)
     return client
+
+
+#: TLS failures that no retry mends: an untrusted or mismatched certificate, or TLS
+#: spoken to a plain-HTTP port.
+_TLS_FINAL = re.compile(r"CERTIFICATE_VERIFY_FAILED|certificate verify failed|"
+                        r"WRONG_VERSION_NUMBER|doesn't match|IP address mismatch|"
+                        r"Hostname mismatch", re.IGNORECASE)
+
+
+def _tls_misconfiguration_is_final(caught_exception=None, **kwargs):
+    """Stop botocore retrying a TLS setup that cannot work (``needs-retry`` handler).
+
+    botocore counts every ``SSLError`` as transient, so a self-signed certificate or an
+    ``https://`` URL for a plain-HTTP server took eight attempts and ~50 s of backoff
+    before its error. Those answers never change: the error is raised at once (and then
+    explained by :func:`~nipype_s3.s3.errors.translate`). Other TLS errors (a connection
+    dropped during the handshake) are retried as before.
+    """
+    if isinstance(caught_exception, botocore.exceptions.SSLError) and \
+            _TLS_FINAL.search(str(caught_exception)):
+        raise caught_exception
+    return None

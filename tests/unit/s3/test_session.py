@@ -258,3 +258,24 @@ def test_bodies_are_hashed_into_signatures_only_without_tls(url, signed):
     value = sent["x-amz-content-sha256"]
     value = value.decode() if isinstance(value, bytes) else value
     assert value == (hashlib.sha256(body).hexdigest() if signed else "UNSIGNED-PAYLOAD")
+
+
+@pytest.mark.parametrize("reason, final", [
+    ("[SSL: CERTIFICATE_VERIFY_FAILED] certificate verify failed: self-signed certificate",
+     True),
+    ("[SSL: WRONG_VERSION_NUMBER] wrong version number (_ssl.c:1006)", True),
+    ("hostname 'minio.lab' doesn't match 'other.lab'", True),
+    ("EOF occurred in violation of protocol (_ssl.c:2427)", False),  # a dropped connection
+])
+def test_tls_setups_that_cannot_work_are_not_retried(reason, final):
+    import botocore.exceptions
+
+    from nipype_s3.s3.session import _tls_misconfiguration_is_final
+
+    exc = botocore.exceptions.SSLError(endpoint_url="https://minio.lab", error=reason)
+    if final:
+        with pytest.raises(botocore.exceptions.SSLError):
+            _tls_misconfiguration_is_final(caught_exception=exc, attempts=1)
+    else:
+        assert _tls_misconfiguration_is_final(caught_exception=exc, attempts=1) is None
+    assert _tls_misconfiguration_is_final(caught_exception=None, attempts=1) is None
