@@ -429,7 +429,9 @@ class Agent:
                     continue
                 if self.running:
                     last_work = now
-                elif now - last_work > cfg.idle_timeout:
+                elif now - last_work > cfg.idle_timeout and outage is None:
+                    # idle only by a look at the queue that worked: an outage may have hidden
+                    # a job, and stopping then would leave it for an instance yet to boot
                     self.stop_reason = f"idle for {cfg.idle_timeout:.0f} s"
                     break
                 cpus, _ = self._free()

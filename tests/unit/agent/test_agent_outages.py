@@ -97,6 +97,20 @@ def test_an_idle_agent_rides_out_a_short_outage(run, caplog):
     assert "an AWS request failed" in caplog.text and "AWS answers again" in caplog.text
 
 
+def test_an_agent_does_not_stop_idle_before_it_has_seen_the_queue_again(run):
+    """Its idle time runs out during an outage: a job may be waiting, so it looks once
+    more when AWS answers, and only then stops."""
+    import dataclasses
+
+    layout, cfg, key, sqs, s3 = run
+    agent = Agent(dataclasses.replace(cfg, idle_timeout=0.01), instance_id="i-test")
+    agent.sqs = Flaky(agent.sqs, "receive_message",
+                      [_no_connection(), _client_error(503, "ServiceUnavailable")])
+    assert agent.run() == 0
+    assert agent.sqs.calls == 3 and not agent.sqs.errors  # the third look worked
+    assert agent.stop_reason == "idle for 0 s"
+
+
 def test_an_idle_agent_gives_up_after_max_outage(run):
     layout, cfg, key, sqs, s3 = run
     cfg.max_outage = 0.3
