@@ -16,7 +16,6 @@ from .s3.delete import delete_keys
 from .s3.errors import s3_errors
 from .s3.listing import iter_objects
 from .s3.session import make_s3_client
-from .s3.uri import join_key
 
 __all__ = ["cleanup", "load_cost_report", "run_ids"]
 
@@ -97,7 +96,7 @@ def load_cost_report(run_id: str, s3_prefix: str) -> dict:
                        endpoint=env_endpoint_url()):
             body = s3.get_object(Bucket=bucket, Key=layout.cost_key)["Body"].read()
     except S3ObjectNotFound as exc:
-        runs_prefix = join_key(prefix, "runs") + "/"
+        runs_prefix = layout.runs_prefix
         known = _run_ids(s3, bucket, runs_prefix)
         listed = (f"The latest runs there: {', '.join(known[-5:])}." if known else
                   "There are no runs there.")

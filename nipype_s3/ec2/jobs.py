@@ -66,8 +66,13 @@ class RunLayout:
     run_id: str
 
     @property
+    def runs_prefix(self) -> str:
+        """Where every run below ``s3://bucket/prefix`` keeps its files."""
+        return join_key(self.prefix, "runs") + "/"
+
+    @property
     def run_prefix(self) -> str:
-        return join_key(self.prefix, "runs", self.run_id) + "/"
+        return self.runs_prefix + self.run_id + "/"
 
     def key(self, *parts: str) -> str:
         return join_key(self.run_prefix, *parts)
