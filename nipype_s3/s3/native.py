@@ -52,6 +52,29 @@ _MEMORY_LIMIT = 256 * 1024 * 1024
 _engines: weakref.WeakKeyDictionary[object, dict] = weakref.WeakKeyDictionary()
 _engines_lock = threading.Lock()
 
+#: the process's event-loop threads, shared by every engine: ``{pid: ClientBootstrap}``
+_bootstraps: dict[int, object] = {}
+_bootstraps_lock = threading.Lock()  # not _engines_lock: held while an engine is made
+
+
+def _shared_bootstrap():
+    """The event-loop threads (and DNS cache) every engine of this process uses.
+
+    One group per process rather than one per engine: a process talking to several
+    buckets, or with several sets of credentials, keeps 1-4 threads rather than that
+    many per engine, and :func:`_keep_thread_state` then keeps a handful of thread
+    states, for as long as the process lives.
+    """
+    from awscrt.io import ClientBootstrap, DefaultHostResolver, EventLoopGroup
+
+    pid = os.getpid()
+    with _bootstraps_lock:
+        bootstrap = _bootstraps.get(pid)
+        if bootstrap is None:
+            loops = EventLoopGroup(max(1, min(4, os.cpu_count() or 1)))
+            bootstrap = _bootstraps[pid] = ClientBootstrap(loops, DefaultHostResolver(loops))
+        return bootstrap
+
 
 def engine_choice() -> str:
     """``NIPYPE_S3_ENGINE``: ``'auto'`` (the default: the native engine when it can run),
@@ -223,7 +246,6 @@ class NativeEngine:
             AwsSigningAlgorithm,
             AwsSigningConfig,
         )
-        from awscrt.io import ClientBootstrap, DefaultHostResolver, EventLoopGroup
         from awscrt.s3 import S3Client, S3RequestTlsMode
         from botocore import UNSIGNED
 
@@ -262,9 +284,8 @@ class NativeEngine:
             signed_body_value=None if self.signs_bodies else
             AwsSignedBodyValue.UNSIGNED_PAYLOAD,
             signed_body_header_type=AwsSignedBodyHeaderType.X_AMZ_CONTENT_SHA_256)
-        loops = EventLoopGroup(max(1, min(4, os.cpu_count() or 1)))
         self._client = S3Client(
-            bootstrap=ClientBootstrap(loops, DefaultHostResolver(loops)), region=region,
+            bootstrap=_shared_bootstrap(), region=region,
             signing_config=signing, tls_connection_options=_tls_options(client, url),
             tls_mode=S3RequestTlsMode.ENABLED if url.scheme == "https" else
             S3RequestTlsMode.DISABLED,
@@ -414,6 +435,7 @@ class NativeEngine:
         last = [time.monotonic()]
 
         def progress(nbytes):
+            _keep_thread_state()
             last[0] = time.monotonic()
             if on_bytes is not None:
                 on_bytes(nbytes)
@@ -586,11 +608,40 @@ def _find_fallocate():
         return None
 
 
+_thread_state = threading.local()
+
+
+def _keep_thread_state() -> None:
+    """Keep the Python thread state of the CRT thread this callback runs on.
+
+    awscrt calls into Python from its event-loop threads between ``PyGILState_Ensure``
+    and ``PyGILState_Release``. On a thread Python did not start, that pair creates a
+    thread state for each callback and deletes it afterwards, with its 16 KiB frame
+    stack: an ``mmap``, and an ``munmap`` that interrupts the other core to flush its
+    TLB. A small download made 2,000 such pairs for 500 files (``docs/benchmarks.rst``).
+    One more ``Ensure``, never released, keeps the state for the thread's life; the
+    threads are the process's shared event loops (:func:`_shared_bootstrap`), so a
+    handful of states are kept. Outside CPython this does nothing.
+    """
+    if getattr(_thread_state, "kept", False):
+        return
+    _thread_state.kept = True  # in the state kept from here on; tried once either way
+    if sys.implementation.name != "cpython":  # pragma: no cover
+        return
+    try:
+        import ctypes
+
+        ctypes.pythonapi.PyGILState_Ensure()
+    except Exception:  # noqa: BLE001 - pragma: no cover - only a speed-up
+        pass
+
+
 def _write_at(fd: int, chunk, offset: int, **_kwargs) -> None:
     """The CRT's ``on_body``: write ``chunk`` at ``offset`` of ``fd``, in slices.
 
     An exception here (a full disk) fails the request; botocore then tries it again.
     """
+    _keep_thread_state()
     view = memoryview(chunk)
     end = len(view)
     pos = 0

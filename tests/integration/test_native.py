@@ -382,3 +382,34 @@ def test_a_native_listing_that_fails_is_asked_again_of_botocore(seaweedfs, weed_
             list_objects(client, "nipype-s3-no-such-bucket", "x/")
         lists = [_native(r) for r in proxy.requests if "list-type" in r.query]
     assert lists[0] is True and lists[-1] is False  # the engine tried; botocore reported
+
+
+def test_crt_callbacks_keep_their_thread_state_on_the_process_shared_event_loops(
+        seaweedfs, weed_bucket, files, tmp_path):
+    """Each CRT thread keeps one Python thread state across callbacks (it was made and
+    deleted for every callback: an mmap/munmap pair each time), and every engine of the
+    process uses the same few event-loop threads, so only a handful are ever kept."""
+    import threading
+
+    root, _sums = files
+    _put_all(seaweedfs, weed_bucket, root)
+    probe = threading.local()  # its values live in the calling thread's state
+    counts: dict[int, int] = {}
+
+    def on_bytes(_n):
+        probe.calls = getattr(probe, "calls", 0) + 1
+        ident = threading.get_ident()
+        counts[ident] = max(counts.get(ident, 0), probe.calls)
+
+    for i in range(3):  # three clients: three engines
+        engine = native.native_engine(_client(seaweedfs.url), weed_bucket, max_concurrency=4,
+                                      part_size=8 * 1024 * 1024)
+        assert engine is not None
+        dest = tmp_path / f"d{i}"
+        dest.mkdir()
+        jobs = [(f"n/{p.name}", str(dest / p.name)) for p in sorted(root.iterdir())]
+        assert engine.download(jobs, on_bytes=on_bytes) == {}
+    loops = max(1, min(4, os.cpu_count() or 1))
+    assert 1 <= len(counts) <= loops  # three engines, one set of threads
+    # 90 downloads of 1-120 KiB: the thread states saw all their threads' callbacks
+    assert sum(counts.values()) >= 3 * N
