@@ -21,11 +21,14 @@ are applied to the key, never to the bucket name.
 
 from __future__ import annotations
 
+import logging
 import os
 import posixpath
 import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+
+from .localfs import walk_files
 
 __all__ = ["SinkEntry", "plan_sink", "destination_name", "substitute", "expand_entry"]
 
@@ -130,12 +133,15 @@ def expand_entry(entry: SinkEntry, join: Callable[..., str] = posixpath.join):
     if not entry.is_dir:
         return [(entry.source, entry.dest)]
     pairs = []
-    for dirpath, dirnames, filenames in os.walk(entry.source):
-        dirnames.sort()
-        for fname in sorted(filenames):
-            full = os.path.join(dirpath, fname)
-            rel = os.path.relpath(full, entry.source)
-            if join is posixpath.join:
-                rel = rel.replace(os.sep, "/")
-            pairs.append((full, join(entry.dest, rel)))
+    files, broken = walk_files(entry.source)  # linked files and folders followed
+    for full in files:
+        rel = os.path.relpath(full, entry.source)
+        if join is posixpath.join:
+            rel = rel.replace(os.sep, "/")
+        pairs.append((full, join(entry.dest, rel)))
+    if broken:
+        logging.getLogger("nipype_s3.sink").warning(
+            "%d broken symbolic link(s) in %s hold no data and were not stored: %s",
+            len(broken), entry.source, ", ".join(broken[:5]) + (" ..." if len(broken) > 5
+                                                                 else ""))
     return pairs

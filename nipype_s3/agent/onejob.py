@@ -19,6 +19,7 @@ from traceback import format_exc
 
 import boto3
 
+from ..localfs import walk_files
 from ..s3.download import DownloadItem, download_files
 from ..s3.listing import iter_objects
 from ..s3.session import make_s3_client
@@ -140,11 +141,13 @@ def run_one_job(cfg, spec: dict, workdir: str) -> dict:
             if report["exit_code"] == 0:
                 out = parse_s3_uri(spec["output_s3"])
                 items = []
-                for dirpath, _, names in os.walk(output_dir):
-                    for name in sorted(names):
-                        full = os.path.join(dirpath, name)
-                        rel = os.path.relpath(full, output_dir).replace(os.sep, "/")
-                        items.append(UploadItem(full, join_key(out.key, rel)))
+                files, broken = walk_files(output_dir)  # linked files and folders followed
+                for full in files:
+                    rel = os.path.relpath(full, output_dir).replace(os.sep, "/")
+                    items.append(UploadItem(full, join_key(out.key, rel)))
+                if broken:
+                    say(f"not uploaded: {len(broken)} broken symbolic link(s), e.g. "
+                        f"{os.path.relpath(broken[0], output_dir)}")
                 report["stage"] = "uploading the outputs"
                 own = make_s3_client(boto3.Session(region_name=cfg.region),
                                      endpoint_url=cfg.endpoint_url, region=cfg.region)

@@ -20,7 +20,7 @@ import sys
 import time
 from traceback import format_exc
 
-__all__ = ["run_job", "main"]
+__all__ = ["run_job", "main", "node_dir_contents"]
 
 
 _client_cache: dict = {}
@@ -40,10 +40,39 @@ def _clients(cfg):
     return _client_cache[key]
 
 
+def node_dir_contents(outdir: str, root: str) -> tuple[list[str], list[str]]:
+    """What of a node's directory to store: ``(files, links)``, each sorted.
+
+    Symbolic links are kept as links (the controller makes them again, their targets
+    moved from ``root`` to its own paths) when they point below ``root`` (the node's
+    directory, its inputs, other nodes' outputs: all where the controller has them),
+    into a folder, or nowhere (a broken link is what the node left; it is no reason to
+    fail the job). A link to an existing file elsewhere on the instance (``/opt/...``)
+    is stored as that file, which the controller may not have.
+    """
+    from ..localfs import _contains
+
+    files, links = [], []
+    for dirpath, dirnames, names in os.walk(outdir):  # does not descend into links
+        dirnames.sort()
+        for name in sorted(names) + [d for d in dirnames if os.path.islink(
+                os.path.join(dirpath, d))]:
+            path = os.path.join(dirpath, name)
+            if not os.path.islink(path):
+                files.append(path)
+            elif _contains(root, os.path.realpath(path)) or os.path.isdir(path) or \
+                    not os.path.exists(path):
+                links.append(path)
+            else:
+                files.append(path)
+    return files, links
+
+
 def run_job(cfg, spec: dict, outcome_path: str) -> dict:
     """Run the job described by ``spec``; write and return the outcome."""
     import pickle
 
+    from ..localfs import make_link
     from ..pickles import PathMap, rewrite_pickle
     from ..s3.cas import ContentStore, ManifestEntry
     from .runner import run_node, write_failure_result
@@ -61,6 +90,10 @@ def run_job(cfg, spec: dict, outcome_path: str) -> dict:
         pathmap = PathMap(root, tuple(spec.get("prefixes", ())) + tuple(
             e.path for e in manifest))
         store.get(manifest, pathmap.to_worker)
+        for entry in manifest:  # links inside input folders, as they were
+            if entry.link is not None:
+                make_link(pathmap.to_worker(entry.path), pathmap.to_worker(entry.link)
+                          if os.path.isabs(entry.link) else entry.link)
 
         raw = client.get_object(Bucket=cfg.bucket, Key=spec["node_pickle"])["Body"].read()
         if hashlib.sha256(raw).hexdigest() != spec["node_sha256"]:
@@ -90,14 +123,12 @@ def run_job(cfg, spec: dict, outcome_path: str) -> dict:
         outdir = node.output_dir()
         outcome["output_dir"] = outdir
         scrub_tree(outdir, secret_values())
-        files = []
-        for dirpath, dirnames, names in os.walk(outdir):
-            dirnames.sort()
-            files.extend(os.path.join(dirpath, n) for n in sorted(names))
+        files, links = node_dir_contents(outdir, root)
         try:
             client = _clients(cfg)
             store = ContentStore(client, cfg.bucket, cfg.prefix)
             entries = store.put(files, expand_dirs=False)
+            entries += [ManifestEntry.for_link(path) for path in links]
             outcome["outputs"] = [dict(e.to_json(), path=os.path.relpath(e.path, outdir))
                                   for e in entries]
             outcome["bytes_up"] = store.bytes_up

@@ -64,6 +64,7 @@ from ..ec2.jobs import (
 from ..ec2.pricing import estimate_cost, instance_shape
 from ..ec2.userdata import render_user_data
 from ..exceptions import ConfigurationError, EC2Error, InstanceLaunchError
+from ..localfs import make_link
 from ..pickles import PathMap, rewrite_pickle_file, rewrite_text_file
 from ..s3.cas import ContentStore, ManifestEntry
 from ..s3.credentials import resolve_session
@@ -821,7 +822,13 @@ class EC2Plugin(SGELikeBatchManagerBase):
         report = json.loads(body)
         os.makedirs(job.node_dir, exist_ok=True)
         outputs = [ManifestEntry.from_json(e) for e in report.get("outputs", [])]
+        links = [e for e in outputs if e.link is not None]
+        outputs = [e for e in outputs if e.link is None]
         pathmap = PathMap(report.get("worker_root") or "/")
+        for entry in links:  # before the result pickle, which says the node is done
+            make_link(os.path.join(job.node_dir, entry.path),
+                       pathmap.to_controller(entry.link) if os.path.isabs(entry.link)
+                       else entry.link)
         if outputs:
             meta = [e for e in outputs if _is_meta(e.path)]
             data = [e for e in outputs if not _is_meta(e.path)]

@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass
 import botocore.exceptions
 
 from ..exceptions import TransferFailed
+from ..localfs import walk_files
 from .download import DownloadItem, download_files
 from .errors import translate
 from .session import endpoint_of
@@ -52,20 +53,35 @@ BLIND_PUT_BELOW = 256 * 1024
 
 @dataclass(frozen=True)
 class ManifestEntry:
-    """One file: where it belongs, what it holds, and its modification time."""
+    """One file: where it belongs, what it holds, and its modification time.
+
+    An entry with ``link`` is a symbolic link to that target, with no content (empty
+    ``sha256``): :meth:`ContentStore.get` leaves it to the caller, who knows how to move
+    the target's path.
+    """
 
     path: str
     sha256: str
     size: int
     mtime: float
+    link: str | None = None
 
     def to_json(self) -> dict:
-        return asdict(self)
+        data = asdict(self)
+        if self.link is None:
+            del data["link"]
+        return data
 
     @classmethod
     def from_json(cls, data: dict) -> ManifestEntry:
+        link = data.get("link")
         return cls(str(data["path"]), str(data["sha256"]), int(data["size"]),
-                   float(data["mtime"]))
+                   float(data["mtime"]), None if link is None else str(link))
+
+    @classmethod
+    def for_link(cls, path: str) -> ManifestEntry:
+        """The entry of the symbolic link at ``path``, as it reads (target not moved)."""
+        return cls(path, "", 0, os.lstat(path).st_mtime, os.readlink(path))
 
 
 class ContentStore:
@@ -133,13 +149,19 @@ class ContentStore:
 
     # -- putting files in ---------------------------------------------------------------
     def put(self, paths: Iterable[str], *, expand_dirs: bool = True) -> list[ManifestEntry]:
-        """Store files (folders: every file below them); return their manifest entries."""
+        """Store files (folders: every file below them); return their manifest entries.
+
+        In a folder, symbolic links to something inside it, and broken ones, become link
+        entries (made again by whoever fetches them); other links are followed.
+        """
         files = []
+        links = []
         for path in paths:
             if expand_dirs and os.path.isdir(path):
-                for dirpath, dirnames, names in os.walk(path):
-                    dirnames.sort()
-                    files.extend(os.path.join(dirpath, n) for n in sorted(names))
+                # links within the folder (or broken) are kept as links; others followed
+                found, kept = walk_files(path, keep_inner_links=True)
+                files.extend(found)
+                links.extend(kept)
             else:
                 files.append(path)
         files = list(dict.fromkeys(files))
@@ -160,7 +182,7 @@ class ContentStore:
             missing = [d for d, there in zip(
                 digests, pool.map(stored, zip(digests, stats, strict=True)), strict=True)
                 if not there]
-        entries = []
+        entries = [ManifestEntry.for_link(path) for path in dict.fromkeys(links)]
         uploads = {}
         for path, digest, st in zip(files, digests, stats, strict=True):
             entries.append(ManifestEntry(path, digest, st.st_size, st.st_mtime))
@@ -183,7 +205,7 @@ class ContentStore:
         With ``verify``, each fetched file's SHA-256 must equal its entry's, else
         :class:`~nipype_s3.exceptions.TransferFailed` (and the file is removed).
         """
-        entries = list(entries)
+        entries = [e for e in entries if e.link is None]  # links are the caller's
         items = []
         seen = set()
         for entry in entries:

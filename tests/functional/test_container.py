@@ -69,6 +69,32 @@ def test_command_runs_next_to_the_data_and_instance_terminates(cloud, tmp_path):
     assert cloud.live_instances() == []
 
 
+LINKS_SCRIPT = r'''
+import os, sys
+out = sys.argv[1]
+os.makedirs(os.path.join(out, "stats"), exist_ok=True)
+with open(os.path.join(out, "stats", "aseg.stats"), "w") as fobj:
+    fobj.write("volumes")
+os.symlink(os.path.join(out, "stats"), os.path.join(out, "stats_link"))
+os.symlink(os.path.join(out, "gone"), os.path.join(out, "broken"))
+'''
+
+
+def test_outputs_with_symbolic_links_are_uploaded_as_files(cloud, tmp_path):
+    """A linked folder's files are uploaded under the link (S3 has no links); a broken
+    link holds no data: said in the log, not a failure."""
+    script = tmp_path / "links.py"
+    script.write_text(LINKS_SCRIPT)
+    result = _run(command=f"{sys.executable} {script} {{output_dir}}").run(
+        cwd=str(tmp_path))
+    assert sorted(result.outputs.output_uris) == [
+        "s3://my-results/masks/sub-01/stats/aseg.stats",
+        "s3://my-results/masks/sub-01/stats_link/aseg.stats"]
+    log_bucket, log_key = result.outputs.log_uri[len("s3://"):].split("/", 1)
+    log = boto3.client("s3").get_object(Bucket=log_bucket, Key=log_key)["Body"].read()
+    assert b"not uploaded: 1 broken symbolic link(s), e.g. broken" in log
+
+
 def test_existing_instance_is_started_and_stopped_again(cloud, tmp_path):
     ec2 = boto3.client("ec2")
     iid = ec2.run_instances(ImageId="ami-0ed094fb1304fd857", MinCount=1, MaxCount=1,

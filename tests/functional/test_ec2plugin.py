@@ -160,6 +160,70 @@ def test_same_outputs_as_linear_and_rerun_submits_nothing(cloud, tmp_path, nifti
     assert "started in a fork of the agent" in logs  # one-CPU jobs: no interpreter start
 
 
+def _folder_with_links(in_file):
+    import os
+
+    folder = os.path.abspath("subject")
+    os.makedirs(os.path.join(folder, "surf"))
+    with open(os.path.join(folder, "surf", "lh.white"), "w") as fobj:
+        fobj.write("white")
+    os.symlink(os.path.join(folder, "surf"), os.path.join(folder, "surf_link"))
+    os.symlink(os.path.join(folder, "surf", "lh.white"), os.path.join(folder, "white"))
+    os.symlink(in_file, os.path.join(folder, "input"))
+    os.symlink(os.path.join(folder, "not-made"), os.path.join(folder, "broken"))
+    return folder
+
+
+def _describe_folder(folder):
+    import os
+
+    seen = []
+    for dirpath, dirnames, names in os.walk(folder):
+        dirnames.sort()
+        for name in sorted(names + [d for d in dirnames if os.path.islink(
+                os.path.join(dirpath, d))]):
+            path = os.path.join(dirpath, name)
+            kind = "link" if os.path.islink(path) else "file"
+            target = os.readlink(path).replace(folder, "<folder>") if kind == "link" else ""
+            content = open(path).read() if os.path.isfile(path) else None
+            seen.append([os.path.relpath(path, folder), kind, target, content])
+    return seen
+
+
+def test_symbolic_links_in_node_folders_arrive_as_links(cloud, tmp_path):
+    """A node's links (to its own files and folders, to an input, broken) are made again
+    on the controller and on the next node's instance, as Linear leaves them; os.walk
+    alone would drop the linked folder and fail on the broken link."""
+    in_file = tmp_path / "t1.nii"
+    in_file.write_text("input image")
+
+    def build(base):
+        wf = Workflow("links", base_dir=str(base))
+        wf.config["execution"]["poll_sleep_duration"] = 0.3
+        make = _fn("make", _folder_with_links, ["in_file"], ["folder"])
+        make.inputs.in_file = str(in_file)
+        look = _fn("look", _describe_folder, ["folder"], ["seen"])
+        wf.connect(make, "folder", look, "folder")
+        return wf
+
+    linear = _outputs(build(tmp_path / "linear").run(plugin="Linear"))
+    remote = _outputs(build(tmp_path / "ec2").run(plugin=_plugin(max_instances=1)))
+    seen = {row[0]: row for row in remote["links.look"]["seen"]}
+    # a link out of the folder handed on is followed: the next instance may not have
+    # its target, so it gets the content (the same bytes, as a file)
+    assert seen.pop("input") == ["input", "file", "", "input image"]
+    assert seen == {row[0]: row for row in linear["links.look"]["seen"]
+                    if row[0] != "input"}
+    assert seen["surf_link"][1:3] == ["link", "<folder>/surf"]
+    assert seen["white"][1:] == ["link", "<folder>/surf/lh.white", "white"]
+    assert seen["broken"][1] == "link"
+    folder = tmp_path / "ec2" / "links" / "make" / "subject"  # the controller's copy
+    assert os.readlink(folder / "surf_link") == str(folder / "surf")
+    assert os.readlink(folder / "input") == str(in_file)
+    assert os.path.islink(folder / "broken") and not os.path.exists(folder / "broken")
+    assert cloud.live_instances() == []
+
+
 def test_remote_crash_is_an_ordinary_crash_with_the_remote_traceback(cloud, tmp_path):
     wf = Workflow("crashing", base_dir=str(tmp_path))
     wf.config["execution"]["poll_sleep_duration"] = 0.3

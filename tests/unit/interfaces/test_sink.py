@@ -208,3 +208,31 @@ def test_secrets_never_recorded(s3_inprocess, realigned, tmp_path, monkeypatch):
                 data = gzip.decompress(data)
             for secret in secrets:
                 assert secret not in data, f"{secret!r} found in {name}"
+
+
+def test_a_folder_with_symbolic_links_is_stored_as_datasink_copies_it(
+        s3_inprocess, tmp_path, caplog):
+    """Linked files and folders are followed (``os.walk`` alone leaves linked folders
+    out: their files would be lost without a word); a broken link is named in a warning."""
+    import logging
+
+    s3_inprocess.create_bucket(Bucket="mybucket")
+    folder = tmp_path / "fs_subject"
+    (folder / "surf").mkdir(parents=True)
+    (folder / "surf" / "lh.white").write_bytes(b"surface")
+    atlas = tmp_path / "atlas"
+    atlas.mkdir()
+    (atlas / "labels.txt").write_text("labels")
+    os.symlink(atlas, folder / "atlas")
+    os.symlink(folder / "surf" / "lh.white", folder / "lh.white.link")
+    os.symlink(folder, folder / "surf" / "loop")
+    os.symlink(tmp_path / "gone", folder / "broken")
+    sink = S3DataSink(base_directory="s3://mybucket/out", container="sub001")
+    sink.inputs.anat = [str(folder)]
+    with caplog.at_level(logging.WARNING, logger="nipype_s3"):
+        sink.run(cwd=str(tmp_path))
+    assert _keys(s3_inprocess, "mybucket") == [
+        "out/sub001/anat/fs_subject/atlas/labels.txt",
+        "out/sub001/anat/fs_subject/lh.white.link",
+        "out/sub001/anat/fs_subject/surf/lh.white"]
+    assert "broken symbolic link" in caplog.text and str(folder / "broken") in caplog.text
