@@ -7,7 +7,7 @@ import shutil
 
 from .exceptions import ConfigurationError
 
-__all__ = ["make_folder", "copy_file", "copy_tree", "walk_files", "make_link"]
+__all__ = ["make_folder", "copy_file", "copy_tree", "walk_files", "make_link", "is_within"]
 
 
 def make_folder(folder: str, *, purpose: str, instead: str) -> None:
@@ -59,7 +59,7 @@ def copy_tree(source: str, dest: str) -> str:
     """
     def loops(folder, names):
         here = os.path.realpath(folder)
-        return [n for n in names if os.path.islink(os.path.join(folder, n)) and _contains(
+        return [n for n in names if os.path.islink(os.path.join(folder, n)) and is_within(
             os.path.realpath(os.path.join(folder, n)), here)]
 
     shutil.copytree(source, dest, copy_function=copy_file, dirs_exist_ok=True,
@@ -67,7 +67,8 @@ def copy_tree(source: str, dest: str) -> str:
     return dest
 
 
-def _contains(folder: str, path: str) -> bool:
+def is_within(folder: str, path: str) -> bool:
+    """Whether ``path`` is ``folder`` or lies below it (both as given: no resolving)."""
     return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
 
 
@@ -95,13 +96,13 @@ def walk_files(folder: str, *, keep_inner_links: bool = False
                 if entry.is_symlink():
                     real = os.path.realpath(entry.path)
                     if not os.path.exists(entry.path) or keep_inner_links and \
-                            _contains(top, real):
+                            is_within(top, real):
                         links.append(entry.path)
                         continue
                 if entry.is_dir():  # a link to a folder too
                     real = os.path.realpath(entry.path)
                     if real not in ancestors and not (
-                            entry.is_symlink() and _contains(real, ancestors[-1])):
+                            entry.is_symlink() and is_within(real, ancestors[-1])):
                         subfolders.append((entry.path, ancestors + (real,)))
                 elif entry.is_file():
                     files.append(entry.path)

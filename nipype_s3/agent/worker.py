@@ -50,7 +50,7 @@ def node_dir_contents(outdir: str, root: str) -> tuple[list[str], list[str]]:
     fail the job). A link to an existing file elsewhere on the instance (``/opt/...``)
     is stored as that file, which the controller may not have.
     """
-    from ..localfs import _contains
+    from ..localfs import is_within
 
     files, links = [], []
     for dirpath, dirnames, names in os.walk(outdir):  # does not descend into links
@@ -60,7 +60,7 @@ def node_dir_contents(outdir: str, root: str) -> tuple[list[str], list[str]]:
             path = os.path.join(dirpath, name)
             if not os.path.islink(path):
                 files.append(path)
-            elif _contains(root, os.path.realpath(path)) or os.path.isdir(path) or \
+            elif is_within(root, os.path.realpath(path)) or os.path.isdir(path) or \
                     not os.path.exists(path):
                 links.append(path)
             else:

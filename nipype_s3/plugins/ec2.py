@@ -827,8 +827,8 @@ class EC2Plugin(SGELikeBatchManagerBase):
         pathmap = PathMap(report.get("worker_root") or "/")
         for entry in links:  # before the result pickle, which says the node is done
             make_link(os.path.join(job.node_dir, entry.path),
-                       pathmap.to_controller(entry.link) if os.path.isabs(entry.link)
-                       else entry.link)
+                      pathmap.to_controller(entry.link) if os.path.isabs(entry.link)
+                      else entry.link)
         if outputs:
             meta = [e for e in outputs if _is_meta(e.path)]
             data = [e for e in outputs if not _is_meta(e.path)]
