@@ -4,9 +4,12 @@ Two modes:
 
 ``glob`` (the default, as nipype's local ``DataGrabber``)
     ``*`` and ``?`` match within one path component (never across ``/``), ``[...]`` is a
-    character set, and a name starting with ``.`` is matched only by a pattern that
-    starts with ``.`` too — the rules of :func:`glob.glob`. The whole key below
-    ``bucket_path`` must match: ``T1w.nii.gz`` does not match ``T1w.nii.gz.bak``.
+    character set, a component that is just ``**`` matches any number of folder levels
+    (none too: ``sub-01/**`` is every key below ``sub-01/``, ``sub-01/**/*.nii.gz``
+    every NIfTI at any depth), and a name starting with ``.`` is matched only by a
+    pattern that starts with ``.`` too — the rules of :func:`glob.glob` with
+    ``recursive=True``. The whole key below ``bucket_path`` must match: ``T1w.nii.gz``
+    does not match ``T1w.nii.gz.bak``.
 
 ``regex`` (nipype's old ``S3DataGrabber``, for migrating users)
     A Python regular expression that must match the whole key below ``bucket_path``.
@@ -25,6 +28,7 @@ from collections.abc import Callable, Iterable
 __all__ = ["fill_template", "literal_prefix", "compile_template", "covering_prefixes"]
 
 _GLOB_META = "*?["
+_ANY_DEPTH = object()  # a ``**`` component: any number of folder levels
 _REGEX_META = set(".^$*+?{}[]|()")
 _REGEX_QUANT = set("*?{")
 
@@ -106,7 +110,9 @@ def compile_template(pattern: str, mode: str = "glob") -> Callable[[str], bool]:
     parts = pattern.split("/")
     matchers = []
     for part in parts:
-        if any(c in part for c in _GLOB_META):
+        if part == "**":
+            matchers.append(_ANY_DEPTH)
+        elif any(c in part for c in _GLOB_META):
             regex = re.compile(fnmatch.translate(part))
             hidden_ok = part.startswith(".")
             matchers.append(lambda name, r=regex, h=hidden_ok:
@@ -114,12 +120,38 @@ def compile_template(pattern: str, mode: str = "glob") -> Callable[[str], bool]:
         else:
             matchers.append(lambda name, p=part: name == p)
 
-    def matches(key: str) -> bool:
-        names = key.split("/")
-        return len(names) == len(matchers) and all(m(n) for m, n in zip(matchers, names,
-                                                                          strict=True))
+    if _ANY_DEPTH not in matchers:
+        def matches(key: str) -> bool:
+            names = key.split("/")
+            return len(names) == len(matchers) and all(
+                m(n) for m, n in zip(matchers, names, strict=True))
 
-    return matches
+        return matches
+
+    end = len(matchers)
+
+    def reach(states: set[int]) -> set[int]:
+        """``states`` and the positions after any ``**`` there (it may match no level)."""
+        todo = list(states)
+        while todo:
+            i = todo.pop()
+            if i < end and matchers[i] is _ANY_DEPTH and i + 1 not in states:
+                states.add(i + 1)
+                todo.append(i + 1)
+        return states
+
+    def matches_any_depth(key: str) -> bool:
+        states = reach({0})  # positions in the pattern the key's names so far can reach
+        for name in key.split("/"):
+            states = reach({i if matchers[i] is _ANY_DEPTH else i + 1 for i in states
+                            if i < end and (not name.startswith(".") if matchers[i]
+                                            is _ANY_DEPTH else matchers[i](name))})
+            if not states:
+                return False
+        return end in states
+
+    return matches_any_depth
+
 
 
 def covering_prefixes(prefixes: Iterable[str]) -> list[str]:

@@ -56,6 +56,23 @@ def test_regex_mode_on_moto(bids, tmp_path):
         "sub-01_T1w.nii", "sub-02_T1w.nii"]
 
 
+def test_a_whole_subject_folder_with_double_star(bids, tmp_path):
+    """``**`` is any number of folder levels: a subject's every file, or its gzipped
+    NIfTIs at any depth."""
+    grab = S3DataGrabber(infields=["subject_id"], outfields=["everything", "nifti"])
+    grab.inputs.bucket = "bids-data"
+    grab.inputs.bucket_path = "study"
+    grab.inputs.template = "*"
+    grab.inputs.field_template = {"everything": "%s/**", "nifti": "%s/**/*.nii.gz"}
+    grab.inputs.template_args = {"everything": [["subject_id"]], "nifti": [["subject_id"]]}
+    grab.inputs.subject_id = "sub-01"
+    out = grab.run(cwd=str(tmp_path)).outputs
+    assert [os.path.relpath(p, tmp_path) for p in out.everything] == [
+        "sub-01/anat/sub-01_T1w.nii", "sub-01/anat/sub-01_T1w.nii.bak",
+        "sub-01/func/sub-01_task-rest_bold.nii.gz"]
+    assert os.path.relpath(out.nifti, tmp_path) == "sub-01/func/sub-01_task-rest_bold.nii.gz"
+
+
 def test_bucket_given_as_an_s3_uri_is_its_name(bids, tmp_path):
     grab = S3DataGrabber()
     grab.inputs.bucket = "S3://bids-data/"  # any case of the scheme, a trailing slash

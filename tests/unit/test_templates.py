@@ -27,16 +27,30 @@ KEYS = [
     "*",
     "*/*/*.bak",
     "sub-01/anat/.*",
+    # ``**``: any number of folder levels, none included (glob's recursive=True)
+    "sub-01/**",
+    "**",
+    "**/*_T1w.nii.gz",
+    "sub-01/**/*.nii.gz",
+    "**/anat/**",
+    "**/**/*.bak",
+    "sub-01/**/.*",
+    "sub-0**/anat/*",  # not a component of its own: like one *
 ])
 def test_glob_mode_equals_glob_glob_on_a_real_tree(tmp_path, pattern):
-    for key in KEYS:
+    for key in KEYS + ["sub-01/func/deep/er/sub-01_physio.nii.gz", "sub-01/.git/config",
+                       "top.nii.gz"]:
         path = tmp_path / key
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text("x")
-    expected = sorted(os.path.relpath(p, tmp_path).replace(os.sep, "/")
-                      for p in glob.glob(str(tmp_path / pattern)) if os.path.isfile(p))
+    expected = sorted({os.path.relpath(p, tmp_path).replace(os.sep, "/")
+                       for p in glob.glob(str(tmp_path / pattern), recursive=True)
+                       if os.path.isfile(p)})  # glob lists a file twice for **/**
+    assert expected  # each pattern matches something
     match = compile_template(pattern, "glob")
-    assert sorted(k for k in KEYS if match(k)) == expected
+    keys = KEYS + ["sub-01/func/deep/er/sub-01_physio.nii.gz", "sub-01/.git/config",
+                   "top.nii.gz"]
+    assert sorted(k for k in keys if match(k)) == expected
 
 
 def test_near_miss_is_not_matched():
