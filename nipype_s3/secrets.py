@@ -45,8 +45,8 @@ def scrub_tree(root: str, secrets: Iterable[str]) -> int:
     for dirpath, _, names in os.walk(root):
         for name in names:
             path = os.path.join(dirpath, name)
-            if os.path.islink(path):  # its target is scrubbed where it lies, if below root
-                continue
+            if os.path.islink(path) or not os.path.isfile(path):
+                continue  # a link's target is scrubbed where it lies; a pipe holds nothing
             if name.endswith((".pklz", ".pkl")):
                 rewrite_pickle_file(path, lambda s: redact(s, secrets))
             elif name.endswith(_TEXT_SUFFIXES):

@@ -48,7 +48,8 @@ def node_dir_contents(outdir: str, root: str) -> tuple[list[str], list[str]]:
     directory, its inputs, other nodes' outputs: all where the controller has them),
     into a folder, or nowhere (a broken link is what the node left; it is no reason to
     fail the job). A link to an existing file elsewhere on the instance (``/opt/...``)
-    is stored as that file, which the controller may not have.
+    is stored as that file, which the controller may not have. Pipes and sockets hold
+    nothing to store and are left out.
     """
     from ..localfs import is_within
 
@@ -59,7 +60,8 @@ def node_dir_contents(outdir: str, root: str) -> tuple[list[str], list[str]]:
                 os.path.join(dirpath, d))]:
             path = os.path.join(dirpath, name)
             if not os.path.islink(path):
-                files.append(path)
+                if os.path.isfile(path):  # not a pipe or socket: reading one would hang
+                    files.append(path)
             elif is_within(root, os.path.realpath(path)) or os.path.isdir(path) or \
                     not os.path.exists(path):
                 links.append(path)

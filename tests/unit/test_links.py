@@ -75,7 +75,8 @@ def test_make_link_replaces_a_file_or_link_and_leaves_nothing_else(tmp_path):
 
 def test_a_node_directory_keeps_links_the_controller_can_make_again(tmp_path):
     """Below the worker root (the node's folder, inputs, other nodes' outputs), into
-    folders, or broken: links. A file elsewhere on the instance: its content."""
+    folders, or broken: links. A file elsewhere on the instance: its content. A pipe:
+    nothing."""
     root = tmp_path / "root"
     node = root / "work" / "wf" / "node"
     (node / "sub").mkdir(parents=True)
@@ -90,6 +91,7 @@ def test_a_node_directory_keeps_links_the_controller_can_make_again(tmp_path):
     os.symlink(tmp_path / "opt", node / "outside_dir_link")
     os.symlink(node / "missing", node / "broken")
     os.symlink(system, node / "atlas_link")
+    os.mkfifo(node / "pipe")  # opening it to store it would wait forever
     files, links = node_dir_contents(str(node), str(root))
     assert _rel(node, files) == ["atlas_link", "sub/f.txt"]
     assert _rel(node, links) == ["broken", "inner", "input_link", "dir_link",
