@@ -21,9 +21,11 @@ How a node travels:
    cache, crash files and downstream nodes work as on a shared file system.
 
 Cheap nodes (IdentityInterface, Merge, Select, MapNode collation, ``run_without_submitting``,
-or ``node.plugin_args = {"local": True}``) run on the controller. Instances are tagged
-with the run id, counted from EC2, capped by ``max_instances``, and all terminated when
-the run ends — whether it succeeded, a node crashed, or the controller was interrupted.
+or ``node.plugin_args = {"local": True}``) run on the controller, as do sinks writing its
+folders, nodes naming its credentials (which never leave it) and EC2ContainerRun.
+Instances are tagged with the run id, counted from EC2, capped by ``max_instances``, and
+all terminated when the run ends — whether it succeeded, a node crashed, or the
+controller was interrupted.
 """
 
 from __future__ import annotations
@@ -104,6 +106,33 @@ def _writes_local_files(interface) -> bool:
         base = interface.inputs.base_directory
         return not (isdefined(base) and str(base).lower().startswith("s3://"))
     return False
+
+
+#: inputs naming credentials of the controller: a key file (ours, and nipype's
+#: DataSink's), or a profile of its shared AWS files
+_CREDENTIAL_INPUTS = ("creds_path", "data_creds_path", "profile", "data_profile")
+
+
+def _credential_inputs(interface) -> list[str]:
+    """The inputs of ``interface`` naming the controller's own credentials, when set.
+
+    Such a node runs on the controller: elsewhere, its key file would have to be staged
+    like any input file, into the run's S3 prefix and onto an instance (and a profile
+    of this machine's ``~/.aws`` is not there at all).
+    """
+    from nipype.interfaces.base import isdefined
+
+    return [name for name in _CREDENTIAL_INPUTS
+            if isdefined(getattr(interface.inputs, name, None))
+            and getattr(interface.inputs, name, None)]
+
+
+def _orchestrates_instances(interface) -> bool:
+    """EC2ContainerRun launches and waits for an instance of its own: run on an
+    instance, it would bill two instances for one container's work."""
+    from ..interfaces.container import EC2ContainerRun
+
+    return isinstance(interface, EC2ContainerRun)
 
 
 @dataclass
@@ -504,13 +533,24 @@ class EC2Plugin(SGELikeBatchManagerBase):
     # -- submission ---------------------------------------------------------------------
     def _runs_locally(self, node) -> bool:
         args = getattr(node, "plugin_args", None) or {}
+        keys = _credential_inputs(node.interface)
         if isinstance(args, dict) and "local" in args:
+            if keys and not args["local"]:
+                raise ConfigurationError(
+                    f"Node {node.fullname}: {keys[0]} names credentials of this machine, "
+                    "and EC2Plugin does not send credentials to instances. Remove "
+                    "plugin_args {'local': False} (the node then runs here), or leave "
+                    f"{keys[0]} unset so that the instances' role is used.")
             return bool(args["local"])
+        if keys:
+            logger.info("EC2Plugin: %s runs on the controller: its credentials (%s) do not "
+                        "leave this machine", node.fullname, keys[0])
+            return True
         if isinstance(node, MapNode):
             return True
         if node.name in self.settings.local_nodes or node.fullname in self.settings.local_nodes:
             return True
-        if _writes_local_files(node.interface):
+        if _writes_local_files(node.interface) or _orchestrates_instances(node.interface):
             return True
         return type(node.interface).__name__ in _LOCAL_INTERFACES
 

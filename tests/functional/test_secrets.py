@@ -89,3 +89,58 @@ def test_no_secret_anywhere_after_a_run(tmp_path, monkeypatch):
         assert scripts and all(s.encode() not in p.read_bytes() for p in scripts
                                for s in secrets)
         assert cloud.live_instances() == []
+
+
+def _sink_workflow(base, creds_path, **plugin_args):
+    wf = Workflow("keyed", base_dir=str(base))
+    wf.config["execution"]["poll_sleep_duration"] = 0.3
+    make = Node(Function(input_names=["x"], output_names=["path"], function=_make_file),
+                "make")
+    make.inputs.x = 3
+    sink = Node(S3DataSink(base_directory="s3://my-bucket/derivatives",
+                           creds_path=str(creds_path)), "sink")
+    if plugin_args:
+        sink.plugin_args = plugin_args
+    wf.connect(make, "path", sink, "result")
+    return wf
+
+
+def test_a_node_with_a_key_file_runs_on_the_controller_and_its_keys_stay_here(tmp_path):
+    """A key file named by creds_path is an existing file among the node's inputs: run
+    remotely, it was staged like any input, into the run's S3 prefix and onto an
+    instance. Such nodes now run on the controller; asking otherwise is an error."""
+    from nipype_s3 import ConfigurationError
+
+    with LocalCloud(directory=str(tmp_path / "cloud"), keep=True) as cloud:
+        s3 = boto3.client("s3")
+        s3.create_bucket(Bucket="my-bucket")
+        secret = os.environ["AWS_SECRET_ACCESS_KEY"]
+        creds = tmp_path / "keys.csv"
+        creds.write_text(f"Access key ID,Secret access key\n"
+                         f"{os.environ['AWS_ACCESS_KEY_ID']},{secret}\n")
+        plugin = {"s3_prefix": "s3://my-bucket/nipype-runs", "poll_wait": 1,
+                  "scale_interval": 0.5, "lease_timeout": 8, "idle_timeout": 10}
+        _sink_workflow(tmp_path / "work", creds).run(plugin=EC2Plugin(plugin_args=plugin))
+        assert s3.get_object(Bucket="my-bucket", Key="derivatives/result/out_3.txt")[
+            "Body"].read() == b"3"
+        bodies = [_readable_body(s3, o["Key"]) for page in s3.get_paginator(
+            "list_objects_v2").paginate(Bucket="my-bucket") for o in page.get("Contents", [])]
+        assert bodies and not [b for b in bodies if secret.encode() in b]
+        assert not [p for p in _files(tmp_path / "cloud" / "instances")
+                    if secret.encode() in _readable(p)]
+
+        with pytest.raises(ConfigurationError, match=r"Node keyed\.sink: creds_path names "
+                                                     r"credentials of this machine"):
+            _sink_workflow(tmp_path / "again", creds, local=False).run(
+                plugin=EC2Plugin(plugin_args=plugin))
+        assert cloud.live_instances() == []
+
+
+def _readable_body(s3, key):
+    body = s3.get_object(Bucket="my-bucket", Key=key)["Body"].read()
+    if body[:2] == b"\x1f\x8b":
+        try:
+            return gzip.decompress(body)
+        except OSError:
+            pass
+    return body

@@ -10,7 +10,12 @@ from nipype.interfaces.io import DataSink
 
 from nipype_s3 import S3DataSink
 from nipype_s3.agent import forked
-from nipype_s3.plugins.ec2 import _writes_local_files, dispatch_summary
+from nipype_s3.plugins.ec2 import (
+    _credential_inputs,
+    _orchestrates_instances,
+    _writes_local_files,
+    dispatch_summary,
+)
 
 
 @pytest.mark.parametrize("make, local", [
@@ -22,6 +27,25 @@ from nipype_s3.plugins.ec2 import _writes_local_files, dispatch_summary
 ])
 def test_sinks_writing_the_controllers_folders_run_there(tmp_path, make, local):
     assert _writes_local_files(Node(make(tmp_path), "sink").interface) is local
+
+
+def test_credentials_and_container_runs_keep_a_node_on_the_controller(tmp_path):
+    """A node naming a key file (ours or nipype's DataSink) would have it staged to S3
+    and an instance, and a profile of this machine is not on an instance at all;
+    EC2ContainerRun would bill an instance to wait for another."""
+    from nipype_s3 import EC2ContainerRun, S3DataGrabber
+
+    keyed = [S3DataSink(base_directory="s3://b/o", creds_path=str(tmp_path / "k.csv")),
+             S3DataGrabber(creds_path="/keys.csv"),
+             DataSink(base_directory="s3://b/o", creds_path="/keys.csv")]
+    assert [_credential_inputs(i) for i in keyed] == [["creds_path"]] * 3
+    assert _credential_inputs(EC2ContainerRun(data_creds_path="/d.csv")) == ["data_creds_path"]
+    assert _credential_inputs(S3DataSink(base_directory="s3://b/o", profile="lab")) == [
+        "profile"]
+    assert _credential_inputs(S3DataSink(base_directory="s3://b/o")) == []
+    assert _credential_inputs(DataSink(base_directory="s3://b/o")) == []
+    assert _orchestrates_instances(EC2ContainerRun(command="true"))
+    assert not _orchestrates_instances(S3DataSink())
 
 
 def test_dispatch_summary_median_and_p95():
@@ -99,7 +123,8 @@ def test_no_fork_unless_preloaded_and_single_threaded(monkeypatch):
     monkeypatch.setattr(forked, "_preloaded", False)
     assert not forked.can_fork()
     monkeypatch.setattr(forked, "_preloaded", True)
-    assert forked.can_fork() is (threading.active_count() == 1)
+    # native threads count too (a CRT event loop started by an earlier test, say)
+    assert forked.can_fork() is (threading.active_count() == 1 and forked._os_threads() == 1)
     stop = threading.Event()
     extra = threading.Thread(target=stop.wait)
     extra.start()
