@@ -334,6 +334,9 @@ class EC2Plugin(SGELikeBatchManagerBase):
                                   or endpoint, **kwargs)
         self.ec2 = session.client("ec2", endpoint_url=ec2_endpoint, **kwargs)
         self.store = ContentStore(self.s3, bucket, prefix)
+        # an input folder that holds them (a home directory, say) is staged without them
+        self.store.withhold("~/.aws", os.environ.get("AWS_SHARED_CREDENTIALS_FILE", ""),
+                            os.environ.get("AWS_CONFIG_FILE", ""))
         self._shapes = {}
         self._leased = False
         self._shape(s.instance_type)  # a type that does not exist: said before anything is made
@@ -930,7 +933,8 @@ def _slug(name: str) -> str:
 
 
 def _input_paths(node) -> list[str]:
-    """Absolute paths of existing files and folders among a node's input values."""
+    """Absolute paths of existing files and folders among a node's input values (not
+    in a command's ``environ``: paths there, ``FSLDIR`` say, are the instance's own)."""
     found: list[str] = []
 
     def walk(value):
@@ -944,7 +948,9 @@ def _input_paths(node) -> list[str]:
             for v in value:
                 walk(v)
 
-    walk(node.inputs.get_traitsfree())
+    inputs = node.inputs.get_traitsfree()
+    inputs.pop("environ", None)  # a command's environment: paths of the instance's own
+    walk(inputs)
     return [p for p in found if p != "/"]
 
 

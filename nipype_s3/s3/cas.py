@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass
 import botocore.exceptions
 
 from ..exceptions import TransferFailed
-from ..localfs import walk_files
+from ..localfs import is_within, walk_files
 from .download import DownloadItem, download_files
 from .errors import translate
 from .session import endpoint_of
@@ -105,12 +105,25 @@ class ContentStore:
         self.settings = settings or TransferSettings()
         self._known: set[str] = set()
         self._digests: dict[tuple, str] = {}
+        #: folders and files never stored, whatever asks (real paths): see ``withhold``
+        self._withheld: tuple[str, ...] = ()
         self._lock = threading.Lock()
         self.bytes_up = 0
         self.bytes_down = 0
 
     def key(self, digest: str) -> str:
         return join_key(self.prefix, "cas", "sha256", digest)
+
+    def withhold(self, *paths: str) -> None:
+        """Never store ``paths`` (files, or folders and all below them), even inside a
+        folder that is stored: :meth:`put` leaves them out with a warning."""
+        self._withheld += tuple(os.path.realpath(os.path.expanduser(p)) for p in paths if p)
+
+    def _withheld_path(self, path: str) -> bool:
+        if not self._withheld:
+            return False
+        real = os.path.realpath(path)
+        return any(is_within(w, real) for w in self._withheld)
 
     # -- hashing, remembered per (path, size, mtime) ----------------------------------
     def digest(self, path: str) -> str:
@@ -165,6 +178,13 @@ class ContentStore:
             else:
                 files.append(path)
         files = list(dict.fromkeys(files))
+        withheld = [p for p in files + links if self._withheld_path(p)]
+        if withheld:
+            logger.warning("not stored, so they do not leave this machine: %d file(s) of "
+                           "AWS credentials and configuration, e.g. %s", len(withheld),
+                           withheld[0])
+            files = [p for p in files if p not in withheld]
+            links = [p for p in links if p not in withheld]
         workers = min(8, max(1, self.settings.max_concurrency))
         stats = [os.stat(path) for path in files]
 

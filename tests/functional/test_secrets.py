@@ -144,3 +144,41 @@ def _readable_body(s3, key):
         except OSError:
             pass
     return body
+
+
+def _list_folder(folder):
+    import os
+
+    return sorted(os.path.relpath(os.path.join(d, n), folder)
+                  for d, _, names in os.walk(folder) for n in names)
+
+
+def test_a_home_folder_as_input_is_staged_without_its_aws_files(tmp_path, monkeypatch):
+    """An input folder holding ~/.aws (a home folder, handed over whole) reaches the
+    instance without it: the shared credentials never go to S3 or an instance."""
+    home = tmp_path / "home"
+    (home / ".aws").mkdir(parents=True)
+    (home / ".aws" / "credentials").write_text(
+        f"[lab]\naws_access_key_id = fake-id\naws_secret_access_key = {TOKEN}\n")
+    (home / "notes.txt").write_text("analysis notes")
+    monkeypatch.setenv("HOME", str(home))
+    with LocalCloud(directory=str(tmp_path / "cloud"), keep=True) as cloud:
+        s3 = boto3.client("s3")
+        s3.create_bucket(Bucket="my-bucket")
+        wf = Workflow("homely", base_dir=str(tmp_path / "work"))
+        wf.config["execution"]["poll_sleep_duration"] = 0.3
+        look = Node(Function(input_names=["folder"], output_names=["names"],
+                             function=_list_folder), "look")
+        look.inputs.folder = str(home)
+        wf.add_nodes([look])
+        result = wf.run(plugin=EC2Plugin(plugin_args={
+            "s3_prefix": "s3://my-bucket/nipype-runs", "poll_wait": 1,
+            "scale_interval": 0.5, "lease_timeout": 8, "idle_timeout": 10}))
+        (node,) = result.nodes()
+        assert node.result.outputs.names == ["notes.txt"]
+        bodies = [_readable_body(s3, o["Key"]) for page in s3.get_paginator(
+            "list_objects_v2").paginate(Bucket="my-bucket") for o in page.get("Contents", [])]
+        assert not [b for b in bodies if TOKEN.encode() in b]
+        assert not [p for p in _files(tmp_path / "cloud" / "instances")
+                    if TOKEN.encode() in _readable(p)]
+        assert cloud.live_instances() == []

@@ -12,6 +12,7 @@ from nipype_s3 import S3DataSink
 from nipype_s3.agent import forked
 from nipype_s3.plugins.ec2 import (
     _credential_inputs,
+    _input_paths,
     _orchestrates_instances,
     _writes_local_files,
     dispatch_summary,
@@ -46,6 +47,28 @@ def test_credentials_and_container_runs_keep_a_node_on_the_controller(tmp_path):
     assert _credential_inputs(DataSink(base_directory="s3://b/o")) == []
     assert _orchestrates_instances(EC2ContainerRun(command="true"))
     assert not _orchestrates_instances(S3DataSink())
+
+
+def _two_args(path, other):
+    return path, other
+
+
+def test_staged_inputs_are_the_nodes_paths_not_its_commands_environment(tmp_path):
+    """``environ`` holds paths of the instance's own (FSLDIR, FREESURFER_HOME, HOME):
+    staging them would copy software installs, or a home folder, through S3."""
+    from nipype import Function
+    from nipype.interfaces.base import CommandLine
+
+    data = tmp_path / "t1.nii"
+    data.write_text("x")
+    cmd = Node(CommandLine("ls", args=str(data), environ={
+        "FSLDIR": str(tmp_path), "HOME": os.path.expanduser("~")}), "cmd")
+    assert _input_paths(cmd) == [str(data)]  # the argument, not the environment
+    fn = Node(Function(input_names=["path", "other"], output_names=["n"],
+                       function=_two_args), "fn")
+    fn.inputs.path = str(data)
+    fn.inputs.other = {"nested": [str(tmp_path)]}
+    assert _input_paths(fn) == [str(data), str(tmp_path)]
 
 
 def test_dispatch_summary_median_and_p95():

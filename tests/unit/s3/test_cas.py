@@ -43,3 +43,25 @@ def test_small_files_are_put_without_asking_large_ones_are_asked_first(counted_c
     assert sorted(calls) == ["HEAD", "PUT"]  # the small one again, blind; the large one found
     body = client.get_object(Bucket="cas-bucket", Key=other.key(sha256_file(small)))["Body"]
     assert body.read() == small.read_bytes()
+
+
+def test_withheld_files_are_not_stored_even_inside_a_stored_folder(counted_client, tmp_path,
+                                                                   caplog):
+    """A home folder handed over as an input must not take ~/.aws with it."""
+    import logging
+
+    client, _calls = counted_client
+    home = tmp_path / "home"
+    (home / ".aws").mkdir(parents=True)
+    (home / ".aws" / "credentials").write_text("[default]\naws_secret_access_key = fake\n")
+    (home / "data.txt").write_text("data")
+    os.symlink(home / ".aws" / "credentials", home / "creds-link")  # nor through a link
+    store = ContentStore(client, "cas-bucket", "p")
+    store.withhold(str(home / ".aws"), "")
+    with caplog.at_level(logging.WARNING, logger="nipype_s3"):
+        entries = store.put([str(home)])
+    assert [os.path.relpath(e.path, home) for e in entries] == ["data.txt"]
+    assert "not stored" in caplog.text and ".aws" in caplog.text
+    keys = client.list_objects_v2(Bucket="cas-bucket").get("Contents", [])
+    assert [client.get_object(Bucket="cas-bucket", Key=k["Key"])["Body"].read()
+            for k in keys] == [b"data"]
