@@ -74,7 +74,6 @@ def run_job(cfg, spec: dict, outcome_path: str) -> dict:
     """Run the job described by ``spec``; write and return the outcome."""
     import pickle
 
-    from ..localfs import make_link
     from ..pickles import PathMap, rewrite_pickle
     from ..s3.cas import ContentStore, ManifestEntry
     from .runner import run_node, write_failure_result
@@ -91,11 +90,7 @@ def run_job(cfg, spec: dict, outcome_path: str) -> dict:
         manifest = [ManifestEntry.from_json(e) for e in spec["manifest"]]
         pathmap = PathMap(root, tuple(spec.get("prefixes", ())) + tuple(
             e.path for e in manifest))
-        store.get(manifest, pathmap.to_worker)
-        for entry in manifest:  # links inside input folders, as they were
-            if entry.link is not None:
-                make_link(pathmap.to_worker(entry.path), pathmap.to_worker(entry.link)
-                          if os.path.isabs(entry.link) else entry.link)
+        store.get(manifest, pathmap.to_worker, move_link=pathmap.to_worker)
 
         raw = client.get_object(Bucket=cfg.bucket, Key=spec["node_pickle"])["Body"].read()
         if hashlib.sha256(raw).hexdigest() != spec["node_sha256"]:

@@ -66,7 +66,6 @@ from ..ec2.jobs import (
 from ..ec2.pricing import estimate_cost, instance_shape
 from ..ec2.userdata import render_user_data
 from ..exceptions import ConfigurationError, EC2Error, InstanceLaunchError
-from ..localfs import make_link
 from ..pickles import PathMap, rewrite_pickle_file, rewrite_text_file
 from ..s3.cas import ContentStore, ManifestEntry
 from ..s3.credentials import resolve_session
@@ -122,9 +121,8 @@ def _credential_inputs(interface) -> list[str]:
     """
     from nipype.interfaces.base import isdefined
 
-    return [name for name in _CREDENTIAL_INPUTS
-            if isdefined(getattr(interface.inputs, name, None))
-            and getattr(interface.inputs, name, None)]
+    values = {name: getattr(interface.inputs, name, None) for name in _CREDENTIAL_INPUTS}
+    return [name for name, value in values.items() if isdefined(value) and value]
 
 
 def _orchestrates_instances(interface) -> bool:
@@ -868,16 +866,14 @@ class EC2Plugin(SGELikeBatchManagerBase):
         links = [e for e in outputs if e.link is not None]
         outputs = [e for e in outputs if e.link is None]
         pathmap = PathMap(report.get("worker_root") or "/")
-        for entry in links:  # before the result pickle, which says the node is done
-            make_link(os.path.join(job.node_dir, entry.path),
-                      pathmap.to_controller(entry.link) if os.path.isabs(entry.link)
-                      else entry.link)
+        dest = lambda rel: os.path.join(job.node_dir, rel)  # noqa: E731
+        if links:  # before the result pickle, which says the node is done
+            self.store.get(links, dest, move_link=pathmap.to_controller)
         if outputs:
             meta = [e for e in outputs if _is_meta(e.path)]
             data = [e for e in outputs if not _is_meta(e.path)]
             result = [e for e in meta if os.path.basename(e.path).startswith("result_")]
             meta = [e for e in meta if e not in result]
-            dest = lambda rel: os.path.join(job.node_dir, rel)  # noqa: E731
             for group in (data, meta, result):  # data first, the result pickle last
                 if not group:
                     continue

@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass
 import botocore.exceptions
 
 from ..exceptions import TransferFailed
-from ..localfs import is_within, walk_files
+from ..localfs import is_within, make_link, walk_files
 from .download import DownloadItem, download_files
 from .errors import translate
 from .session import endpoint_of
@@ -56,8 +56,7 @@ class ManifestEntry:
     """One file: where it belongs, what it holds, and its modification time.
 
     An entry with ``link`` is a symbolic link to that target, with no content (empty
-    ``sha256``): :meth:`ContentStore.get` leaves it to the caller, who knows how to move
-    the target's path.
+    ``sha256``): :meth:`ContentStore.get` makes the link again.
     """
 
     path: str
@@ -219,13 +218,23 @@ class ContentStore:
 
     # -- getting files out --------------------------------------------------------------
     def get(self, entries: Iterable[ManifestEntry], dest_of: Callable[[str], str], *,
-            verify: bool = True) -> TransferSummary:
+            verify: bool = True,
+            move_link: Callable[[str], str] | None = None) -> TransferSummary:
         """Fetch entries to ``dest_of(entry.path)``, restoring their modification times.
 
         With ``verify``, each fetched file's SHA-256 must equal its entry's, else
-        :class:`~nipype_s3.exceptions.TransferFailed` (and the file is removed).
+        :class:`~nipype_s3.exceptions.TransferFailed` (and the file is removed). Link
+        entries become symbolic links at ``dest_of(entry.path)``, an absolute target
+        moved by ``move_link`` (from the machine that stored it to this one's paths).
         """
-        entries = [e for e in entries if e.link is None]  # links are the caller's
+        entries = list(entries)
+        for entry in entries:
+            if entry.link is not None:
+                target = entry.link
+                if move_link is not None and os.path.isabs(target):
+                    target = move_link(target)
+                make_link(dest_of(entry.path), target)
+        entries = [e for e in entries if e.link is None]
         items = []
         seen = set()
         for entry in entries:

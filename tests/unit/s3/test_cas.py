@@ -65,3 +65,22 @@ def test_withheld_files_are_not_stored_even_inside_a_stored_folder(counted_clien
     keys = client.list_objects_v2(Bucket="cas-bucket").get("Contents", [])
     assert [client.get_object(Bucket="cas-bucket", Key=k["Key"])["Body"].read()
             for k in keys] == [b"data"]
+
+
+def test_link_entries_are_made_again_with_absolute_targets_moved(counted_client, tmp_path):
+    from nipype_s3.s3.cas import ManifestEntry
+
+    client, _calls = counted_client
+    src = tmp_path / "src"
+    (src / "sub").mkdir(parents=True)
+    (src / "sub" / "f.txt").write_text("f")
+    os.symlink(src / "sub", src / "abs_link")
+    os.symlink("sub/f.txt", src / "rel_link")
+    store = ContentStore(client, "cas-bucket", "p")
+    entries = [ManifestEntry.from_json(e.to_json()) for e in store.put([str(src)])]
+    dest = tmp_path / "dest"
+    moved = lambda p: p.replace(str(src), str(dest))  # noqa: E731
+    ContentStore(client, "cas-bucket", "p").get(entries, moved, move_link=moved)
+    assert os.readlink(dest / "abs_link") == str(dest / "sub")
+    assert os.readlink(dest / "rel_link") == "sub/f.txt"  # relative: as it was
+    assert (dest / "abs_link" / "f.txt").read_text() == "f"
