@@ -13,7 +13,9 @@ the relative paths DataSink writes below a local ``base_directory``:
 * ``substitutions`` (plain ``str.replace``) and then ``regexp_substitutions``
   (``re.subn``) are applied to the joined destination, in order;
 * a folder is copied whole below its destination; its contents keep their relative
-  paths (substitutions are not applied to them).
+  paths (substitutions are not applied to them);
+* as on a file system, a key has no empty folder names: a substitution that leaves
+  ``a//b`` or a leading ``/`` gives ``a/b`` (nipype's own S3 upload kept the ``//``).
 
 For S3 the joined destination is the key (``prefix/container/...``): substitutions
 are applied to the key, never to the bucket name.
@@ -30,7 +32,8 @@ from dataclasses import dataclass
 
 from .localfs import walk_files
 
-__all__ = ["SinkEntry", "plan_sink", "destination_name", "substitute", "expand_entry"]
+__all__ = ["SinkEntry", "plan_sink", "destination_name", "substitute", "expand_entry",
+           "as_key"]
 
 
 @dataclass(frozen=True)
@@ -74,6 +77,17 @@ def substitute(path: str, substitutions: Iterable = (),
     for pattern, repl in regexp_substitutions or ():
         path, _ = re.subn(pattern, repl, path)
     return path
+
+
+def as_key(path: str) -> str:
+    """``path`` as the key a file system would make of it: without the empty folder
+    names (``a//b``, a leading ``/``) or ``.`` a substitution can leave.
+
+    Written locally, ``reoriented/sub-01//mean.nii`` is ``reoriented/sub-01/mean.nii``;
+    as a key, the ``//`` would be a folder with no name, which S3 browsers, ``aws s3
+    sync`` and glob templates (``sub-01/*.nii``) do not see where the local file is.
+    """
+    return "/".join(part for part in path.split("/") if part not in ("", "."))
 
 
 def plan_sink(outputs: Mapping[str, object], *, root: str = "", container: str | None = None,

@@ -5,13 +5,14 @@ from __future__ import annotations
 import os
 import posixpath
 import shutil
+from dataclasses import replace
 
 from nipype.interfaces.base import Str, traits
 from nipype.interfaces.base.traits_extension import isdefined
 from nipype.interfaces.io import DataSink, DataSinkInputSpec, DataSinkOutputSpec
 
 from ..exceptions import ConfigurationError, InputFileNotFound
-from ..layout import expand_entry, plan_sink
+from ..layout import as_key, expand_entry, plan_sink
 from ..localfs import copy_file, copy_tree, make_folder
 from ..s3.delete import delete_keys
 from ..s3.listing import common_prefix, list_objects
@@ -109,8 +110,8 @@ class S3DataSink(S3InterfaceMixin, DataSink):
                 "%s; writing to s3://%s/%s", ref.name, bucket, uri, ref.name, uri.key)
             bucket = ref.name
         layout = self._layout_kwargs()
-        entries = plan_sink(self._outputs_to_sink(), root=uri.key.strip("/"),
-                            join=posixpath.join, **layout)
+        entries = [replace(e, dest=as_key(e.dest)) for e in plan_sink(
+            self._outputs_to_sink(), root=uri.key.strip("/"), join=posixpath.join, **layout)]
         self._check_sources(entries)
 
         items = []

@@ -22,7 +22,8 @@ How a node travels:
 
 Cheap nodes (IdentityInterface, Merge, Select, MapNode collation, ``run_without_submitting``,
 or ``node.plugin_args = {"local": True}``) run on the controller, as do sinks writing its
-folders, nodes naming its credentials (which never leave it) and EC2ContainerRun.
+folders, nodes naming its credentials (which never leave it), EC2ContainerRun, and
+grabbers and sinks re-run with nothing they read changed (a re-run launches nothing).
 Instances are tagged with the run id, counted from EC2, capped by ``max_instances``, and
 all terminated when the run ends — whether it succeeded, a node crashed, or the
 controller was interrupted.
@@ -66,6 +67,7 @@ from ..ec2.jobs import (
 from ..ec2.pricing import estimate_cost, instance_shape
 from ..ec2.userdata import render_user_data
 from ..exceptions import ConfigurationError, EC2Error, InstanceLaunchError
+from ..localfs import walk_files
 from ..pickles import PathMap, rewrite_pickle_file, rewrite_text_file
 from ..s3.cas import ContentStore, ManifestEntry
 from ..s3.credentials import resolve_session
@@ -123,6 +125,40 @@ def _credential_inputs(interface) -> list[str]:
 
     values = {name: getattr(interface.inputs, name, None) for name in _CREDENTIAL_INPUTS}
     return [name for name, value in values.items() if isdefined(value) and value]
+
+
+def _cached_always_run(node) -> bool:
+    """An always-run node (a grabber or sink: DataSink, S3DataGrabber, SelectFiles...)
+    that already ran with these inputs, none of whose files changed since.
+
+    nipype runs such nodes again on every run, because what they read or write lies
+    outside the workflow. Re-run with nothing changed, their work is a LIST and a
+    comparison that transfers nothing, on files the controller already has: sent to an
+    instance, it would boot one (and bill at least a minute) to find that out, so a
+    re-run of the usual grab -> process -> sink workflow was never free.
+
+    A sink's hash covers its input *paths* only (its inputs are ``Any`` traits), so an
+    input file newer than the node's last result means new data to send: that node
+    stays on an instance, which takes the file from the content store rather than from
+    this machine's uplink. A node forced with ``overwrite=True`` stays there too.
+    """
+    if node.overwrite is not None or not node.interface.always_run:
+        return False
+    try:
+        cached, _ = node.is_cached()
+    except Exception:  # noqa: BLE001 - nipype's own check warns and runs the node
+        return False
+    if not cached:
+        return False
+    try:
+        last = os.stat(os.path.join(node.output_dir(), f"result_{node.name}.pklz")).st_mtime
+        for path in _input_paths(node):
+            files = walk_files(path)[0] if os.path.isdir(path) else [path]
+            if any(os.stat(f).st_mtime > last for f in files):
+                return False
+    except OSError:
+        return False
+    return True
 
 
 def _orchestrates_instances(interface) -> bool:
@@ -548,6 +584,11 @@ class EC2Plugin(SGELikeBatchManagerBase):
                         "leave this machine", node.fullname, keys[0])
             return True
         if isinstance(node, MapNode):
+            return True
+        if _cached_always_run(node):
+            logger.info("EC2Plugin: %s runs on the controller: its result for these inputs "
+                        "is here, and it runs again only to check its source or "
+                        "destination", node.fullname)
             return True
         if node.name in self.settings.local_nodes or node.fullname in self.settings.local_nodes:
             return True

@@ -160,6 +160,73 @@ def test_same_outputs_as_linear_and_rerun_submits_nothing(cloud, tmp_path, nifti
     assert "started in a fork of the agent" in logs  # one-CPU jobs: no interpreter start
 
 
+def _grab_process_sink(base_dir):
+    """The usual shape: S3DataGrabber -> a step -> S3DataSink (both always run)."""
+    from nipype_s3 import S3DataGrabber, S3DataSink
+
+    wf = Workflow("study", base_dir=str(base_dir))
+    wf.config["execution"]["poll_sleep_duration"] = 0.3
+    grab = Node(S3DataGrabber(outfields=["func"]), "grab")
+    grab.inputs.bucket = "my-bucket"
+    grab.inputs.bucket_path = "raw/"
+    grab.inputs.template = "*"
+    grab.inputs.field_template = {"func": "sub-01/func/*_bold.nii.gz"}
+    grab.inputs.template_args = {"func": [[]]}
+    mean = _fn("mean", _mean_of_nifti, ["in_file"], ["out"])
+    sink = Node(S3DataSink(base_directory="s3://my-bucket/derivatives"), "sink")
+    wf.connect(grab, "func", mean, "in_file")
+    wf.connect(mean, "out", sink, "sub-01.@mean")
+    return wf
+
+
+def test_rerun_with_a_grabber_and_a_sink_launches_nothing(cloud, tmp_path, nifti_files):
+    """nipype runs grabbers and sinks on every run. Re-run with nothing changed, they
+    run on the controller (a LIST each, nothing transferred) instead of booting an
+    instance; once their data has changed, the sink goes to an instance again."""
+    import nibabel as nib
+    import numpy as np
+
+    s3 = boto3.client("s3")
+    key = "raw/sub-01/func/sub-01_task-rest_bold.nii.gz"
+    s3.upload_file(nifti_files["example4d.nii.gz"], "my-bucket", key)
+
+    def mean_in_s3():
+        path = tmp_path / "mean_from_s3.nii.gz"
+        s3.download_file("my-bucket", "derivatives/sub-01/mean.nii.gz", str(path))
+        return nib.load(path).get_fdata()
+
+    def expected_mean(source):
+        return np.asanyarray(nib.load(source).dataobj, dtype="float32").mean(axis=-1)
+
+    _grab_process_sink(tmp_path).run(plugin=_plugin())
+    assert np.allclose(mean_in_s3(), expected_mean(nifti_files["example4d.nii.gz"]))
+    launched, sent = cloud.proxy.count(action="RunInstances"), _count_jobs(cloud)
+    assert sent == 3  # grab, mean and sink all ran on instances the first time
+
+    def data_puts():  # uploads of data: to the sink's prefix or the content store
+        return [r.path for r in cloud.proxy.requests if r.method == "PUT"
+                and ("/derivatives/" in r.path or "/cas/" in r.path)]
+
+    puts = data_puts()
+
+    _grab_process_sink(tmp_path).run(plugin=_plugin())
+    assert cloud.proxy.count(action="RunInstances") == launched
+    assert _count_jobs(cloud) == sent
+    assert data_puts() == puts
+
+    # new data at the source: the grab (here) fetches it, the step and the sink run on
+    # instances again, and the sink's file is the new mean
+    four_d = nib.load(nifti_files["example4d.nii.gz"])
+    changed = tmp_path / "changed_bold.nii.gz"
+    nib.save(nib.Nifti1Image(np.asanyarray(four_d.dataobj)[..., :2] * 2.0, four_d.affine),
+             changed)
+    s3.upload_file(str(changed), "my-bucket", key)
+    _grab_process_sink(tmp_path).run(plugin=_plugin())
+    assert _count_jobs(cloud) == sent + 2  # mean and sink
+    assert np.allclose(mean_in_s3(), expected_mean(changed))
+    assert cloud.live_instances() == []
+
+
 def _folder_with_links(in_file):
     import os
 

@@ -6,7 +6,7 @@ import posixpath
 import pytest
 from nipype.interfaces.io import DataSink
 
-from nipype_s3.layout import destination_name, expand_entry, plan_sink, substitute
+from nipype_s3.layout import as_key, destination_name, expand_entry, plan_sink, substitute
 
 
 def _tree(root):
@@ -82,6 +82,13 @@ def test_keys_equal_nipype_datasink_paths(tmp_path, case):
     local = plan_sink(outputs, root=str(base), join=os.path.join, **options)
     assert {os.path.relpath(d, base).replace(os.sep, "/") for e in local
             for _, d in expand_entry(e, os.path.join)} == expected
+
+
+def test_as_key_drops_empty_folder_names_as_a_file_system_does():
+    assert as_key("out/sub-01/reoriented/sub-01//mean.nii") == \
+        "out/sub-01/reoriented/sub-01/mean.nii"
+    assert as_key("/out/./a//b/") == "out/a/b"
+    assert as_key("out/a b/ü.nii") == "out/a b/ü.nii"
 
 
 def test_destination_name():

@@ -11,6 +11,7 @@ from nipype.interfaces.io import DataSink
 from nipype_s3 import S3DataSink
 from nipype_s3.agent import forked
 from nipype_s3.plugins.ec2 import (
+    _cached_always_run,
     _credential_inputs,
     _input_paths,
     _orchestrates_instances,
@@ -69,6 +70,37 @@ def test_staged_inputs_are_the_nodes_paths_not_its_commands_environment(tmp_path
     fn.inputs.path = str(data)
     fn.inputs.other = {"nested": [str(tmp_path)]}
     assert _input_paths(fn) == [str(data), str(tmp_path)]
+
+
+def test_always_run_nodes_come_back_here_only_when_nothing_they_read_changed(tmp_path):
+    """nipype reruns grabbers and sinks every time; once they ran with these inputs and
+    no input file changed since, the re-run is a check the controller makes itself."""
+    from copy import deepcopy
+
+    from nipype import config
+    from nipype.interfaces.io import SelectFiles
+
+    data = tmp_path / "bids"
+    (data / "sub-01").mkdir(parents=True)
+    (data / "sub-01" / "T1w.nii").write_text("image")
+
+    def node(**kw):
+        made = Node(SelectFiles({"t1": "sub-01/T1w.nii"}, base_directory=str(data)),
+                    "select", base_dir=str(tmp_path / "work"))
+        made.config = deepcopy(config._sections)  # as a workflow gives its nodes
+        for name, value in kw.items():
+            setattr(made, name, value)
+        return made
+
+    assert not _cached_always_run(node())  # never ran
+    node().run()
+    assert _cached_always_run(node())
+    assert not _cached_always_run(node(overwrite=True))  # the user asked for a real run
+    os.utime(data / "sub-01" / "T1w.nii", (4e9, 4e9))  # a file below an input folder
+    assert not _cached_always_run(node())
+    ordinary = Node(DataSink(), "not_always")
+    ordinary.interface._always_run = False
+    assert not _cached_always_run(ordinary)
 
 
 def test_dispatch_summary_median_and_p95():

@@ -129,6 +129,30 @@ def test_local_base_directory_works_like_datasink(tmp_path, realigned):
     assert result.outputs.out_file == [str(dest)]
 
 
+def test_a_substitution_leaving_an_empty_folder_name_gives_the_local_path(
+        s3_inprocess, tmp_path):
+    """Removing a MapNode's ``_reorient0`` folder leaves ``sub-01//mean.nii``: on disk
+    DataSink's file is ``sub-01/mean.nii``, and so is the key (a ``//`` key is a folder
+    with no name, which S3 browsers, ``aws s3 sync`` and ``sub-01/*`` templates miss)."""
+    from nipype.interfaces.io import DataSink
+
+    s3_inprocess.create_bucket(Bucket="mybucket")
+    source = tmp_path / "reorient" / "mapflow" / "_reorient0" / "mean.nii"
+    source.parent.mkdir(parents=True)
+    source.write_text("mean")
+    options = dict(container="sub-01", regexp_substitutions=[(r"_reorient\d+", "")],
+                   substitutions=[("/reoriented", "/reoriented/")])
+    ours = S3DataSink(base_directory="s3://mybucket/out", **options)
+    local = DataSink(base_directory=str(tmp_path / "local"), **options)
+    for sink in (ours, local):
+        sink.inputs.reoriented = [str(source)]
+        sink.run(cwd=str(tmp_path))
+    on_disk = [os.path.relpath(os.path.join(d, f), tmp_path / "local")
+               for d, _, names in os.walk(tmp_path / "local") for f in names]
+    assert on_disk == ["sub-01/reoriented/mean.nii"]
+    assert _keys(s3_inprocess, "mybucket") == ["out/sub-01/reoriented/mean.nii"]
+
+
 def test_nonexistent_bucket_is_an_error_not_a_local_fallback(s3_inprocess, realigned, tmp_path,
                                                              monkeypatch):
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
