@@ -90,17 +90,24 @@ _LOCAL_INTERFACES = {"IdentityInterface", "Merge", "Select", "Split", "Rename",
 
 
 def _writes_local_files(interface) -> bool:
-    """A sink whose destination is a folder of the controller's: it must run there.
+    """A sink or grabber whose destination is a folder of the controller's: it must run
+    there.
 
-    nipype's DataSink with a local ``base_directory``, and S3DataSink with a
-    ``local_copy``, would otherwise write their files on an instance, where no one sees
-    them and they vanish with it.
+    nipype's DataSink with a local ``base_directory``, S3DataSink with a ``local_copy``
+    and a grabber (ours or nipype's S3DataGrabber) with a ``local_directory`` would
+    otherwise write their files on an instance, where no one sees them and they vanish
+    with it; the grabber's folder, an existing input path, would also be staged whole
+    (a download cache: everything in it) to get there.
     """
     from nipype.interfaces.base import isdefined
     from nipype.interfaces.io import DataSink
+    from nipype.interfaces.io import S3DataGrabber as NipypeS3DataGrabber
 
+    from ..interfaces.grabber import S3DataGrabber
     from ..interfaces.sink import S3DataSink
 
+    if isinstance(interface, (S3DataGrabber, NipypeS3DataGrabber)):
+        return isdefined(interface.inputs.local_directory)
     if isinstance(interface, S3DataSink):
         return isdefined(interface.inputs.local_copy)
     if isinstance(interface, DataSink):

@@ -8,7 +8,7 @@ import pytest
 from nipype import Node
 from nipype.interfaces.io import DataSink
 
-from nipype_s3 import S3DataSink
+from nipype_s3 import S3DataGrabber, S3DataSink
 from nipype_s3.agent import forked
 from nipype_s3.plugins.ec2 import (
     _cached_always_run,
@@ -26,6 +26,8 @@ from nipype_s3.plugins.ec2 import (
     (lambda tmp: DataSink(base_directory="s3://bucket/out"), False),
     (lambda tmp: S3DataSink(base_directory="s3://bucket/out"), False),
     (lambda tmp: S3DataSink(base_directory="s3://bucket/out", local_copy=str(tmp)), True),
+    (lambda tmp: S3DataGrabber(), False),  # into its node's folder, which comes back
+    (lambda tmp: S3DataGrabber(local_directory=str(tmp)), True),  # a folder of the user's
 ])
 def test_sinks_writing_the_controllers_folders_run_there(tmp_path, make, local):
     assert _writes_local_files(Node(make(tmp_path), "sink").interface) is local
@@ -35,7 +37,7 @@ def test_credentials_and_container_runs_keep_a_node_on_the_controller(tmp_path):
     """A node naming a key file (ours or nipype's DataSink) would have it staged to S3
     and an instance, and a profile of this machine is not on an instance at all;
     EC2ContainerRun would bill an instance to wait for another."""
-    from nipype_s3 import EC2ContainerRun, S3DataGrabber
+    from nipype_s3 import EC2ContainerRun
 
     keyed = [S3DataSink(base_directory="s3://b/o", creds_path=str(tmp_path / "k.csv")),
              S3DataGrabber(creds_path="/keys.csv"),
