@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import threading
 
 from .exceptions import ConfigurationError
 
@@ -116,7 +117,7 @@ def make_link(path: str, target: str) -> None:
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     if os.path.islink(path) and os.readlink(path) == target:
         return
-    tmp = f"{path}.nipype-s3-{os.getpid()}.link"
+    tmp = f"{path}.nipype-s3-{os.getpid()}-{threading.get_ident()}.link"
     try:
         os.symlink(target, tmp)
         os.replace(tmp, path)

@@ -5,6 +5,10 @@ agent's configuration in ``NIPYPE_S3_AGENT_CONFIG``. It writes an outcome file f
 agent (status, traceback, the output manifest); the agent alone talks to SQS and
 writes the run's ``done`` report.
 
+A job given a folder (a FreeSurfer ``subjects_dir``) runs in a view of its own below
+``<root>/.jobs/<job>`` (:func:`private_view`), and what it writes into the folder is
+stored with its outputs (:func:`written_elsewhere`) for the controller to put in place.
+
 Order matters: the input files are fetched **before** the node is unpickled, because
 unpickling a node re-checks ``File(exists=True)`` inputs; path strings are moved below
 the worker root while the pickle is read.
@@ -16,11 +20,13 @@ import gzip
 import hashlib
 import json
 import os
+import shutil
+import subprocess
 import sys
 import time
 from traceback import format_exc
 
-__all__ = ["run_job", "main", "node_dir_contents"]
+__all__ = ["run_job", "main", "node_dir_contents", "written_elsewhere"]
 
 
 _client_cache: dict = {}
@@ -70,6 +76,109 @@ def node_dir_contents(outdir: str, root: str) -> tuple[list[str], list[str]]:
     return files, links
 
 
+def written_elsewhere(outdir: str, root: str, given: list[str],
+                      staged: dict) -> tuple[list[str], list[str]]:
+    """What a node wrote outside its own directory, in the folders and files it was
+    given: ``(files, links)`` that are new, or changed since they were staged.
+
+    FreeSurfer's ``recon-all`` writes its subject into the ``subjects_dir`` it is given,
+    a grabber into its ``local_directory``; under ``Linear`` the user finds them there,
+    so the controller gets them back at their own paths. ``given`` are those paths on
+    this worker; ``staged`` maps each file fetched for the job (worker path) to its
+    manifest entry. Links are classified as in :func:`node_dir_contents` (a link to a
+    folder stays a link, so FreeSurfer's ``fsaverage`` link does not bring its
+    content); a link counts as new unless it was staged as the same link.
+    """
+    from ..localfs import is_within
+    from ..s3.download import is_partial
+
+    tops: list[str] = []
+    for path in sorted(set(given), key=len):
+        if not any(is_within(top, path) for top in tops):
+            tops.append(path)
+    files, links = [], []
+    for top in tops:
+        if os.path.isdir(top) and not os.path.islink(top):
+            found, kept = node_dir_contents(top, root)
+        elif os.path.isfile(top) and not os.path.islink(top):
+            found, kept = [top], []
+        else:
+            continue
+        for path in found:
+            entry = staged.get(path)
+            if is_within(outdir, path) or is_partial(path):
+                continue
+            if entry is None or entry.link is not None:
+                files.append(path)
+                continue
+            st = os.stat(path)
+            if st.st_size != entry.size or abs(st.st_mtime - entry.mtime) > 1e-3:
+                files.append(path)
+        for path in kept:
+            entry = staged.get(path)
+            if not is_within(outdir, path) and (entry is None or entry.link is None or
+                                                 os.readlink(path) != entry.link):
+                links.append(path)
+    return files, links
+
+
+def private_view(shared, root: str, manifest, folders: list[str]):
+    """Make the job's inputs again below ``root``, its own: the ``PathMap`` to it.
+
+    ``shared`` maps the controller's paths to the agent's root, where the inputs were
+    fetched (and stay, for the next job). The ``folders`` the job was given are copied
+    (``cp --reflink=auto``: free on XFS and btrfs, Amazon Linux's root included) so the
+    node can write into them; its other inputs are hard links, which nipype's nodes
+    only read.
+    """
+    from ..localfs import is_within, make_link
+    from ..pickles import PathMap
+    from ..s3.download import is_partial
+
+    if os.path.lexists(root):  # an earlier attempt of the job on this agent
+        shutil.rmtree(root)
+    private = PathMap(root, shared.prefixes)
+    for folder in folders:
+        src, dest = shared.to_worker(folder), private.to_worker(folder)
+        os.makedirs(os.path.dirname(dest), exist_ok=True)
+        _copy_folder(src, dest)
+        for dirpath, dirnames, names in os.walk(dest):
+            for name in names + dirnames:
+                path = os.path.join(dirpath, name)
+                if os.path.islink(path) and is_within(shared.root, os.readlink(path)):
+                    # into the shared root: into this view instead
+                    make_link(path, private.to_worker(shared.to_controller(
+                        os.readlink(path))))
+                elif is_partial(path):  # a neighbour job's download under way
+                    os.remove(path)
+    for entry in manifest:
+        if any(is_within(folder, entry.path) for folder in folders):
+            continue
+        dest = private.to_worker(entry.path)
+        if entry.link is not None:
+            make_link(dest, private.to_worker(entry.link) if os.path.isabs(entry.link)
+                      else entry.link)
+            continue
+        os.makedirs(os.path.dirname(dest), exist_ok=True)
+        try:
+            os.link(shared.to_worker(entry.path), dest)
+        except OSError:  # another file system, or one without hard links
+            shutil.copy2(shared.to_worker(entry.path), dest)
+    return private
+
+
+def _copy_folder(src: str, dest: str) -> None:
+    """``src`` copied to ``dest`` with links as links and times kept: by reference
+    where the file system can (``cp --reflink=auto``), else byte for byte."""
+    if sys.platform.startswith("linux") and shutil.which("cp"):
+        done = subprocess.run(["cp", "-a", "--reflink=auto", "--", src, dest],
+                              capture_output=True, text=True)
+        if done.returncode == 0:
+            return
+        shutil.rmtree(dest, ignore_errors=True)
+    shutil.copytree(src, dest, symlinks=True)
+
+
 def run_job(cfg, spec: dict, outcome_path: str) -> dict:
     """Run the job described by ``spec``; write and return the outcome."""
     import pickle
@@ -80,10 +189,12 @@ def run_job(cfg, spec: dict, outcome_path: str) -> dict:
 
     os.environ.setdefault("NIPYPE_NO_ET", "1")
     started = time.time()
-    root = os.path.abspath(cfg.worker_root)
+    root = cfg_root = os.path.abspath(cfg.worker_root)
     outcome = {"job_id": spec["job_id"], "status": "error", "started": started,
                "worker_root": root, "outputs": [], "traceback": None, "output_dir": None}
     node = None
+    staged: dict = {}
+    given: list[str] = []
     try:
         client = _clients(cfg)
         store = ContentStore(client, cfg.bucket, cfg.prefix)
@@ -91,6 +202,17 @@ def run_job(cfg, spec: dict, outcome_path: str) -> dict:
         pathmap = PathMap(root, tuple(spec.get("prefixes", ())) + tuple(
             e.path for e in manifest))
         store.get(manifest, pathmap.to_worker, move_link=pathmap.to_worker)
+        folders = [p for p in spec.get("inputs", ()) if os.path.isdir(pathmap.to_worker(p))]
+        if folders:
+            # a folder the node may write into (a subjects_dir): its own copy, so that
+            # what it writes there is its own, not a neighbour job's as well
+            root = os.path.join(root, ".jobs", spec["job_id"])
+            pathmap = private_view(pathmap, root, manifest, folders)
+            outcome["worker_root"] = root
+        # what the job was given, as it arrived: what differs after the run goes back
+        staged = {pathmap.to_worker(e.path): e if e.link is None else ManifestEntry(
+            e.path, e.sha256, e.size, e.mtime, pathmap.to_worker(e.link)) for e in manifest}
+        given = [pathmap.to_worker(p) for p in folders]
 
         raw = client.get_object(Bucket=cfg.bucket, Key=spec["node_pickle"])["Body"].read()
         if hashlib.sha256(raw).hexdigest() != spec["node_sha256"]:
@@ -99,7 +221,7 @@ def run_job(cfg, spec: dict, outcome_path: str) -> dict:
         data = rewrite_pickle(gzip.decompress(raw), pathmap.to_worker)
         info = pickle.loads(data)  # noqa: S301 - verified: signed spec + SHA-256
         node = info["node"]
-        scratch = os.path.join(root, ".scratch", spec["job_id"])
+        scratch = os.path.join(cfg_root, ".scratch", spec["job_id"])
         os.makedirs(scratch, exist_ok=True)
         os.chdir(scratch)
         outcome["node_started"] = time.time()
@@ -128,11 +250,22 @@ def run_job(cfg, spec: dict, outcome_path: str) -> dict:
             entries += [ManifestEntry.for_link(path) for path in links]
             outcome["outputs"] = [dict(e.to_json(), path=os.path.relpath(e.path, outdir))
                                   for e in entries]
+            files, links = written_elsewhere(outdir, root, given, staged)
+            if files or links:
+                entries = store.put(files, expand_dirs=False)
+                entries += [ManifestEntry.for_link(path) for path in links]
+                # with what the job was given there, so that the controller can tell
+                # whether another node changed the file meanwhile
+                was = {p: [e.size, e.mtime] for p, e in staged.items() if e.link is None}
+                outcome["written"] = [dict(e.to_json(), was=was.get(e.path))
+                                      for e in entries]
             outcome["bytes_up"] = store.bytes_up
         except Exception:
             outcome["status"] = "error"
             outcome["traceback"] = (outcome["traceback"] or []) + [
                 "\nStoring the node's outputs failed:\n" + format_exc()]
+    if root != cfg_root:  # the job's own view: its outputs are stored
+        shutil.rmtree(root, ignore_errors=True)
     outcome["finished"] = time.time()
     tmp = outcome_path + ".tmp"
     with open(tmp, "w") as fobj:

@@ -67,9 +67,9 @@ from ..ec2.jobs import (
 from ..ec2.pricing import estimate_cost, instance_shape
 from ..ec2.userdata import render_user_data
 from ..exceptions import ConfigurationError, EC2Error, InstanceLaunchError
-from ..localfs import walk_files
+from ..localfs import is_within, walk_files
 from ..pickles import PathMap, rewrite_pickle_file, rewrite_text_file
-from ..s3.cas import ContentStore, ManifestEntry
+from ..s3.cas import ContentStore, ManifestEntry, sha256_file
 from ..s3.credentials import resolve_session
 from ..s3.errors import s3_errors, translate
 from ..s3.listing import iter_objects
@@ -301,6 +301,8 @@ class _Job:
     instance_type: str = ""
     #: the upload of its inputs, pickle and spec and the queue message, while under way
     sending: object = None
+    #: the existing paths among its inputs: what it writes there comes back
+    inputs: tuple = ()
 
 
 class EC2Plugin(SGELikeBatchManagerBase):
@@ -313,6 +315,7 @@ class EC2Plugin(SGELikeBatchManagerBase):
         super().__init__(template="", plugin_args=plugin_args)
         self._jobs: dict[int, _Job] = {}
         self._by_job_id: dict[str, _Job] = {}
+        self._write_back_lock = threading.Lock()
         self._next_taskid = 0
         self._fatal: BaseException | None = None
         self.run_id: str | None = None
@@ -658,6 +661,7 @@ class EC2Plugin(SGELikeBatchManagerBase):
             "node_pickle": self.layout.pickle_key(job_id),
             "node_sha256": hashlib.sha256(raw).hexdigest(),
             "prefixes": sorted({node.base_dir} | set(inputs)),
+            "inputs": inputs,  # what the node may write into: it comes back (written)
             "n_procs": n_procs, "mem_gb": mem_gb,
         }
         if self._senders is None:
@@ -666,7 +670,7 @@ class EC2Plugin(SGELikeBatchManagerBase):
         sending = self._senders.submit(self._deliver, node.fullname, inputs, raw, spec,
                                        fleet.queue_url)
         return _Job(taskid, job_id, node, node_dir, time.time(), n_procs, mem_gb,
-                    instance_type=fleet.instance_type, sending=sending)
+                    instance_type=fleet.instance_type, sending=sending, inputs=tuple(inputs))
 
     def _deliver(self, name, inputs, raw, spec, queue_url) -> None:
         entries = self.store.put(inputs)
@@ -915,6 +919,7 @@ class EC2Plugin(SGELikeBatchManagerBase):
         outputs = [e for e in outputs if e.link is None]
         pathmap = PathMap(report.get("worker_root") or "/")
         dest = lambda rel: os.path.join(job.node_dir, rel)  # noqa: E731
+        self._write_back(job, report, pathmap)  # before the result pickle, too
         if links:  # before the result pickle, which says the node is done
             self.store.get(links, dest, move_link=pathmap.to_controller)
         if outputs:
@@ -936,6 +941,43 @@ class EC2Plugin(SGELikeBatchManagerBase):
                     os.utime(path, (entry.mtime, entry.mtime))
         job.report = report
         return time.time()
+
+    def _write_back(self, job: _Job, report: dict, pathmap: PathMap) -> None:
+        """What the node wrote into the folders it was given (a FreeSurfer
+        ``subjects_dir``, say), to the same paths here, as ``Linear`` leaves them.
+
+        Only paths within the job's own inputs are written: a report naming anything
+        else is refused with a warning. Nodes on different instances do not see each
+        other's writes: when a file here is no longer what the job was given (another
+        node wrote it meanwhile), this job's version replaces it, with a warning.
+        """
+        here, was = [], {}
+        for data in report.get("written") or []:
+            e = ManifestEntry.from_json(data)
+            entry = ManifestEntry(pathmap.to_controller(e.path), e.sha256, e.size, e.mtime,
+                                  e.link)
+            here.append(entry)
+            was[entry.path] = data.get("was")
+        allowed = [e for e in here if any(is_within(p, e.path) for p in job.inputs)]
+        if len(allowed) < len(here):
+            logger.warning("EC2Plugin: job %s reported %d file(s) outside its inputs; not "
+                           "written: %s", job.job_id, len(here) - len(allowed),
+                           ", ".join(e.path for e in here if e not in allowed)[:500])
+        if not allowed:
+            return
+        with self._write_back_lock:  # jobs are fetched in parallel: one at a time here
+            clashes = [e.path for e in allowed if e.link is None and
+                       _changed_meanwhile(e, was[e.path])]
+            if clashes:
+                logger.warning(
+                    "EC2Plugin: %s wrote %s, which another node changed while it ran "
+                    "(nodes on different instances do not see each other's writes); this "
+                    "node's version is kept. Have each node write files of its own.",
+                    job.node.fullname,
+                    ", ".join(clashes[:5]) + (" ..." if len(clashes) > 5 else ""))
+            self.store.get(allowed, lambda path: path, move_link=pathmap.to_controller)
+        logger.info("EC2Plugin: %s wrote %d file(s) into folders it was given; they are in "
+                    "place here too", job.node.fullname, len(allowed))
 
     def _annotate_failure(self, job: _Job, report: dict) -> None:
         """Make the node's result file carry the remote traceback, instance and log."""
@@ -963,6 +1005,19 @@ class EC2Plugin(SGELikeBatchManagerBase):
             lines = list(report.get("traceback") or []) or [
                 f"RemoteNodeError: job {job.job_id} did not finish ({report.get('status')}).\n"]
             write_failure_result(job.node, lines + [where])
+
+
+def _changed_meanwhile(entry: ManifestEntry, was) -> bool:
+    """Whether the file at ``entry.path`` differs from what the job was given there
+    (``was``: its size and time, or ``None`` for a file the job made) and from what the
+    job wrote: then another node wrote it while the job ran."""
+    try:
+        st = os.stat(entry.path)
+    except OSError:
+        return False  # nothing there: no one else wrote it
+    if was is not None and st.st_size == was[0] and abs(st.st_mtime - was[1]) <= 1e-3:
+        return False
+    return not (st.st_size == entry.size and sha256_file(entry.path) == entry.sha256)
 
 
 def _is_meta(relpath: str) -> bool:

@@ -10,6 +10,7 @@ nipype (its default hash is size and mtime).
 
 from __future__ import annotations
 
+import datetime as _dt
 import hashlib
 import logging
 import os
@@ -242,7 +243,13 @@ class ContentStore:
             if dest in seen:
                 continue
             seen.add(dest)
-            items.append((entry, DownloadItem(self.key(entry.sha256), dest, entry.size)))
+            if os.path.islink(dest):  # the entry is a file: the link goes, not its target
+                os.remove(dest)
+            # with the entry's time: a file already there with its size and time (an
+            # input an earlier job on this agent fetched) is not fetched again
+            items.append((entry, DownloadItem(
+                self.key(entry.sha256), dest, entry.size,
+                last_modified=_dt.datetime.fromtimestamp(entry.mtime, _dt.timezone.utc))))
         summary = download_files(self.client, self.bucket, [i for _, i in items],
                                  settings=self.settings, skip_unchanged=True,
                                  target=f"from s3://{self.bucket}/{self.key('')}")

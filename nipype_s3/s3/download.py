@@ -30,7 +30,7 @@ from .native import native_engine, open_empty
 from .session import endpoint_of
 from .transfer import Progress, Timer, TransferSettings, TransferSummary, run_transfers
 
-__all__ = ["DownloadItem", "download_files"]
+__all__ = ["DownloadItem", "download_files", "is_partial"]
 
 logger = logging.getLogger(__name__)
 
@@ -257,6 +257,11 @@ def _close_opened(opened: dict) -> None:
 
 
 _TEMP_NAME = re.compile(r".\.nipype-s3-(\d+)-[0-9a-z]+\.part(\.[0-9a-fA-F]{8})?$")
+
+
+def is_partial(path: str) -> bool:
+    """Whether ``path`` is the temporary name of a download under way (or killed)."""
+    return _TEMP_NAME.search(os.path.basename(path)) is not None
 
 
 def _sweep_dead_temps(folder: str) -> None:

@@ -227,6 +227,87 @@ def test_rerun_with_a_grabber_and_a_sink_launches_nothing(cloud, tmp_path, nifti
     assert cloud.live_instances() == []
 
 
+def _recon(subjects_dir, subject_id):
+    """What FreeSurfer's recon-all does to the subjects_dir it is given."""
+    import os
+
+    subject = os.path.join(subjects_dir, subject_id)
+    os.makedirs(os.path.join(subject, "mri"), exist_ok=True)
+    with open(os.path.join(subject, "mri", "T1.mgz"), "w") as fobj:
+        fobj.write(f"T1 of {subject_id}")
+    with open(os.path.join(subject, "notes.txt"), "a") as fobj:  # a file it had
+        fobj.write("done\n")
+    with open(os.path.join(subjects_dir, "recon.log"), "a") as fobj:  # shared by all
+        fobj.write(f"{subject_id} done\n")
+    os.symlink("mri/T1.mgz", os.path.join(subject, "T1_link.mgz"))
+    return os.path.join(subject, "mri", "T1.mgz")
+
+
+def _read_text(path):
+    with open(path) as fobj:
+        return fobj.read()
+
+
+def _tree_of(folder):
+    found = {}
+    for dirpath, dirnames, names in os.walk(folder):
+        for name in names + [d for d in dirnames if os.path.islink(os.path.join(dirpath, d))]:
+            path = os.path.join(dirpath, name)
+            rel = os.path.relpath(path, folder)
+            found[rel] = ("link", os.readlink(path)) if os.path.islink(path) else \
+                _read_text(path)
+    return found
+
+
+def test_what_a_node_writes_into_a_folder_it_was_given_comes_back(cloud, tmp_path, caplog):
+    """recon-all writes its subject into the subjects_dir it is given (outside its node
+    folder); under Linear the user finds it there, and the next node reads it. On
+    EC2Plugin the instance's copy of the folder was all that had it. A file that two
+    nodes on different instances both change keeps one version, with a warning."""
+    outside = tmp_path / "freesurfer" / "fsaverage"
+    outside.mkdir(parents=True)
+    (outside / "surf").write_text("template")
+
+    def make_subjects_dir(where):
+        for subject in ("sub-01", "sub-02"):
+            (where / subject).mkdir(parents=True)
+            (where / subject / "notes.txt").write_text("start\n")
+        (where / "recon.log").write_text("start\n")
+        os.symlink(outside, where / "fsaverage")  # as FreeSurfer links its templates
+        return str(where)
+
+    def build(base, subjects_dir):
+        wf = Workflow("fs", base_dir=str(base))
+        wf.config["execution"]["poll_sleep_duration"] = 0.3
+        src = Node(IdentityInterface(fields=["subject_id"]), "src")
+        src.iterables = ("subject_id", ["sub-01", "sub-02"])
+        recon = _fn("recon", _recon, ["subjects_dir", "subject_id"], ["t1"])
+        recon.inputs.subjects_dir = subjects_dir
+        read = _fn("read", _read_text, ["path"], ["text"])
+        wf.connect(src, "subject_id", recon, "subject_id")
+        wf.connect(recon, "t1", read, "path")
+        return wf
+
+    linear_dir = make_subjects_dir(tmp_path / "subjects_linear")
+    build(tmp_path / "linear", linear_dir).run(plugin="Linear")
+    ec2_dir = make_subjects_dir(tmp_path / "subjects_ec2")
+    result = build(tmp_path / "ec2", ec2_dir).run(plugin=_plugin())
+
+    ec2_tree, linear_tree = _tree_of(ec2_dir), _tree_of(linear_dir)
+    assert linear_tree.pop("recon.log") == "start\nsub-01 done\nsub-02 done\n"
+    assert ec2_tree.pop("recon.log") in ("start\nsub-01 done\n", "start\nsub-02 done\n")
+    assert "which another node changed while it ran" in caplog.text
+    assert ec2_tree == linear_tree
+    assert sorted(ec2_tree) == ["fsaverage", "sub-01/T1_link.mgz", "sub-01/mri/T1.mgz",
+                                "sub-01/notes.txt", "sub-02/T1_link.mgz",
+                                "sub-02/mri/T1.mgz", "sub-02/notes.txt"]
+    assert ec2_tree["sub-01/notes.txt"] == "start\ndone\n"
+    assert os.readlink(os.path.join(ec2_dir, "fsaverage")) == str(outside)
+    texts = sorted(n.result.outputs.text for n in result.nodes() if n.name == "read")
+    assert texts == ["T1 of sub-01", "T1 of sub-02"]
+    assert (outside / "surf").read_text() == "template"  # a linked folder is not written
+
+
 def _folder_with_links(in_file):
     import os
 

@@ -96,3 +96,54 @@ def test_a_node_directory_keeps_links_the_controller_can_make_again(tmp_path):
     assert _rel(node, files) == ["atlas_link", "sub/f.txt"]
     assert _rel(node, links) == ["broken", "inner", "input_link", "dir_link",
                                  "outside_dir_link"]
+
+
+def test_a_job_given_a_folder_works_in_a_view_of_its_own(tmp_path):
+    """Jobs packed on one agent share its root. A job given a folder (a subjects_dir)
+    gets its own copy of it, links into the root moved into the copy and a neighbour's
+    download under way left out, and hard links to its other inputs; what it then
+    writes or changes there, and only that, is reported."""
+    from nipype_s3.agent.worker import private_view, written_elsewhere
+    from nipype_s3.pickles import PathMap
+    from nipype_s3.s3.cas import ManifestEntry
+
+    shared_root = tmp_path / "agent"
+    subjects = "/data/subjects"
+    t1 = "/data/t1.nii"
+    shared = PathMap(str(shared_root), (subjects, t1, "/work"))
+    folder = shared_root / "data" / "subjects"
+    (folder / "sub-01").mkdir(parents=True)
+    (folder / "sub-01" / "notes.txt").write_text("start\n")
+    (folder / "sub-01" / "old.txt").write_text("kept as it was")
+    os.symlink(folder / "sub-01", folder / "latest")  # absolute, into the shared root
+    (folder / "sub-02.nipype-s3-99-n.part").write_text("")  # a neighbour's download
+    (shared_root / "data" / "t1.nii").write_text("image")
+    manifest = []
+    for path in ("/data/subjects/sub-01/notes.txt", "/data/subjects/sub-01/old.txt",
+                 "/data/t1.nii"):
+        st = os.stat(shared.to_worker(path))
+        manifest.append(ManifestEntry(path, "x", st.st_size, st.st_mtime))
+    manifest.append(ManifestEntry("/data/subjects/latest", "", 0, 0.0,
+                                  "/data/subjects/sub-01"))
+
+    view_root = shared_root / ".jobs" / "job-1"
+    view = private_view(shared, str(view_root), manifest, [subjects])
+    mine = view_root / "data" / "subjects"
+    assert view.root == str(view_root)
+    assert os.readlink(mine / "latest") == str(mine / "sub-01")
+    assert not os.path.lexists(mine / "sub-02.nipype-s3-99-n.part")
+    assert os.stat(view_root / "data" / "t1.nii").st_ino == \
+        os.stat(shared_root / "data" / "t1.nii").st_ino  # read only: a hard link
+    with open(mine / "sub-01" / "notes.txt", "a") as fobj:  # the node at work
+        fobj.write("done\n")
+    (mine / "sub-01" / "mri").mkdir()
+    (mine / "sub-01" / "mri" / "T1.mgz").write_text("T1")
+    os.symlink("mri/T1.mgz", mine / "sub-01" / "T1_link.mgz")
+    assert (folder / "sub-01" / "notes.txt").read_text() == "start\n"  # not the shared one
+
+    staged = {view.to_worker(e.path): e if e.link is None else ManifestEntry(
+        e.path, e.sha256, e.size, e.mtime, view.to_worker(e.link)) for e in manifest}
+    outdir = str(view_root / "work" / "wf" / "node")
+    files, links = written_elsewhere(outdir, str(view_root), [str(mine)], staged)
+    assert _rel(mine, files) == ["sub-01/notes.txt", "sub-01/mri/T1.mgz"]
+    assert _rel(mine, links) == ["sub-01/T1_link.mgz"]

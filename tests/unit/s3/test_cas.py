@@ -84,3 +84,34 @@ def test_link_entries_are_made_again_with_absolute_targets_moved(counted_client,
     assert os.readlink(dest / "abs_link") == str(dest / "sub")
     assert os.readlink(dest / "rel_link") == "sub/f.txt"  # relative: as it was
     assert (dest / "abs_link" / "f.txt").read_text() == "f"
+
+
+def test_a_file_already_in_place_is_not_fetched_again_and_a_link_there_is_replaced(
+        counted_client, tmp_path):
+    """An agent's root keeps the inputs of its earlier jobs: a file with the entry's size
+    and time is not fetched again (each job fetched every input anew). A symbolic link
+    where an entry is a file gives way to the file, not to a download into its target."""
+    client, calls = counted_client
+    src = tmp_path / "src" / "t1.nii"
+    src.parent.mkdir()
+    src.write_bytes(b"image bytes")
+    store = ContentStore(client, "cas-bucket", "p")
+    entries = store.put([str(src)])
+    dest = tmp_path / "worker" / "t1.nii"
+    where = lambda path: str(dest)  # noqa: E731
+
+    store.get(entries, where)
+    assert dest.read_bytes() == b"image bytes"
+    assert calls.count("GET") == 1
+    calls.clear()
+    ContentStore(client, "cas-bucket", "p").get(entries, where)  # the next job's store
+    assert calls.count("GET") == 0
+
+    other = tmp_path / "other.nii"
+    other.write_bytes(b"image bytes")
+    os.utime(other, (entries[0].mtime, entries[0].mtime))
+    dest.unlink()
+    dest.symlink_to(other)
+    store.get(entries, where)
+    assert not dest.is_symlink() and dest.read_bytes() == b"image bytes"
+    assert other.read_bytes() == b"image bytes"
