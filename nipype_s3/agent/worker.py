@@ -202,7 +202,9 @@ def run_job(cfg, spec: dict, outcome_path: str) -> dict:
         pathmap = PathMap(root, tuple(spec.get("prefixes", ())) + tuple(
             e.path for e in manifest))
         store.get(manifest, pathmap.to_worker, move_link=pathmap.to_worker)
-        folders = [p for p in spec.get("inputs", ()) if os.path.isdir(pathmap.to_worker(p))]
+        folders = list(spec.get("folders", ()))
+        for folder in folders:
+            os.makedirs(pathmap.to_worker(folder), exist_ok=True)
         if folders:
             # a folder the node may write into (a subjects_dir): its own copy, so that
             # what it writes there is its own, not a neighbour job's as well

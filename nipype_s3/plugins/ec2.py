@@ -661,7 +661,9 @@ class EC2Plugin(SGELikeBatchManagerBase):
             "node_pickle": self.layout.pickle_key(job_id),
             "node_sha256": hashlib.sha256(raw).hexdigest(),
             "prefixes": sorted({node.base_dir} | set(inputs)),
-            "inputs": inputs,  # what the node may write into: it comes back (written)
+            # folders it may write into (what it writes there comes back), made on the
+            # instance even when empty (a new subjects_dir holds no file to stage)
+            "folders": [p for p in inputs if os.path.isdir(p)],
             "n_procs": n_procs, "mem_gb": mem_gb,
         }
         if self._senders is None:

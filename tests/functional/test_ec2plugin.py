@@ -232,7 +232,7 @@ def _recon(subjects_dir, subject_id):
     import os
 
     subject = os.path.join(subjects_dir, subject_id)
-    os.makedirs(os.path.join(subject, "mri"), exist_ok=True)
+    os.makedirs(os.path.join(subject, "mri"), exist_ok=True)  # as recon-all -i does
     with open(os.path.join(subject, "mri", "T1.mgz"), "w") as fobj:
         fobj.write(f"T1 of {subject_id}")
     with open(os.path.join(subject, "notes.txt"), "a") as fobj:  # a file it had
@@ -306,6 +306,15 @@ def test_what_a_node_writes_into_a_folder_it_was_given_comes_back(cloud, tmp_pat
     texts = sorted(n.result.outputs.text for n in result.nodes() if n.name == "read")
     assert texts == ["T1 of sub-01", "T1 of sub-02"]
     assert (outside / "surf").read_text() == "template"  # a linked folder is not written
+
+    # a new, empty subjects_dir has no file to stage: it is made on the instance
+    empty = tmp_path / "subjects_new"
+    empty.mkdir()
+    result = build(tmp_path / "ec2_new", str(empty)).run(plugin=_plugin())
+    texts = sorted(n.result.outputs.text for n in result.nodes() if n.name == "read")
+    assert texts == ["T1 of sub-01", "T1 of sub-02"]
+    for subject in ("sub-01", "sub-02"):
+        assert (empty / subject / "mri" / "T1.mgz").read_text() == f"T1 of {subject}"
 
 
 def _folder_with_links(in_file):
