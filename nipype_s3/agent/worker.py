@@ -221,7 +221,15 @@ def run_job(cfg, spec: dict, outcome_path: str) -> dict:
             raise RuntimeError("the node pickle does not match the SHA-256 in its signed spec; "
                                "refusing to unpickle it")
         data = rewrite_pickle(gzip.decompress(raw), pathmap.to_worker)
-        info = pickle.loads(data)  # noqa: S301 - verified: signed spec + SHA-256
+        try:
+            info = pickle.loads(data)  # noqa: S301 - verified: signed spec + SHA-256
+        except (ImportError, AttributeError) as exc:
+            raise RuntimeError(
+                f"The node could not be unpickled on this instance ({exc}): its interface, "
+                "or a value among its inputs, comes from a module this instance does not "
+                "have. Install that module on the instances (EC2Plugin plugin_args "
+                "'requirements' or 'setup_commands', or an AMI that has it), or run the "
+                "node on the controller with node.plugin_args = {'local': True}.") from exc
         node = info["node"]
         scratch = os.path.join(cfg_root, ".scratch", spec["job_id"])
         os.makedirs(scratch, exist_ok=True)

@@ -595,6 +595,15 @@ class EC2Plugin(SGELikeBatchManagerBase):
             return True
         if isinstance(node, MapNode):
             return True
+        where = type(node.interface).__module__
+        if where == "__main__":
+            logger.warning(
+                "EC2Plugin: %s runs on the controller: its interface %s is defined in the "
+                "script that runs the workflow (__main__), which an instance cannot import. "
+                "Move it into a module of its own (and install that on the instances with "
+                "plugin_args 'requirements' or 'setup_commands') to run it there.",
+                node.fullname, type(node.interface).__name__)
+            return True
         if _cached_always_run(node):
             logger.info("EC2Plugin: %s runs on the controller: its result for these inputs "
                         "is here, and it runs again only to check its source or "

@@ -74,6 +74,25 @@ def test_staged_inputs_are_the_nodes_paths_not_its_commands_environment(tmp_path
     assert _input_paths(fn) == [str(data), str(tmp_path)]
 
 
+def test_an_interface_defined_in_the_users_script_runs_on_the_controller(caplog):
+    """An instance cannot import ``__main__.MyInterface``: sent there, the job failed to
+    unpickle after an instance had been paid for."""
+    from nipype.interfaces.base import BaseInterfaceInputSpec, SimpleInterface, TraitedSpec
+
+    from nipype_s3 import EC2Plugin
+
+    class MyInterface(SimpleInterface):  # as if written in the script itself
+        input_spec = BaseInterfaceInputSpec
+        output_spec = TraitedSpec
+
+    MyInterface.__module__ = "__main__"
+    plugin = EC2Plugin(plugin_args={"s3_prefix": "s3://my-bucket/runs"})
+    assert plugin._runs_locally(Node(MyInterface(), "mine"))
+    assert "defined in the script that runs the workflow" in caplog.text
+    MyInterface.__module__ = "mylab.interfaces"
+    assert not plugin._runs_locally(Node(MyInterface(), "mine"))
+
+
 def test_always_run_nodes_come_back_here_only_when_nothing_they_read_changed(tmp_path):
     """nipype reruns grabbers and sinks every time; once they ran with these inputs and
     no input file changed since, the re-run is a check the controller makes itself."""
