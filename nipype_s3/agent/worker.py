@@ -215,6 +215,9 @@ def run_job(cfg, spec: dict, outcome_path: str) -> dict:
         staged = {pathmap.to_worker(e.path): e if e.link is None else ManifestEntry(
             e.path, e.sha256, e.size, e.mtime, pathmap.to_worker(e.link)) for e in manifest}
         given = [pathmap.to_worker(p) for p in folders]
+        for target in spec.get("targets", ()):  # where it is told to write: made, reported
+            os.makedirs(os.path.dirname(pathmap.to_worker(target)), exist_ok=True)
+            given.append(pathmap.to_worker(target))
 
         raw = client.get_object(Bucket=cfg.bucket, Key=spec["node_pickle"])["Body"].read()
         if hashlib.sha256(raw).hexdigest() != spec["node_sha256"]:

@@ -651,6 +651,7 @@ class EC2Plugin(SGELikeBatchManagerBase):
         node._get_inputs()
         node._get_hashval()  # with the controller's paths: the agent keeps this hash
         inputs = _input_paths(node)
+        targets = _output_targets(node)
         job_id = f"{taskid:05d}-{_slug(node.fullname)}"
         if os.path.isdir(node_dir):
             shutil.rmtree(node_dir)  # nipype empties a node's folder before running it
@@ -669,7 +670,9 @@ class EC2Plugin(SGELikeBatchManagerBase):
             "version": 1, "run_id": self.run_id, "job_id": job_id, "node": node.fullname,
             "node_pickle": self.layout.pickle_key(job_id),
             "node_sha256": hashlib.sha256(raw).hexdigest(),
-            "prefixes": sorted({node.base_dir} | set(inputs)),
+            "prefixes": sorted({node.base_dir} | set(inputs) | set(targets)),
+            # absolute paths it is told to write (out_file="/data/derivs/brain.nii.gz")
+            "targets": targets,
             # folders it may write into (what it writes there comes back), made on the
             # instance even when empty (a new subjects_dir holds no file to stage)
             "folders": [p for p in inputs if os.path.isdir(p)],
@@ -681,7 +684,8 @@ class EC2Plugin(SGELikeBatchManagerBase):
         sending = self._senders.submit(self._deliver, node.fullname, inputs, raw, spec,
                                        fleet.queue_url)
         return _Job(taskid, job_id, node, node_dir, time.time(), n_procs, mem_gb,
-                    instance_type=fleet.instance_type, sending=sending, inputs=tuple(inputs))
+                    instance_type=fleet.instance_type, sending=sending,
+                    inputs=tuple(inputs) + tuple(targets))
 
     def _deliver(self, name, inputs, raw, spec, queue_url) -> None:
         entries = self.store.put(inputs)
@@ -955,12 +959,14 @@ class EC2Plugin(SGELikeBatchManagerBase):
 
     def _write_back(self, job: _Job, report: dict, pathmap: PathMap) -> None:
         """What the node wrote into the folders it was given (a FreeSurfer
-        ``subjects_dir``, say), to the same paths here, as ``Linear`` leaves them.
+        ``subjects_dir``, say) or to absolute paths it was told to write, to the same
+        paths here, as ``Linear`` leaves them.
 
-        Only paths within the job's own inputs are written: a report naming anything
-        else is refused with a warning. Nodes on different instances do not see each
-        other's writes: when a file here is no longer what the job was given (another
-        node wrote it meanwhile), this job's version replaces it, with a warning.
+        Only paths within the job's own inputs (and the paths it was told to write) are
+        written: a report naming anything else is refused with a warning. Nodes on
+        different instances do not see each other's writes: when a file here is no
+        longer what the job was given (another node wrote it meanwhile), this job's
+        version replaces it, with a warning.
         """
         here, was = [], {}
         for data in report.get("written") or []:
@@ -987,8 +993,9 @@ class EC2Plugin(SGELikeBatchManagerBase):
                     job.node.fullname,
                     ", ".join(clashes[:5]) + (" ..." if len(clashes) > 5 else ""))
             self.store.get(allowed, lambda path: path, move_link=pathmap.to_controller)
-        logger.info("EC2Plugin: %s wrote %d file(s) into folders it was given; they are in "
-                    "place here too", job.node.fullname, len(allowed))
+        logger.info("EC2Plugin: %s wrote %d file(s) into folders it was given or paths it "
+                    "was told to write; they are in place here too", job.node.fullname,
+                    len(allowed))
 
     def _annotate_failure(self, job: _Job, report: dict) -> None:
         """Make the node's result file carry the remote traceback, instance and log."""
@@ -1062,6 +1069,34 @@ def _input_paths(node) -> list[str]:
     inputs.pop("environ", None)  # a command's environment: paths of the instance's own
     walk(inputs)
     return [p for p in found if p != "/"]
+
+
+def _output_targets(node) -> list[str]:
+    """Absolute paths among a node's input values that do not exist yet but whose
+    folder does: where it is told to write (``out_file="/data/derivs/brain.nii.gz"``).
+
+    On an instance the node writes them below the worker root, and they come back to
+    these paths, as ``Linear`` leaves them.
+    """
+    found: list[str] = []
+
+    def walk(value):
+        if isinstance(value, str):
+            if value.startswith("/") and value not in found and not os.path.lexists(value) \
+                    and os.path.dirname(value) != "/" and \
+                    os.path.isdir(os.path.dirname(value)):
+                found.append(value)
+        elif isinstance(value, dict):
+            for v in value.values():
+                walk(v)
+        elif isinstance(value, (list, tuple, set)):
+            for v in value:
+                walk(v)
+
+    inputs = node.inputs.get_traitsfree()
+    inputs.pop("environ", None)
+    walk(inputs)
+    return found
 
 
 def _zip_package(pkg_dir: str) -> bytes:

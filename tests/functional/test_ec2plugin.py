@@ -317,6 +317,37 @@ def test_what_a_node_writes_into_a_folder_it_was_given_comes_back(cloud, tmp_pat
         assert (empty / subject / "mri" / "T1.mgz").read_text() == f"T1 of {subject}"
 
 
+def test_an_absolute_output_path_a_node_is_told_to_write_comes_back(cloud, tmp_path,
+                                                                     nifti_files, caplog):
+    """``tsnr_file="/data/derivs/tsnr.nii.gz"``: under Linear the file is there, and the
+    next node reads it; on an instance it was written where the controller never saw it
+    (or not at all: the instance has no /data/derivs). LocalCloud's instances share this
+    machine's disk, so the file must be seen to come back through the store."""
+    import nibabel as nib
+    import numpy as np
+    from nipype.algorithms.confounds import TSNR
+
+    derivs = tmp_path / "derivs"
+    derivs.mkdir()
+
+    def build(base, out):
+        wf = Workflow("abs", base_dir=str(base))
+        wf.config["execution"]["poll_sleep_duration"] = 0.3
+        tsnr = Node(TSNR(in_file=nifti_files["example4d.nii.gz"], tsnr_file=out), "tsnr")
+        size = _fn("size", _mean_of_nifti, ["in_file"], ["out"])
+        wf.connect(tsnr, "tsnr_file", size, "in_file")
+        return wf
+
+    build(tmp_path / "linear", str(derivs / "linear_tsnr.nii.gz")).run(plugin="Linear")
+    result = build(tmp_path / "ec2", str(derivs / "ec2_tsnr.nii.gz")).run(plugin=_plugin())
+    assert np.allclose(nib.load(derivs / "ec2_tsnr.nii.gz").get_fdata(),
+                       nib.load(derivs / "linear_tsnr.nii.gz").get_fdata())
+    tsnr = next(n for n in result.nodes() if n.name == "tsnr")
+    assert tsnr.result.outputs.tsnr_file == str(derivs / "ec2_tsnr.nii.gz")
+    assert _count_jobs(cloud) == 2  # both ran on instances
+    assert "abs.tsnr wrote 1 file(s)" in caplog.text  # below the worker root, then here
+
+
 def _folder_with_links(in_file):
     import os
 

@@ -15,6 +15,7 @@ from nipype_s3.plugins.ec2 import (
     _credential_inputs,
     _input_paths,
     _orchestrates_instances,
+    _output_targets,
     _writes_local_files,
     dispatch_summary,
 )
@@ -72,6 +73,21 @@ def test_staged_inputs_are_the_nodes_paths_not_its_commands_environment(tmp_path
     fn.inputs.path = str(data)
     fn.inputs.other = {"nested": [str(tmp_path)]}
     assert _input_paths(fn) == [str(data), str(tmp_path)]
+
+
+def test_output_targets_are_new_paths_in_existing_folders(tmp_path):
+    """``out_file="/data/derivs/brain.nii.gz"``: a path to write, in a folder that
+    exists; not an input that exists, nor a path in no folder, nor the environment."""
+    from nipype import Function
+
+    data = tmp_path / "t1.nii"
+    data.write_text("x")
+    fn = Node(Function(input_names=["path", "other"], output_names=["n"],
+                       function=_two_args), "fn")
+    fn.inputs.path = str(data)
+    fn.inputs.other = [str(tmp_path / "brain.nii.gz"), "/no/such/folder/x.nii",
+                       "/top-level.nii", "relative.nii"]
+    assert _output_targets(fn) == [str(tmp_path / "brain.nii.gz")]
 
 
 def test_an_interface_defined_in_the_users_script_runs_on_the_controller(caplog):
