@@ -301,8 +301,9 @@ class _Job:
     instance_type: str = ""
     #: the upload of its inputs, pickle and spec and the queue message, while under way
     sending: object = None
-    #: the existing paths among its inputs: what it writes there comes back
-    inputs: tuple = ()
+    #: the folders among its inputs and the paths it is told to write: what it writes
+    #: there comes back (nowhere else)
+    writable: tuple = ()
 
 
 class EC2Plugin(SGELikeBatchManagerBase):
@@ -685,7 +686,7 @@ class EC2Plugin(SGELikeBatchManagerBase):
                                        fleet.queue_url)
         return _Job(taskid, job_id, node, node_dir, time.time(), n_procs, mem_gb,
                     instance_type=fleet.instance_type, sending=sending,
-                    inputs=tuple(inputs) + tuple(targets))
+                    writable=tuple(spec["folders"]) + tuple(targets))
 
     def _deliver(self, name, inputs, raw, spec, queue_url) -> None:
         entries = self.store.put(inputs)
@@ -962,8 +963,8 @@ class EC2Plugin(SGELikeBatchManagerBase):
         ``subjects_dir``, say) or to absolute paths it was told to write, to the same
         paths here, as ``Linear`` leaves them.
 
-        Only paths within the job's own inputs (and the paths it was told to write) are
-        written: a report naming anything else is refused with a warning. Nodes on
+        Only paths within the folders it was given, and the paths it was told to write,
+        are written: a report naming anything else is refused with a warning. Nodes on
         different instances do not see each other's writes: when a file here is no
         longer what the job was given (another node wrote it meanwhile), this job's
         version replaces it, with a warning.
@@ -975,7 +976,7 @@ class EC2Plugin(SGELikeBatchManagerBase):
                                   e.link)
             here.append(entry)
             was[entry.path] = data.get("was")
-        allowed = [e for e in here if any(is_within(p, e.path) for p in job.inputs)]
+        allowed = [e for e in here if any(is_within(p, e.path) for p in job.writable)]
         if len(allowed) < len(here):
             logger.warning("EC2Plugin: job %s reported %d file(s) outside its inputs; not "
                            "written: %s", job.job_id, len(here) - len(allowed),

@@ -323,3 +323,43 @@ def test_bad_plugin_args_are_named_before_anything_runs(args, message):
     with pytest.raises(ConfigurationError) as err:
         EC2Plugin(plugin_args={"s3_prefix": "s3://bucket/runs", **args} if args else {})
     assert str(err.value).startswith(message)
+
+
+def test_a_report_writes_back_only_into_what_the_job_may_write(tmp_path, caplog):
+    """The controller puts a job's written files in place only within the folders it
+    was given and the paths it was told to write; a file another node changed
+    meanwhile is replaced with a warning."""
+    import boto3
+    from moto import mock_aws
+
+    from nipype_s3 import EC2Plugin
+    from nipype_s3.pickles import PathMap
+    from nipype_s3.plugins.ec2 import _Job
+    from nipype_s3.s3.cas import ContentStore
+
+    worker = tmp_path / "worker"
+    subjects = tmp_path / "subjects"
+    subjects.mkdir()
+    (subjects / "log.txt").write_text("changed here meanwhile")
+    made = {"subjects/sub-01/T1.mgz": "T1", "subjects/log.txt": "the job's log",
+            "elsewhere/evil.txt": "not asked for"}
+    for rel, text in made.items():
+        path = worker / str(tmp_path).lstrip("/") / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    with mock_aws():
+        client = boto3.client("s3", region_name="us-east-1")
+        client.create_bucket(Bucket="my-bucket")
+        plugin = EC2Plugin(plugin_args={"s3_prefix": "s3://my-bucket/runs"})
+        plugin.store = ContentStore(client, "my-bucket", "runs")
+        entries = plugin.store.put([str(worker / str(tmp_path).lstrip("/") / rel)
+                                    for rel in made], expand_dirs=False)
+        report = {"written": [dict(e.to_json(), was=[5, 1.0]) for e in entries]}
+        job = _Job(1, "00001-recon", Node(DataSink(), "recon"), str(tmp_path / "n"), 0.0,
+                   1, 0.0, writable=(str(subjects),))
+        plugin._write_back(job, report, PathMap(str(worker)))
+    assert (subjects / "sub-01" / "T1.mgz").read_text() == "T1"
+    assert (subjects / "log.txt").read_text() == "the job's log"
+    assert not (tmp_path / "elsewhere").exists()
+    assert "reported 1 file(s) outside its inputs" in caplog.text
+    assert "log.txt, which another node changed while it ran" in caplog.text
