@@ -49,6 +49,18 @@ ON_DEMAND_USD_PER_HOUR: dict[str, float] = {
 }
 
 
+def smallest_fitting(n_procs: int, mem_gb: float, like: str = "") -> str | None:
+    """The cheapest type of the table with ``n_procs`` vCPUs and ``mem_gb`` GiB (GPU
+    types left out), of the family of ``like`` (``c6i`` for ``c6i.large``) among equally
+    cheap ones; ``None`` if none has them."""
+    family = like.split(".")[0]
+    fits = [t for t, (cpus, mem) in SHAPES.items()
+            if cpus >= n_procs and mem >= mem_gb and not t.startswith(("g", "p"))]
+    ranked = sorted(fits, key=lambda t: (ON_DEMAND_USD_PER_HOUR.get(t, 1e9),
+                                         t.split(".")[0] != family, t))
+    return ranked[0] if ranked else None
+
+
 def hourly_price(instance_type: str) -> float | None:
     """On-demand USD per hour, or None when the type is not in the table."""
     return ON_DEMAND_USD_PER_HOUR.get(instance_type)

@@ -64,7 +64,7 @@ from ..ec2.jobs import (
     new_run_id,
     parse_s3_prefix,
 )
-from ..ec2.pricing import estimate_cost, instance_shape
+from ..ec2.pricing import estimate_cost, instance_shape, smallest_fitting
 from ..ec2.userdata import render_user_data
 from ..exceptions import ConfigurationError, EC2Error, InstanceLaunchError
 from ..localfs import is_within, walk_files
@@ -356,6 +356,43 @@ class EC2Plugin(SGELikeBatchManagerBase):
             return result
         finally:
             self._finish_run()
+
+    def _prerun_check(self, graph) -> None:
+        """Nodes asking for more CPUs or memory than their instance type has: an error
+        naming them and a type that fits, before any instance is paid for.
+
+        nipype's MultiProc refuses such a workflow in the same way. Here the agent would
+        run the job alone on the instance regardless, and a job that needs 100 GB on a
+        4 GiB instance is killed for memory, retried, and killed again.
+        """
+        s = self.settings
+        too_big = []
+        for node in graph.nodes():
+            args = getattr(node, "plugin_args", None) or {}
+            args = args if isinstance(args, dict) else {}
+            if args.get("local") or type(node.interface).__name__ in _LOCAL_INTERFACES or \
+                    node.name in s.local_nodes or node.fullname in s.local_nodes:
+                continue
+            n_procs = max(1, int(getattr(node, "n_procs", 1) or 1))
+            mem_gb = float(getattr(node, "mem_gb", 0) or 0)
+            itype = args.get("instance_type") or s.instance_type
+            try:
+                vcpus, mem = self._shape(itype)
+            except ConfigurationError as exc:  # a type that does not exist: said now
+                raise ConfigurationError(f"Node {node.fullname}: {exc}") from exc
+            vcpus, mem = int(s.agent_vcpus or vcpus), float(s.agent_mem_gb or mem)
+            if n_procs > vcpus or mem_gb > mem:
+                too_big.append((node.fullname, n_procs, mem_gb, itype, vcpus, mem))
+        if too_big:
+            name, n_procs, mem_gb, itype, vcpus, mem = too_big[0]
+            fits = smallest_fitting(n_procs, mem_gb, itype)
+            hint = (f"node.plugin_args = {{'instance_type': '{fits}'}}" if fits else
+                    "node.plugin_args = {'instance_type': ...} with a larger type")
+            others = f" (and {len(too_big) - 1} more)" if len(too_big) > 1 else ""
+            raise ConfigurationError(
+                f"Node {name}{others} asks for {n_procs} CPUs and {mem_gb:g} GB of memory "
+                f"(n_procs, mem_gb), but {itype} has {vcpus} vCPUs and {mem:g} GiB. Give it "
+                f"a type that fits ({hint}), or lower n_procs/mem_gb. Nothing was launched.")
 
     def _start_run(self) -> None:
         s = self.settings

@@ -562,6 +562,31 @@ def test_a_node_asking_for_a_type_that_does_not_exist_is_named(cloud, tmp_path):
     assert not [q for q in queues if "r9" in q]
 
 
+def test_a_node_bigger_than_its_instance_type_is_named_before_anything_runs(cloud,
+                                                                            tmp_path):
+    """n_procs=16, mem_gb=20 on a c6i.large (2 vCPUs, 4 GiB): nipype's MultiProc refuses
+    such a workflow; on an instance it would be killed for memory, again and again."""
+    from nipype_s3 import ConfigurationError
+
+    wf = Workflow("toobig", base_dir=str(tmp_path))
+    small = _fn("small", _double, ["x"], ["y"])
+    small.inputs.x = 1
+    big = Node(Function(input_names=["x"], output_names=["y"], function=_double), "big",
+               n_procs=16, mem_gb=20)
+    wf.connect(small, "y", big, "x")
+    with pytest.raises(ConfigurationError) as err:
+        wf.run(plugin=_plugin())
+    assert str(err.value).startswith(
+        "Node toobig.big asks for 16 CPUs and 20 GB of memory (n_procs, mem_gb), but "
+        "c6i.large has 2 vCPUs and 4 GiB. Give it a type that fits (node.plugin_args = "
+        "{'instance_type': 'c6i.4xlarge'})")
+    assert cloud.proxy.count(action="RunInstances") == 0
+    assert _count_jobs(cloud) == 0  # not even the small node ran
+
+    big.plugin_args = {"local": True}  # on the controller: its own business
+    wf.run(plugin=_plugin())
+
+
 def test_controller_calls_per_poll_do_not_grow_with_pending_jobs(cloud, tmp_path):
     wf = Workflow("many", base_dir=str(tmp_path))
     wf.config["execution"]["poll_sleep_duration"] = 0.3

@@ -363,3 +363,12 @@ def test_a_report_writes_back_only_into_what_the_job_may_write(tmp_path, caplog)
     assert not (tmp_path / "elsewhere").exists()
     assert "reported 1 file(s) outside its inputs" in caplog.text
     assert "log.txt, which another node changed while it ran" in caplog.text
+
+
+def test_the_type_suggested_for_a_big_node_is_the_cheapest_that_fits():
+    from nipype_s3.ec2.pricing import smallest_fitting
+
+    assert smallest_fitting(16, 20, "c6i.large") == "c6i.4xlarge"
+    assert smallest_fitting(2, 12, "c6i.large") == "r5.large"  # no c6i has the memory
+    assert smallest_fitting(1, 1, "m5.large") == "t3.micro"
+    assert smallest_fitting(64, 512) is None
