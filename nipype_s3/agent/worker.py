@@ -21,7 +21,6 @@ import hashlib
 import json
 import os
 import shutil
-import subprocess
 import sys
 import time
 from traceback import format_exc
@@ -126,10 +125,12 @@ def private_view(shared, root: str, manifest, folders: list[str]):
     """Make the job's inputs again below ``root``, its own: the ``PathMap`` to it.
 
     ``shared`` maps the controller's paths to the agent's root, where the inputs were
-    fetched (and stay, for the next job). The ``folders`` the job was given are copied
-    (``cp --reflink=auto``: free on XFS and btrfs, Amazon Linux's root included) so the
-    node can write into them; its other inputs are hard links, which nipype's nodes
-    only read.
+    fetched (and stay, for the next job). The view is folders of its own holding hard
+    links to those files, so it costs no copy: what the node creates in a folder it was
+    given (a subject in a ``subjects_dir``) is in its view alone, and another job packed
+    on the instance does not report it as its own. A file changed in place (a log
+    appended to) changes for the jobs sharing it, as on one machine; its new time then
+    has the next job fetch it afresh.
     """
     from ..localfs import is_within, make_link
     from ..pickles import PathMap
@@ -138,10 +139,15 @@ def private_view(shared, root: str, manifest, folders: list[str]):
     if os.path.lexists(root):  # an earlier attempt of the job on this agent
         shutil.rmtree(root)
     private = PathMap(root, shared.prefixes)
+
+    def partials(folder, names):  # a neighbour job's download under way
+        return [name for name in names if is_partial(name)]
+
     for folder in folders:
-        src, dest = shared.to_worker(folder), private.to_worker(folder)
+        dest = private.to_worker(folder)
         os.makedirs(os.path.dirname(dest), exist_ok=True)
-        _copy_folder(src, dest)
+        shutil.copytree(shared.to_worker(folder), dest, symlinks=True, ignore=partials,
+                        copy_function=_link_or_copy)
         for dirpath, dirnames, names in os.walk(dest):
             for name in names + dirnames:
                 path = os.path.join(dirpath, name)
@@ -149,8 +155,6 @@ def private_view(shared, root: str, manifest, folders: list[str]):
                     # into the shared root: into this view instead
                     make_link(path, private.to_worker(shared.to_controller(
                         os.readlink(path))))
-                elif is_partial(path):  # a neighbour job's download under way
-                    os.remove(path)
     for entry in manifest:
         if any(is_within(folder, entry.path) for folder in folders):
             continue
@@ -160,23 +164,15 @@ def private_view(shared, root: str, manifest, folders: list[str]):
                       else entry.link)
             continue
         os.makedirs(os.path.dirname(dest), exist_ok=True)
-        try:
-            os.link(shared.to_worker(entry.path), dest)
-        except OSError:  # another file system, or one without hard links
-            shutil.copy2(shared.to_worker(entry.path), dest)
+        _link_or_copy(shared.to_worker(entry.path), dest)
     return private
 
 
-def _copy_folder(src: str, dest: str) -> None:
-    """``src`` copied to ``dest`` with links as links and times kept: by reference
-    where the file system can (``cp --reflink=auto``), else byte for byte."""
-    if sys.platform.startswith("linux") and shutil.which("cp"):
-        done = subprocess.run(["cp", "-a", "--reflink=auto", "--", src, dest],
-                              capture_output=True, text=True)
-        if done.returncode == 0:
-            return
-        shutil.rmtree(dest, ignore_errors=True)
-    shutil.copytree(src, dest, symlinks=True)
+def _link_or_copy(src: str, dest: str) -> None:
+    try:
+        os.link(src, dest)
+    except OSError:  # another file system, or one without hard links
+        shutil.copy2(src, dest)
 
 
 def run_job(cfg, spec: dict, outcome_path: str) -> dict:

@@ -100,9 +100,9 @@ def test_a_node_directory_keeps_links_the_controller_can_make_again(tmp_path):
 
 def test_a_job_given_a_folder_works_in_a_view_of_its_own(tmp_path):
     """Jobs packed on one agent share its root. A job given a folder (a subjects_dir)
-    gets its own copy of it, links into the root moved into the copy and a neighbour's
-    download under way left out, and hard links to its other inputs; what it then
-    writes or changes there, and only that, is reported."""
+    gets folders of its own with hard links to the files (no copy), links into the root
+    moved into them and a neighbour's download under way left out; what it then creates
+    or changes there is reported, and what it creates is in its view alone."""
     from nipype_s3.agent.worker import private_view, written_elsewhere
     from nipype_s3.pickles import PathMap
     from nipype_s3.s3.cas import ManifestEntry
@@ -132,14 +132,15 @@ def test_a_job_given_a_folder_works_in_a_view_of_its_own(tmp_path):
     assert view.root == str(view_root)
     assert os.readlink(mine / "latest") == str(mine / "sub-01")
     assert not os.path.lexists(mine / "sub-02.nipype-s3-99-n.part")
-    assert os.stat(view_root / "data" / "t1.nii").st_ino == \
-        os.stat(shared_root / "data" / "t1.nii").st_ino  # read only: a hard link
+    for rel in ("t1.nii", "subjects/sub-01/old.txt"):  # hard links: nothing copied
+        assert os.stat(view_root / "data" / rel).st_ino == \
+            os.stat(shared_root / "data" / rel).st_ino
     with open(mine / "sub-01" / "notes.txt", "a") as fobj:  # the node at work
         fobj.write("done\n")
     (mine / "sub-01" / "mri").mkdir()
     (mine / "sub-01" / "mri" / "T1.mgz").write_text("T1")
     os.symlink("mri/T1.mgz", mine / "sub-01" / "T1_link.mgz")
-    assert (folder / "sub-01" / "notes.txt").read_text() == "start\n"  # not the shared one
+    assert not (folder / "sub-01" / "mri").exists()  # what it makes is its own
 
     staged = {view.to_worker(e.path): e if e.link is None else ManifestEntry(
         e.path, e.sha256, e.size, e.mtime, view.to_worker(e.link)) for e in manifest}
