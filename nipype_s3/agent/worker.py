@@ -77,16 +77,18 @@ def node_dir_contents(outdir: str, root: str) -> tuple[list[str], list[str]]:
 
 def written_elsewhere(outdir: str, root: str, given: list[str],
                       staged: dict) -> tuple[list[str], list[str]]:
-    """What a node wrote outside its own directory, in the folders and files it was
-    given: ``(files, links)`` that are new, or changed since they were staged.
+    """What a node wrote outside its own directory, in the folders it was given and at
+    the paths it was told to write: ``(files, links)`` that are new, or changed since
+    they were staged.
 
     FreeSurfer's ``recon-all`` writes its subject into the ``subjects_dir`` it is given,
-    a grabber into its ``local_directory``; under ``Linear`` the user finds them there,
-    so the controller gets them back at their own paths. ``given`` are those paths on
-    this worker; ``staged`` maps each file fetched for the job (worker path) to its
-    manifest entry. Links are classified as in :func:`node_dir_contents` (a link to a
-    folder stays a link, so FreeSurfer's ``fsaverage`` link does not bring its
-    content); a link counts as new unless it was staged as the same link.
+    an interface its ``out_file="/data/derivs/x.nii.gz"``; under ``Linear`` the user
+    finds them there, so the controller gets them back at their own paths. ``given``
+    are those paths on this worker; ``staged`` maps each file fetched for the job
+    (worker path) to its manifest entry. Links are classified as in
+    :func:`node_dir_contents` (a link to a folder stays a link, so FreeSurfer's
+    ``fsaverage`` link does not bring its content); a link counts as new unless it was
+    staged as the same link.
     """
     from ..localfs import is_within
     from ..s3.download import is_partial

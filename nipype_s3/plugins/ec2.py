@@ -370,9 +370,13 @@ class EC2Plugin(SGELikeBatchManagerBase):
         for node in graph.nodes():
             args = getattr(node, "plugin_args", None) or {}
             args = args if isinstance(args, dict) else {}
-            if args.get("local") or type(node.interface).__name__ in _LOCAL_INTERFACES or \
-                    node.name in s.local_nodes or node.fullname in s.local_nodes:
-                continue
+            interface = node.interface
+            if args.get("local") or type(interface).__name__ in _LOCAL_INTERFACES or \
+                    node.name in s.local_nodes or node.fullname in s.local_nodes or \
+                    type(interface).__module__ == "__main__" or \
+                    _credential_inputs(interface) or _writes_local_files(interface) or \
+                    _orchestrates_instances(interface):
+                continue  # runs on the controller
             n_procs = max(1, int(getattr(node, "n_procs", 1) or 1))
             mem_gb = float(getattr(node, "mem_gb", 0) or 0)
             itype = args.get("instance_type") or s.instance_type
@@ -1015,8 +1019,8 @@ class EC2Plugin(SGELikeBatchManagerBase):
             was[entry.path] = data.get("was")
         allowed = [e for e in here if any(is_within(p, e.path) for p in job.writable)]
         if len(allowed) < len(here):
-            logger.warning("EC2Plugin: job %s reported %d file(s) outside its inputs; not "
-                           "written: %s", job.job_id, len(here) - len(allowed),
+            logger.warning("EC2Plugin: job %s reported %d file(s) outside what it may write; "
+                           "not written: %s", job.job_id, len(here) - len(allowed),
                            ", ".join(e.path for e in here if e not in allowed)[:500])
         if not allowed:
             return

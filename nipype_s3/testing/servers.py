@@ -209,17 +209,32 @@ class SeaweedFS:
                 for action in ("Read", "List")]})
         with open(identity, "w") as fobj:
             json.dump({"identities": identities}, fobj)
-        ports = {name: free_port() for name in (
-            "master.port", "master.port.grpc", "volume.port", "volume.port.grpc",
-            "filer.port", "filer.port.grpc", "s3.port.grpc", "admin.port", "admin.port.grpc")}
-        args = [exe, "mini", f"-dir={data}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
-                f"-s3.port={self.port}", f"-s3.config={identity}", "-admin.ui=false",
-                "-webdav=false", "-s3.port.iceberg=0", "-s3.port.lance=0"]
-        args += [f"-{name}={port}" for name, port in ports.items()]
-        self._log = open(self.log_path, "ab")
-        self._proc = _popen(args, stdout=self._log, stderr=subprocess.STDOUT,
-                            cwd=self.directory)
-        _wait_http(self.url + "/", self._proc, timeout, self.log_path)
+        for attempt in range(3):
+            ports = {name: free_port() for name in (
+                "master.port", "master.port.grpc", "volume.port", "volume.port.grpc",
+                "filer.port", "filer.port.grpc", "s3.port.grpc", "admin.port",
+                "admin.port.grpc")}
+            if attempt:
+                self.port = free_port()
+                self.url = f"http://127.0.0.1:{self.port}"
+            args = [exe, "mini", f"-dir={data}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+                    f"-s3.port={self.port}", f"-s3.config={identity}", "-admin.ui=false",
+                    "-webdav=false", "-s3.port.iceberg=0", "-s3.port.lance=0"]
+            args += [f"-{name}={port}" for name, port in ports.items()]
+            self._log = open(self.log_path, "ab")
+            self._proc = _popen(args, stdout=self._log, stderr=subprocess.STDOUT,
+                                cwd=self.directory)
+            try:
+                _wait_http(self.url + "/", self._proc, timeout, self.log_path)
+                break
+            except ServerError:
+                # nine ports picked free may be taken before it binds them (another
+                # process's outgoing connection, say): it exits, and tries others
+                exited = self._proc.poll() is not None
+                _stop(self._proc)
+                self._log.close()
+                if not exited or attempt == 2:
+                    raise
         self._wait_s3_ready(timeout)
         return self
 

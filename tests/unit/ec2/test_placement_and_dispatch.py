@@ -361,7 +361,7 @@ def test_a_report_writes_back_only_into_what_the_job_may_write(tmp_path, caplog)
     assert (subjects / "sub-01" / "T1.mgz").read_text() == "T1"
     assert (subjects / "log.txt").read_text() == "the job's log"
     assert not (tmp_path / "elsewhere").exists()
-    assert "reported 1 file(s) outside its inputs" in caplog.text
+    assert "reported 1 file(s) outside what it may write" in caplog.text
     assert "log.txt, which another node changed while it ran" in caplog.text
 
 
