@@ -6,7 +6,7 @@ agent (status, traceback, the output manifest); the agent alone talks to SQS and
 writes the run's ``done`` report.
 
 A job given a folder (a FreeSurfer ``subjects_dir``) runs in a view of its own below
-``<root>/.jobs/<job>`` (:func:`private_view`), and what it writes into the folder is
+``<root>/.views/<job>`` (:func:`private_view`), and what it writes into the folder is
 stored with its outputs (:func:`written_elsewhere`) for the controller to put in place.
 
 Order matters: the input files are fetched **before** the node is unpickled, because
@@ -206,7 +206,7 @@ def run_job(cfg, spec: dict, outcome_path: str) -> dict:
         if folders:
             # a folder the node may write into (a subjects_dir): its own copy, so that
             # what it writes there is its own, not a neighbour job's as well
-            root = os.path.join(root, ".jobs", spec["job_id"])
+            root = os.path.join(root, ".views", spec["job_id"])
             pathmap = private_view(pathmap, root, manifest, folders)
             outcome["worker_root"] = root
         # what the job was given, as it arrived: what differs after the run goes back

@@ -126,7 +126,7 @@ def test_a_job_given_a_folder_works_in_a_view_of_its_own(tmp_path):
     manifest.append(ManifestEntry("/data/subjects/latest", "", 0, 0.0,
                                   "/data/subjects/sub-01"))
 
-    view_root = shared_root / ".jobs" / "job-1"
+    view_root = shared_root / ".views" / "job-1"
     view = private_view(shared, str(view_root), manifest, [subjects])
     mine = view_root / "data" / "subjects"
     assert view.root == str(view_root)
