@@ -1091,43 +1091,16 @@ def _slug(name: str) -> str:
     return keep[-80:]
 
 
-def _input_paths(node) -> list[str]:
-    """Absolute paths of existing files and folders among a node's input values (not
-    in a command's ``environ``: paths there, ``FSLDIR`` say, are the instance's own)."""
-    found: list[str] = []
+def _absolute_strings(node) -> list[str]:
+    """The absolute paths (strings starting with ``/``) among a node's input values, in
+    order, each once; not those in a command's ``environ``: paths there, ``FSLDIR``
+    say, are the instance's own."""
+    found: dict[str, None] = {}
 
     def walk(value):
         if isinstance(value, str):
-            if value.startswith("/") and os.path.exists(value) and value not in found:
-                found.append(value)
-        elif isinstance(value, dict):
-            for v in value.values():
-                walk(v)
-        elif isinstance(value, (list, tuple, set)):
-            for v in value:
-                walk(v)
-
-    inputs = node.inputs.get_traitsfree()
-    inputs.pop("environ", None)  # a command's environment: paths of the instance's own
-    walk(inputs)
-    return [p for p in found if p != "/"]
-
-
-def _output_targets(node) -> list[str]:
-    """Absolute paths among a node's input values that do not exist yet but whose
-    folder does: where it is told to write (``out_file="/data/derivs/brain.nii.gz"``).
-
-    On an instance the node writes them below the worker root, and they come back to
-    these paths, as ``Linear`` leaves them.
-    """
-    found: list[str] = []
-
-    def walk(value):
-        if isinstance(value, str):
-            if value.startswith("/") and value not in found and not os.path.lexists(value) \
-                    and os.path.dirname(value) != "/" and \
-                    os.path.isdir(os.path.dirname(value)):
-                found.append(value)
+            if value.startswith("/"):
+                found.setdefault(value)
         elif isinstance(value, dict):
             for v in value.values():
                 walk(v)
@@ -1138,7 +1111,23 @@ def _output_targets(node) -> list[str]:
     inputs = node.inputs.get_traitsfree()
     inputs.pop("environ", None)
     walk(inputs)
-    return found
+    return list(found)
+
+
+def _input_paths(node) -> list[str]:
+    """Existing files and folders among a node's input values: what is staged."""
+    return [p for p in _absolute_strings(node) if p != "/" and os.path.exists(p)]
+
+
+def _output_targets(node) -> list[str]:
+    """Absolute paths among a node's input values that do not exist yet but whose
+    folder does: where it is told to write (``out_file="/data/derivs/brain.nii.gz"``).
+
+    On an instance the node writes them below the worker root, and they come back to
+    these paths, as ``Linear`` leaves them.
+    """
+    return [p for p in _absolute_strings(node) if not os.path.lexists(p)
+            and os.path.dirname(p) != "/" and os.path.isdir(os.path.dirname(p))]
 
 
 def _zip_package(pkg_dir: str) -> bytes:
