@@ -204,8 +204,8 @@ def run_job(cfg, spec: dict, outcome_path: str) -> dict:
         for folder in folders:
             os.makedirs(pathmap.to_worker(folder), exist_ok=True)
         if folders:
-            # a folder the node may write into (a subjects_dir): its own copy, so that
-            # what it writes there is its own, not a neighbour job's as well
+            # a folder the node may write into (a subjects_dir): a view of its own (hard
+            # links), so that what it makes there is its own, not a neighbour job's too
             root = os.path.join(root, ".views", spec["job_id"])
             pathmap = private_view(pathmap, root, manifest, folders)
             outcome["worker_root"] = root
