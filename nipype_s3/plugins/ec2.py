@@ -370,12 +370,7 @@ class EC2Plugin(SGELikeBatchManagerBase):
         for node in graph.nodes():
             args = getattr(node, "plugin_args", None) or {}
             args = args if isinstance(args, dict) else {}
-            interface = node.interface
-            if args.get("local") or type(interface).__name__ in _LOCAL_INTERFACES or \
-                    node.name in s.local_nodes or node.fullname in s.local_nodes or \
-                    type(interface).__module__ == "__main__" or \
-                    _credential_inputs(interface) or _writes_local_files(interface) or \
-                    _orchestrates_instances(interface):
+            if args["local"] if "local" in args else self._kind_runs_here(node):
                 continue  # runs on the controller
             n_procs = max(1, int(getattr(node, "n_procs", 1) or 1))
             mem_gb = float(getattr(node, "mem_gb", 0) or 0)
@@ -620,6 +615,22 @@ class EC2Plugin(SGELikeBatchManagerBase):
                     self.layout.cost_key)
 
     # -- submission ---------------------------------------------------------------------
+    def _kind_runs_here(self, node) -> str | None:
+        """Why ``node`` runs on the controller whatever its inputs hold (``None``: it
+        does not): a node of the same kind always does. Both the placement of each node
+        and the check of the whole graph before the run go by these rules."""
+        interface = node.interface
+        if _credential_inputs(interface):
+            return "credentials"
+        if type(interface).__module__ == "__main__":
+            return "__main__"
+        if node.name in self.settings.local_nodes or \
+                node.fullname in self.settings.local_nodes or \
+                _writes_local_files(interface) or _orchestrates_instances(interface) or \
+                type(interface).__name__ in _LOCAL_INTERFACES:
+            return "kind"
+        return None
+
     def _runs_locally(self, node) -> bool:
         args = getattr(node, "plugin_args", None) or {}
         keys = _credential_inputs(node.interface)
@@ -631,14 +642,14 @@ class EC2Plugin(SGELikeBatchManagerBase):
                     "plugin_args {'local': False} (the node then runs here), or leave "
                     f"{keys[0]} unset so that the instances' role is used.")
             return bool(args["local"])
-        if keys:
+        why = self._kind_runs_here(node)
+        if why == "credentials":
             logger.info("EC2Plugin: %s runs on the controller: its credentials (%s) do not "
                         "leave this machine", node.fullname, keys[0])
             return True
         if isinstance(node, MapNode):
             return True
-        where = type(node.interface).__module__
-        if where == "__main__":
+        if why == "__main__":
             logger.warning(
                 "EC2Plugin: %s runs on the controller: its interface %s is defined in the "
                 "script that runs the workflow (__main__), which an instance cannot import. "
@@ -651,11 +662,7 @@ class EC2Plugin(SGELikeBatchManagerBase):
                         "is here, and it runs again only to check its source or "
                         "destination", node.fullname)
             return True
-        if node.name in self.settings.local_nodes or node.fullname in self.settings.local_nodes:
-            return True
-        if _writes_local_files(node.interface) or _orchestrates_instances(node.interface):
-            return True
-        return type(node.interface).__name__ in _LOCAL_INTERFACES
+        return why is not None
 
     def _submit_job(self, node, updatehash=False):
         taskid = self._next_taskid
