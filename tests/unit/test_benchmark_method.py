@@ -1,4 +1,5 @@
-"""The benchmark's running order: every contender follows every other equally often."""
+"""The benchmark's method: every contender follows every other equally often, and what a
+run wrote is checked and removed before the next one."""
 
 import collections
 import importlib.util
@@ -9,12 +10,16 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def _balanced_order():
+def _bench_module():
     spec = importlib.util.spec_from_file_location(
         "bench_run", os.path.join(ROOT, "benchmarks", "run.py"))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.balanced_order
+    return module
+
+
+def _balanced_order():
+    return _bench_module().balanced_order
 
 
 @pytest.mark.parametrize("n", [1, 2, 3, 4, 5, 6])
@@ -43,3 +48,31 @@ def test_no_contender_always_runs_after_the_same_one():
         for before, after in zip(order, order[1:], strict=False):
             predecessors[after].add(before)
     assert all(len(p) == 3 for p in predecessors.values())
+
+
+def _write(folder, sizes):
+    for i, size in enumerate(sizes):
+        sub = os.path.join(folder, "sub") if i % 2 else folder
+        os.makedirs(sub, exist_ok=True)
+        with open(os.path.join(sub, f"f{i}"), "wb") as fobj:
+            fobj.write(b"x" * size)
+
+
+def test_a_runs_files_are_removed_once_counted(tmp_path):
+    check_and_remove = _bench_module().check_and_remove
+    out = tmp_path / "out"
+    _write(out, [10, 20, 30])
+    check_and_remove(str(out), 3, 60, "tool")
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("files, nbytes", [(2, 60), (3, 59), (4, 60)])
+def test_a_run_that_wrote_other_files_fails_and_keeps_them(tmp_path, files, nbytes):
+    """A short file or a missing one is a failed contender, not a fast one: the run
+    stops, naming the tool and what it wrote, and leaves the files to look at."""
+    check_and_remove = _bench_module().check_and_remove
+    out = tmp_path / "out"
+    _write(out, [10, 20, 30])
+    with pytest.raises(RuntimeError, match=r"s5cmd wrote 3 files of 60 bytes"):
+        check_and_remove(str(out), files, nbytes, "s5cmd")
+    assert sorted(p.name for p in out.rglob("f*")) == ["f0", "f1", "f2"]
