@@ -426,9 +426,10 @@ def write_report(bench: Bench, path_md: str, args, plugin_rows: dict | None = No
         f"{_dt.date.today().isoformat()} on {platform.machine()}, {os.cpu_count()} cores; "
         f"{versions}; s5cmd {s5}. Median of {bench.repeats} runs, each tool in its own "
         "process against one SeaweedFS server on 127.0.0.1, the tools taking turns (each "
-        "following every other equally often), dirty pages flushed before each run; our "
-        "times are Node.run() only (Python start-up and imports excluded), the CLIs' "
-        "include their start-up.",
+        "following every other equally often), dirty pages flushed before each run, each "
+        "run's files checked and removed before the next; each case downloads first (the "
+        "objects from one untimed upload), then uploads; our times are Node.run() only "
+        "(Python start-up and imports excluded), the CLIs' include their start-up.",
         "",
         "| case | direction | tool | seconds | MiB/s | files/s | requests/file | peak RSS MiB "
         "| vs s5cmd | notes |",
