@@ -10,7 +10,8 @@ another one, and each follows every other equally often), and dirty pages are fl
 (``sync``) before every timed run, so one tool's writes are not written back to disk
 during the next tool's run. What a run writes locally is checked (its files and bytes)
 and removed before the next run starts, so every run finds the same free memory (see
-:func:`check_and_remove`):
+:func:`check_and_remove`). Each case downloads first, objects one untimed upload put
+there, then uploads (see :meth:`Bench.transfer_case`):
 
 * upload:   S3DataSink (Node.run), nipype's DataSink (via AWS_ENDPOINT_URL), s5cmd,
             ``aws s3 cp --recursive``, and ``cp -r`` as the local-disk reference;
@@ -195,8 +196,8 @@ class Bench:
         self.work = workdir
         self.rows: list[dict] = []
         # one volume for everything: at weed mini's 1 GiB the upload crossing each
-        # gigabyte took 0.9 s longer while the server made new volumes, and whichever
-        # tool's turn it was paid for it
+        # gigabyte took 0.6-0.9 s longer while the server made new volumes, and
+        # whichever tool's turn it was paid for it
         self.server = SeaweedFS(directory=os.path.join(workdir, "weed"),
                                 volume_size_limit_mb=30_000).start()
         self.env = dict(os.environ, AWS_ACCESS_KEY_ID=self.server.access_key,
