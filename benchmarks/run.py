@@ -111,9 +111,21 @@ def check_and_remove(path: str, files: int, nbytes: int, tool: str) -> None:
             found += 1
             total += os.path.getsize(os.path.join(root, name))
     if (found, total) != (files, nbytes):
-        raise RuntimeError(f"{tool} wrote {found} files of {total} bytes under {path}; "
-                           f"expected {files} files of {nbytes} bytes")
+        raise WrongOutput(f"{tool} wrote {found} files of {total} bytes under {path}; "
+                          f"expected {files} files of {nbytes} bytes", path)
     shutil.rmtree(path)
+
+
+class WrongOutput(RuntimeError):
+    """A contender wrote other files than the transfer's: a failed run, not a fast one.
+
+    ``path`` is what it wrote; :func:`main` moves it out of the work folder (which it
+    removes) and says where, so it can be looked at.
+    """
+
+    def __init__(self, message: str, path: str) -> None:
+        super().__init__(message)
+        self.path = path
 
 
 def balanced_order(n: int, rep: int) -> list[int]:
@@ -514,6 +526,12 @@ def main(argv=None) -> int:
             plugin_rows = plugin.run(nodes, agents, 3,
                                      work=os.path.join(work, "plugin"))
         print(write_report(bench, args.out, args, plugin_rows))
+    except WrongOutput as exc:
+        kept = tempfile.mkdtemp(prefix="nipype-s3-bench-wrong-output-")
+        shutil.move(exc.path, kept)
+        print(f"{exc}\nwhat it wrote is kept in {kept} (remove it when done)",
+              file=sys.stderr, flush=True)
+        return 1
     finally:
         bench.close()
         shutil.rmtree(work, ignore_errors=True)

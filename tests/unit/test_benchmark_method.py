@@ -73,6 +73,35 @@ def test_a_run_that_wrote_other_files_fails_and_keeps_them(tmp_path, files, nbyt
     check_and_remove = _bench_module().check_and_remove
     out = tmp_path / "out"
     _write(out, [10, 20, 30])
-    with pytest.raises(RuntimeError, match=r"s5cmd wrote 3 files of 60 bytes"):
+    with pytest.raises(RuntimeError, match=r"s5cmd wrote 3 files of 60 bytes") as err:
         check_and_remove(str(out), files, nbytes, "s5cmd")
+    assert err.value.path == str(out)
     assert sorted(p.name for p in out.rglob("f*")) == ["f0", "f1", "f2"]
+
+
+def test_a_run_that_wrote_other_files_stops_the_benchmark_and_its_files_are_kept(
+        tmp_path, monkeypatch, capsys):
+    """The benchmark removes its work folder at the end; what a failed contender wrote is
+    moved out of it first, and the message says where."""
+    bench = _bench_module()
+    wrong = tmp_path / "work" / "dl" / "s5cmd" / "0"
+    _write(wrong, [10, 20])
+
+    class FailingBench:
+        def __init__(self, *args):
+            self.work = args[2]
+
+        def transfer_case(self, *args):
+            bench.check_and_remove(str(wrong), 3, 60, "s5cmd")
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(bench, "Bench", FailingBench)
+    monkeypatch.setattr(bench.tempfile, "tempdir", str(tmp_path))
+    assert bench.main(["--quick", "--no-plugin", "--out", str(tmp_path / "r.md")]) == 1
+    message = capsys.readouterr().err
+    assert "s5cmd wrote 2 files of 30 bytes" in message
+    kept = next(tmp_path.glob("nipype-s3-bench-wrong-output-*"))
+    assert str(kept) in message
+    assert sorted(p.name for p in kept.rglob("f*")) == ["f0", "f1"]
