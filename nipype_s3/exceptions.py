@@ -7,6 +7,8 @@ Python user would already catch also derive from the matching built-in::
      ├── ConfigurationError (ValueError)        a value given to us is wrong
      │    └── CredentialsError                  creds_path / profile / keys unusable
      ├── InputFileNotFound (FileNotFoundError)  a local file to upload is missing
+     ├── UnsafePath (ValueError)                a key or report entry would land outside
+     │                                          its folder (``..``, absolute, via a link)
      ├── S3Error                                S3 refused or failed a request
      │    ├── S3BucketNotFound (FileNotFoundError)
      │    ├── S3ObjectNotFound (FileNotFoundError)
@@ -29,6 +31,7 @@ __all__ = [
     "ConfigurationError",
     "CredentialsError",
     "InputFileNotFound",
+    "UnsafePath",
     "S3Error",
     "S3BucketNotFound",
     "S3ObjectNotFound",
@@ -56,6 +59,14 @@ class CredentialsError(ConfigurationError):
 
 class InputFileNotFound(NipypeS3Error, FileNotFoundError):
     """A local file or directory named as an input does not exist."""
+
+
+class UnsafePath(NipypeS3Error, ValueError):
+    """A key or report entry that would become a path outside the folder it belongs in.
+
+    Raised by :func:`nipype_s3.localfs.confine`, the one rule every place that turns an
+    S3 key or a remote report's entry into a local path goes through.
+    """
 
 
 class S3Error(NipypeS3Error):

@@ -78,7 +78,9 @@ class ForkedWorker:
 
     @classmethod
     def start(cls, spec_path: str, outcome_path: str, log_path: str, cwd: str,
-              env: dict) -> ForkedWorker:
+              env: dict, forget=None) -> ForkedWorker:
+        """Fork a worker; in the child, ``forget()`` runs first (the agent wipes the
+        run's signing key there: the node's code has no business with it)."""
         log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         null_fd = os.open(os.devnull, os.O_RDONLY)
         for stream in (sys.stdout, sys.stderr):
@@ -92,6 +94,8 @@ class ForkedWorker:
         if pid == 0:  # the child: never returns
             code = 1
             try:
+                if forget is not None:
+                    forget()
                 os.dup2(null_fd, 0)
                 os.dup2(log_fd, 1)
                 os.dup2(log_fd, 2)

@@ -32,7 +32,16 @@ from dataclasses import dataclass
 import boto3
 import botocore.exceptions
 
-from ..ec2.jobs import MessageRejected, open_message, verify
+from ..ec2.jobs import (
+    MAX_SPEC_BYTES,
+    MessageRejected,
+    open_message,
+    read_bounded,
+    seal,
+    unseal,
+    valid_job_id,
+    verify,
+)
 from ..s3.session import make_s3_client
 from .config import AgentConfig
 from .forked import _THREAD_VARS, ForkedWorker, can_fork, preload
@@ -42,6 +51,8 @@ __all__ = ["Agent", "main"]
 logger = logging.getLogger("nipype_s3.agent")
 
 _LOG_TAIL = 40
+#: At most this much of a job's log is read for its tail (a 300 MB log stays on disk).
+_TAIL_BYTES = 64 * 1024
 #: While jobs run and there is room for more, the queue is asked this often (seconds).
 _BUSY_RECEIVE_EVERY = 2.0
 
@@ -116,7 +127,7 @@ class Agent:
         self.mem_gb = config.machine_mem_gb()
         self.running: dict[str, _Running] = {}
         self.jobs_done = 0
-        self._key: bytes | None = None
+        self._key: bytearray | None = None
         self._stop = False
         self.stop_reason = ""
 
@@ -125,8 +136,14 @@ class Agent:
         if self._key is None:
             value = self.ssm.get_parameter(Name=self.cfg.job_key_parameter,
                                            WithDecryption=True)["Parameter"]["Value"]
-            self._key = bytes.fromhex(value)
-        return self._key
+            self._key = bytearray(bytes.fromhex(value))
+        return bytes(self._key)
+
+    def _forget_key(self) -> None:
+        """In a forked worker: wipe the run's key from this copy of the agent's memory."""
+        if self._key is not None:
+            self._key[:] = bytes(len(self._key))
+            self._key = None
 
     def _lease_stale(self) -> bool:
         try:
@@ -146,26 +163,53 @@ class Agent:
         return cpus, mem
 
     def _send_event(self, job_id: str, status: str) -> None:
+        """Tell the controller (signed: it ignores events it cannot verify)."""
         try:
-            self.sqs.send_message(QueueUrl=self.cfg.events_queue_url, MessageBody=json.dumps(
-                {"job_id": job_id, "status": status, "instance_id": self.instance_id}))
-        except botocore.exceptions.ClientError as exc:  # the controller also LISTs done/
-            logger.warning("could not send the event for job %s: %s", job_id, exc)
+            body = seal(self._job_key(), "event", {
+                "run_id": self.cfg.run_id, "job_id": job_id, "status": status,
+                "instance_id": self.instance_id, "sent": time.time()})
+            self.sqs.send_message(QueueUrl=self.cfg.events_queue_url,
+                                  MessageBody=body.decode())
+        except _AWS_ERRORS as exc:  # the controller also LISTs done/
+            logger.warning("could not send the event for job %s: %s", job_id or status, exc)
 
     def _write_done(self, job_id: str, report: dict) -> bool:
-        """Write the done report once; False when another attempt already did."""
+        """Write the signed done report once; False when another attempt already did.
+
+        A report already there that does not verify (planted by someone without the
+        run's key) is not a result: it is replaced.
+        """
+        key = self.layout.done_key(job_id)
+        body = seal(self._job_key(), "report", dict(report, run_id=self.cfg.run_id,
+                                                   job_id=job_id))
         try:
-            self.s3.put_object(Bucket=self.cfg.bucket, Key=self.layout.done_key(job_id),
-                               Body=json.dumps(report).encode(), IfNoneMatch="*",
+            self.s3.put_object(Bucket=self.cfg.bucket, Key=key, Body=body, IfNoneMatch="*",
                                ContentType="application/json")
             return True
         except botocore.exceptions.ClientError as exc:
             code = exc.response.get("Error", {}).get("Code")
-            if code in ("PreconditionFailed", "ConditionalRequestConflict") or \
-                    exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") == 412:
+            if not (code in ("PreconditionFailed", "ConditionalRequestConflict") or
+                    exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") == 412):
+                raise
+        try:
+            there = read_bounded(self.s3, self.cfg.bucket, key, len(body) * 4 + (1 << 20),
+                                 what="done report")
+            found = unseal(self._job_key(), there, "report")
+            if found.get("job_id") == job_id and found.get("run_id") == self.cfg.run_id:
                 logger.info("job %s already has a result; this attempt's is dropped", job_id)
                 return False
-            raise
+            why = "it names another job"
+        except MessageRejected as exc:
+            why = str(exc)
+        except botocore.exceptions.ClientError as exc:
+            if transient(exc):
+                raise
+            why = f"it could not be read ({exc})"
+        logger.warning("job %s: the report already at s3://%s/%s is not one of this run's "
+                       "(%s); replacing it", job_id, self.cfg.bucket, key, why)
+        self.s3.put_object(Bucket=self.cfg.bucket, Key=key, Body=body,
+                           ContentType="application/json")
+        return True
 
     def _delete(self, receipt: str) -> None:
         try:
@@ -174,25 +218,51 @@ class Agent:
             logger.warning("could not delete a job message: %s", exc)
 
     # -- one message --------------------------------------------------------------------
+    def _take_safely(self, msg) -> None:
+        """:meth:`_take`, for any message at all: whatever it holds, it is rejected,
+        logged and deleted, and the jobs running here go on. Only an AWS error that may
+        pass is raised (the loop waits it out; the message comes back)."""
+        try:
+            self._take(msg)
+        except _AWS_ERRORS as exc:
+            if transient(exc):
+                raise
+            logger.error("refused a job message: %s", exc)
+        except Exception as exc:  # noqa: BLE001 - one message must not stop the agent
+            logger.error("refused a job message that could not be handled (%s: %s)",
+                         type(exc).__name__, str(exc)[:300])
+        else:
+            return
+        receipt = msg.get("ReceiptHandle") if isinstance(msg, dict) else None
+        if isinstance(receipt, str):
+            self._delete(receipt)
+
     def _take(self, msg: dict) -> None:
         receipt = msg["ReceiptHandle"]
+        body = None
         try:
-            body = open_message(msg["Body"], self.layout)
-            spec_bytes = self.s3.get_object(Bucket=self.cfg.bucket,
-                                            Key=body["spec_key"])["Body"].read()
+            body = open_message(msg.get("Body"), self.layout)
+            spec_bytes = read_bounded(self.s3, self.cfg.bucket, body["spec_key"],
+                                      MAX_SPEC_BYTES, what="job spec")
             if not verify(self._job_key(), spec_bytes, body["hmac"]):
                 raise MessageRejected(f"job {body['job_id']}: the signature does not verify")
             spec = json.loads(spec_bytes)
-            if spec.get("job_id") != body["job_id"]:
+            if not isinstance(spec, dict) or spec.get("job_id") != body["job_id"]:
                 raise MessageRejected("the spec names another job than its message")
         except (MessageRejected, botocore.exceptions.ClientError, ValueError) as exc:
-            if isinstance(exc, botocore.exceptions.ClientError) and transient(exc):
-                raise  # the message comes back after its visibility timeout
+            if isinstance(exc, botocore.exceptions.ClientError):
+                if transient(exc):
+                    raise  # the message comes back after its visibility timeout
+                if body is not None and _refused(exc):
+                    self._cannot_run(body["job_id"], exc)
             logger.error("refused a job message: %s", exc)
             self._delete(receipt)
             return
         job_id = spec["job_id"]
-        attempt = int(msg.get("Attributes", {}).get("ApproximateReceiveCount", "1"))
+        try:
+            attempt = int(msg.get("Attributes", {}).get("ApproximateReceiveCount", "1"))
+        except (TypeError, ValueError):
+            attempt = 1
         if self._exists(self.layout.done_key(job_id)):
             self._delete(receipt)  # a duplicate of a finished job
             return
@@ -233,6 +303,25 @@ class Agent:
             return
         self._start(spec, receipt, attempt, n_procs, mem_gb)
 
+    def _cannot_run(self, job_id: str, exc: BaseException) -> None:
+        """A real job this agent is refused access to (a narrow role, a KMS key it may
+        not use): a signed failure report, so the controller stops waiting for it
+        instead of launching instance after instance. Only a refusal counts: a spec that
+        does not exist is no job of the controller's (it writes the spec first)."""
+        report = {"status": "failed", "attempt": 1, "instance_id": self.instance_id,
+                  "started": time.time(), "finished": time.time(), "outputs": [],
+                  "error": (f"the agent on {self.instance_id} may not read this job's spec "
+                            f"or signing key ({exc}). Give the instance profile read access "
+                            f"to s3://{self.cfg.bucket}/{self.layout.run_prefix} (and the "
+                            "bucket's KMS key, if it has one) and SSM GetParameter on the "
+                            "run's key; see the IAM policy in the docs.")}
+        try:
+            if self._write_done(job_id, report):
+                self._send_event(job_id, "failed")
+        except (_AWS_ERRORS + (MessageRejected,)) as err:
+            logger.error("job %s cannot run here (%s), and its failure could not be "
+                         "reported either: %s", job_id, exc, err)
+
     def _exists(self, key: str) -> bool:
         try:
             self.s3.head_object(Bucket=self.cfg.bucket, Key=key)
@@ -255,7 +344,8 @@ class Agent:
         how, proc = "a fork of the agent", None
         if n_procs == 1 and can_fork():
             try:
-                proc = ForkedWorker.start(spec_path, outcome_path, log_path, jobdir, env)
+                proc = ForkedWorker.start(spec_path, outcome_path, log_path, jobdir, env,
+                                          forget=self._forget_key)
             except OSError as exc:
                 logger.warning("could not fork a worker (%s): starting an interpreter", exc)
         if proc is None:
@@ -270,6 +360,7 @@ class Agent:
                                         outcome_path, n_procs, mem_gb, now, now)
         logger.info("job %s (%s) started in %s, attempt %d", job_id, spec.get("node"), how,
                     attempt)
+        self._send_event(job_id, "started")
 
     # -- the loop -----------------------------------------------------------------------
     def _heartbeat(self) -> None:
@@ -367,14 +458,25 @@ class Agent:
         from .onejob import run_one_job
 
         cfg = self.cfg
+        if not valid_job_id(job_id):
+            logger.error("refused the job id %r", job_id)
+            self.stop_reason = "refused a job id"
+            return 3
         spec_key = self.layout.spec_key(job_id)
-        spec_bytes = self.s3.get_object(Bucket=cfg.bucket, Key=spec_key)["Body"].read()
-        tag = self.s3.get_object(Bucket=cfg.bucket, Key=spec_key + ".hmac")["Body"].read()
-        if not verify(self._job_key(), spec_bytes, tag.decode().strip()):
-            logger.error("refused job %s: the signature does not verify", job_id)
+        try:
+            spec_bytes = read_bounded(self.s3, cfg.bucket, spec_key, MAX_SPEC_BYTES,
+                                      what="job spec")
+            tag = read_bounded(self.s3, cfg.bucket, spec_key + ".hmac", 1024,
+                               what="job signature")
+            if not verify(self._job_key(), spec_bytes, tag.strip()):
+                raise MessageRejected("the signature does not verify")
+            spec = json.loads(spec_bytes)
+            if not isinstance(spec, dict):
+                raise MessageRejected("the spec is not a JSON object")
+        except (MessageRejected, ValueError) as exc:
+            logger.error("refused job %s: %s", job_id, exc)
             self.stop_reason = "refused an unsigned job"
             return 3
-        spec = json.loads(spec_bytes)
         logger.info("one-job mode: %s (%s)", job_id, spec.get("runtime"))
         workdir = os.path.join(cfg.worker_root, ".onejob", job_id)
         report = run_one_job(cfg, spec, workdir)
@@ -453,7 +555,7 @@ class Agent:
                         MessageSystemAttributeNames=["ApproximateReceiveCount"])
                     messages = resp.get("Messages", [])
                     for msg in messages:
-                        self._take(msg)
+                        self._take_safely(msg)
                 except _AWS_ERRORS as exc:
                     outage = self._outage(outage, exc)
                     if outage is None:
@@ -478,11 +580,26 @@ class Agent:
 
 
 def _tail(path: str, lines: int = _LOG_TAIL) -> str:
+    """The last ``lines`` lines of a log, reading at most its last 64 KiB."""
     try:
-        with open(path, errors="replace") as fobj:
-            return "".join(fobj.readlines()[-lines:])
+        with open(path, "rb") as fobj:
+            size = fobj.seek(0, os.SEEK_END)
+            fobj.seek(max(0, size - _TAIL_BYTES))
+            data = fobj.read(_TAIL_BYTES)
     except OSError:
         return ""
+    text = data.decode("utf-8", "replace")
+    if size > _TAIL_BYTES:
+        text = text.split("\n", 1)[-1]  # the first line read is likely cut
+    return "".join(text.splitlines(keepends=True)[-lines:])
+
+
+def _refused(exc: botocore.exceptions.ClientError) -> bool:
+    """Whether AWS refused the request (403, a KMS key denied), not: it is missing."""
+    status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+    code = exc.response.get("Error", {}).get("Code", "")
+    return status == 403 or code in ("AccessDenied", "AccessDeniedException",
+                                     "KMS.AccessDeniedException", "KMSAccessDenied")
 
 
 def _imds_instance_id() -> str | None:

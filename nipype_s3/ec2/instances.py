@@ -121,6 +121,10 @@ class InstancePool:
         args = dict(ImageId=spec.ami, InstanceType=spec.instance_type, MinCount=1,
                     MaxCount=count, UserData=spec.user_data,
                     InstanceInitiatedShutdownBehavior="terminate",
+                    # IMDSv2 only, one hop: a container on the instance cannot reach the
+                    # metadata service, so it cannot take the instance role's credentials
+                    MetadataOptions={"HttpTokens": "required", "HttpPutResponseHopLimit": 1,
+                                     "HttpEndpoint": "enabled"},
                     TagSpecifications=[{"ResourceType": "instance", "Tags": tags},
                                        {"ResourceType": "volume", "Tags": tags}])
         if spec.iam_instance_profile:

@@ -39,7 +39,7 @@ OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 MKL_NUM_THREADS=1 "$VENV/bin/python" -m
 
 def render_user_data(*, run_id: str, config_json: str, region: str, worker_root: str,
                      requirements: list[str], package_s3_uri: str | None = None,
-                     setup_commands: str = "") -> str:
+                     package_sha256: str | None = None, setup_commands: str = "") -> str:
     """The bootstrap script for an agent instance.
 
     Parameters
@@ -51,6 +51,9 @@ def render_user_data(*, run_id: str, config_json: str, region: str, worker_root:
     package_s3_uri : str, optional
         A zip of the controller's own ``nipype_s3`` package, copied into the agent's
         environment so the agent runs the very same code.
+    package_sha256 : str
+        Required with ``package_s3_uri``: the zip's SHA-256. The bootstrap installs
+        nothing whose digest differs (an object planted at the package's key).
     setup_commands : str
         Extra shell lines run before the agent starts (e.g. ``docker pull``).
 
@@ -60,8 +63,17 @@ def render_user_data(*, run_id: str, config_json: str, region: str, worker_root:
         The script would exceed AWS's 16 KB limit.
     """
     if package_s3_uri:
+        if not (isinstance(package_sha256, str) and len(package_sha256) == 64 and
+                all(c in "0123456789abcdef" for c in package_sha256)):
+            raise ConfigurationError(
+                f"package_sha256 must be the 64 hex digits of the package's SHA-256, not "
+                f"{package_sha256!r}: the bootstrap installs nothing it cannot verify.")
         install_self = (
             f'aws s3 cp {shlex.quote(package_s3_uri)} /tmp/nipype_s3.zip && '
+            f'{{ echo "{package_sha256}  /tmp/nipype_s3.zip" | sha256sum -c --quiet - || '
+            '{ echo "nipype-s3: the package at '
+            f'{shlex.quote(package_s3_uri)} does not match its SHA-256; not installed" >&2; '
+            'rm -f /tmp/nipype_s3.zip; exit 1; }; } && '
             '"$VENV/bin/python" -c "import site, sys, zipfile; '
             'zipfile.ZipFile(sys.argv[1]).extractall(site.getsitepackages()[0])" '
             '/tmp/nipype_s3.zip')

@@ -17,6 +17,7 @@ from nipype.utils.filemanip import simplify_list
 from nipype.utils.misc import human_order_sorted
 
 from ..exceptions import ConfigurationError, S3AccessDenied, S3ObjectNotFound
+from ..localfs import confine
 from ..s3.download import DownloadItem, download_files
 from ..s3.listing import list_objects
 from ..s3.transfer import TransferSettings
@@ -210,7 +211,9 @@ class S3DataGrabber(S3InterfaceMixin, IOBase):
                 paths = []
                 for rel in keys:
                     info = listing[base + rel]
-                    dest = os.path.join(local_dir, *rel.split("/"))
+                    # a key with '..' or empty segments (S3 stores them) is refused,
+                    # naming it, rather than written outside local_dir
+                    dest = confine(local_dir, rel, what=f"S3 key s3://{bucket}/{base}{rel}")
                     wanted[dest] = DownloadItem(base + rel, dest, info.size, info.etag,
                                                 info.last_modified)
                     paths.append(dest)

@@ -56,18 +56,24 @@ from ..agent.config import DEFAULT_WORKER_ROOT, AgentConfig
 from ..agent.runner import run_node, write_failure_result
 from ..config import env_endpoint_url
 from ..ec2.instances import InstancePool, LaunchSpec, default_ami
+from ..agent.main import transient
 from ..ec2.jobs import (
+    MAX_MESSAGE_BYTES,
+    MAX_REPORT_BYTES,
+    MessageRejected,
     RunLayout,
     job_key_parameter,
     make_message,
     new_job_key,
     new_run_id,
     parse_s3_prefix,
+    read_bounded,
+    unseal,
 )
 from ..ec2.pricing import estimate_cost, instance_shape, smallest_fitting
 from ..ec2.userdata import render_user_data
-from ..exceptions import ConfigurationError, EC2Error, InstanceLaunchError
-from ..localfs import is_within, walk_files
+from ..exceptions import ConfigurationError, EC2Error, InstanceLaunchError, UnsafePath
+from ..localfs import confine, confine_absolute, walk_files
 from ..pickles import PathMap, rewrite_pickle_file, rewrite_text_file
 from ..s3.cas import ContentStore, ManifestEntry, sha256_file
 from ..s3.credentials import resolve_session
@@ -84,6 +90,8 @@ logger = logging.getLogger("nipype.workflow")
 _COLLECTORS = 8
 #: Jobs sent at once: their inputs stored, pickle and spec written, message queued.
 _SENDERS = 4
+
+_AWS_ERRORS = (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError)
 
 _LOCAL_INTERFACES = {"IdentityInterface", "Merge", "Select", "Split", "Rename",
                      "AssertEqual"}
@@ -212,6 +220,13 @@ class EC2Settings:
     boot_timeout : float
         Seconds from launch to the agent's first message. An instance still silent
         after that (a bootstrap that hangs) is terminated and counts as a boot failure.
+    stall_timeout : float
+        Seconds jobs may wait while agents are up, none of the run's jobs runs, and no
+        job starts or ends (default 900): then no agent can take them (a role that may
+        not read them, say) and the run stops with an error saying so.
+    max_launches : int
+        Instances one run may launch in all (default: 10 x ``max_instances``); a run
+        that would need more stops with an error instead of launching forever.
     """
 
     s3_prefix: str = ""
@@ -248,6 +263,8 @@ class EC2Settings:
     agent_mem_gb: float | None = None
     max_boot_failures: int = 3
     boot_timeout: float = 900.0
+    stall_timeout: float = 900.0
+    max_launches: int | None = None
 
     _NIPYPE_KEYS = {"max_jobs", "status_callback", "template", "qsub_args"}
 
@@ -304,6 +321,8 @@ class _Job:
     #: the folders among its inputs and the paths it is told to write: what it writes
     #: there comes back (nowhere else)
     writable: tuple = ()
+    #: when an agent said it started it (a signed event)
+    started: float | None = None
 
 
 class EC2Plugin(SGELikeBatchManagerBase):
@@ -338,6 +357,7 @@ class EC2Plugin(SGELikeBatchManagerBase):
         self._shapes: dict[str, tuple[int, float]] = {}
         self._leased = False
         self._booted: set[str] = set()
+        self._progress = 0.0
         self._senders: ThreadPoolExecutor | None = None
 
     # -- run lifecycle ------------------------------------------------------------------
@@ -435,7 +455,8 @@ class EC2Plugin(SGELikeBatchManagerBase):
                                Value=self._job_key.hex(), Overwrite=True,
                                Description=f"nipype-s3 job-signing key of run {self.run_id}")
         self._ami = s.ami or default_ami(self.ssm)
-        self._package_uri = self._ship_package() if s.ship_package else None
+        self._package_uri, self._package_sha256 = (
+            self._ship_package() if s.ship_package else (None, None))
         self._fleets: dict[str, _Fleet] = {}
         self._fleet(s.instance_type).pool.check_image()
         self._lease_stop.clear()
@@ -443,17 +464,34 @@ class EC2Plugin(SGELikeBatchManagerBase):
                                               name="nipype-s3-lease")
         self._lease_thread.start()
 
-    def _ship_package(self) -> str:
-        """Upload this very nipype_s3 package, so agents run the controller's code."""
+    def _ship_package(self) -> tuple[str, str]:
+        """Upload this very nipype_s3 package, so agents run the controller's code: its
+        ``s3://`` URI and SHA-256, which the bootstrap checks before installing it.
+
+        Its key is predictable (the zip is the same for the same code), so an object
+        already there is not trusted: it is read back and hashed (a few hundred KB, once
+        a run), and sent again when it is not these bytes. S3-compatible stores do not
+        all keep checksums (nor does moto), so none is relied on.
+        """
+        import base64
+
         import nipype_s3
 
         pkg_dir = os.path.dirname(nipype_s3.__file__)
         buf = _zip_package(pkg_dir)
-        digest = hashlib.sha256(buf).hexdigest()
+        raw = hashlib.sha256(buf).digest()
+        digest, checksum = raw.hex(), base64.b64encode(raw).decode()
         key = self.store.key(digest)
-        if not self.store.exists(digest):
-            self.s3.put_object(Bucket=self.layout.bucket, Key=key, Body=buf)
-        return f"s3://{self.layout.bucket}/{key}"
+        try:
+            there = read_bounded(self.s3, self.layout.bucket, key, len(buf),
+                                 what="shipped package")
+            genuine = hashlib.sha256(there).digest() == raw
+        except (botocore.exceptions.ClientError, MessageRejected):
+            genuine = False
+        if not genuine:
+            self.s3.put_object(Bucket=self.layout.bucket, Key=key, Body=buf,
+                               ChecksumSHA256=checksum)
+        return f"s3://{self.layout.bucket}/{key}", digest
 
     def _fleet(self, instance_type: str) -> _Fleet:
         """The queue and instances for one instance type (made on first use)."""
@@ -486,7 +524,8 @@ class EC2Plugin(SGELikeBatchManagerBase):
             run_id=self.run_id, config_json=agent_cfg.to_json(), region=self.region,
             worker_root=s.worker_root,
             requirements=_requirements(s.requirements, self._package_uri is None),
-            package_s3_uri=self._package_uri, setup_commands=s.setup_commands)
+            package_s3_uri=self._package_uri, package_sha256=self._package_sha256,
+            setup_commands=s.setup_commands)
         pool = InstancePool(self.ec2, self.run_id, LaunchSpec(
             ami=self._ami, instance_type=instance_type, user_data=user_data,
             iam_instance_profile=s.iam_instance_profile, subnet_id=s.subnet_id,
@@ -803,8 +842,9 @@ class EC2Plugin(SGELikeBatchManagerBase):
         waiting = self._outstanding()
         if not waiting:
             return
-        live = {t: len(f.pool.live()) for t, f in self._fleets.items()}
-        if self._check_boots():
+        found = {t: f.pool.live() for t, f in self._fleets.items()}
+        live = {t: len(v) for t, v in found.items()}
+        if self._check_boots() or self._check_stall(waiting, found):
             return
         total = sum(live.values())
         self.peak = max(self.peak, total)
@@ -814,16 +854,65 @@ class EC2Plugin(SGELikeBatchManagerBase):
                 continue
             wanted = max(1, math.ceil(cpus / fleet.vcpus))
             room = int(self.settings.max_instances) - total
-            missing = min(wanted - live[itype], room)
+            missing = min(wanted - live[itype], room, self._launches_left())
             if missing <= 0:
+                if total == 0 and self._launches_left() <= 0:
+                    self._stop_run(InstanceLaunchError(
+                        f"Run {self.run_id} launched {self._launches()} instances "
+                        f"(max_launches={self._launch_limit()}) and still has "
+                        f"{len(waiting)} job(s) waiting: instances keep ending without "
+                        "finishing them. See the agents' logs below "
+                        f"s3://{self.layout.bucket}/{self.layout.run_prefix}jobs/, or raise "
+                        "plugin_args['max_launches'] if the workflow really needs more."),
+                        "the run reached its launch limit")
+                    return
                 continue
             try:
                 total += len(fleet.pool.launch(missing))
             except InstanceLaunchError as exc:
-                self._fatal = exc
-                logger.error("EC2Plugin: %s", exc)
-                self._fail_outstanding("no instance could be launched")
+                self._stop_run(exc, "no instance could be launched")
                 return
+
+    def _stop_run(self, error: BaseException, why: str) -> None:
+        self._fatal = error
+        logger.error("EC2Plugin: %s", error)
+        self._fail_outstanding(why)
+
+    def _launch_limit(self) -> int:
+        s = self.settings
+        return int(s.max_launches) if s.max_launches else 10 * int(s.max_instances)
+
+    def _launches(self) -> int:
+        return sum(len(f.pool.launched) for f in self._fleets.values())
+
+    def _launches_left(self) -> int:
+        return self._launch_limit() - self._launches()
+
+    def _check_stall(self, waiting: list[_Job], found: dict) -> bool:
+        """End the run when agents are up but no job of it runs, starts or ends for
+        ``stall_timeout``: no agent can take its jobs (each refused them), and waiting
+        longer only pays for instances."""
+        if any(j.started is not None for j in waiting):
+            return False  # a job runs: the others wait their turn
+        live_up = [i["InstanceId"] for v in found.values() for i in v
+                   if i["InstanceId"] in self._booted]
+        if not live_up:
+            return False  # booting: boot_timeout and max_boot_failures govern that
+        queued = [j for j in waiting if j.sending is None or j.sending.done()]
+        if not queued:
+            return False
+        since = max(self._progress, min(j.submitted for j in queued))
+        idle = time.time() - since
+        if idle < float(self.settings.stall_timeout):
+            return False
+        self._stop_run(EC2Error(
+            f"{len(queued)} job(s) of run {self.run_id} (first: {queued[0].node.fullname}, "
+            f"job {queued[0].job_id}) were never started although agents were up on "
+            f"{', '.join(live_up[:3])} for {idle:.0f} s (stall_timeout): the agents refuse "
+            "or cannot read them. Check the agents' log (/var/log/nipype-s3-agent.log) and "
+            "that the instance profile may read the run's prefix and signing key."),
+            "no agent started it")
+        return True
 
     def _check_boots(self) -> bool:
         """Stop relaunching when instances keep ending before their agent ever started.
@@ -890,6 +979,12 @@ class EC2Plugin(SGELikeBatchManagerBase):
         job.done = True
 
     def _drain_events(self) -> None:
+        """Read the events queue: agents that booted, jobs started and finished.
+
+        An event counts only once its signature verifies with the run's key (an agent
+        wrote it); any other message is logged and deleted. A finished job is then
+        collected from its report, which is verified again on its own.
+        """
         for _ in range(10):
             resp = self.sqs.receive_message(QueueUrl=self.events_queue,
                                             MaxNumberOfMessages=10, WaitTimeSeconds=0)
@@ -899,14 +994,28 @@ class EC2Plugin(SGELikeBatchManagerBase):
             finished = []
             for msg in messages:
                 try:
-                    event = json.loads(msg["Body"])
-                except ValueError:
-                    event = {}
-                if event.get("status") == "agent-up":
-                    self._booted.add(event.get("instance_id"))
+                    event = unseal(self._job_key, msg.get("Body") or "", "event",
+                                   limit=MAX_MESSAGE_BYTES)
+                    if event.get("run_id") != self.run_id:
+                        raise MessageRejected(f"an event of run {event.get('run_id')!r}")
+                except MessageRejected as exc:
+                    logger.warning("EC2Plugin: ignored a message on the events queue: %s",
+                                   exc)
                     continue
-                job = self._by_job_id.get(event.get("job_id"))
-                if job is not None and not job.done and job not in finished:
+                status, iid = event.get("status"), event.get("instance_id")
+                if status == "agent-up":
+                    if isinstance(iid, str):
+                        self._booted.add(iid)
+                        self._progress = time.time()
+                    continue
+                job_id = event.get("job_id")
+                job = self._by_job_id.get(job_id) if isinstance(job_id, str) else None
+                if job is None or job.done:
+                    continue
+                self._progress = time.time()
+                if status == "started":
+                    job.started = job.started or time.time()
+                elif job not in finished:
                     finished.append(job)
             self._collect(finished)
             self.sqs.delete_message_batch(QueueUrl=self.events_queue, Entries=[
@@ -933,25 +1042,63 @@ class EC2Plugin(SGELikeBatchManagerBase):
         the result pickle last): several jobs are fetched at once, so jobs that end
         together are not seen one request-latency after another. Their bookkeeping is
         done here, in the thread running the workflow.
+
+        A job's fetch that fails is that job's alone: an AWS error that may pass leaves
+        it to the next poll; a report that does not verify is deleted and waited past
+        (its agent writes the real one); anything else becomes the node's crash file.
+        Nothing raised here reaches nipype's loop, which would charge it to whichever
+        node it polled.
         """
-        if len(jobs) <= 1:
-            fetched = [(job, self._fetch(job)) for job in jobs]
+        if not jobs:
+            return
+        workers = min(_COLLECTORS, len(jobs))
+        if workers == 1:
+            outcomes = [(jobs[0], *self._fetch_guarded(jobs[0]))]
         else:
-            with ThreadPoolExecutor(max_workers=min(_COLLECTORS, len(jobs)),
+            with ThreadPoolExecutor(max_workers=workers,
                                     thread_name_prefix="nipype-s3-collect") as pool:
-                futures = [(job, pool.submit(self._fetch, job)) for job in jobs]
-            fetched, errors = [], []
-            for job, future in futures:
-                if future.exception() is None:
-                    fetched.append((job, future.result()))
-                else:
-                    errors.append(future.exception())
-            if errors:
-                for job, collected in fetched:  # what did arrive is not fetched again
-                    self._collected(job, collected)
-                raise errors[0]
-        for job, collected in fetched:
-            self._collected(job, collected)
+                futures = [(job, pool.submit(self._fetch_guarded, job)) for job in jobs]
+            outcomes = [(job, *future.result()) for job, future in futures]
+        for job, collected, error in outcomes:
+            if collected is not None:
+                self._collected(job, collected)
+            elif error is not None:
+                self._collect_failed(job, error)
+
+    def _fetch_guarded(self, job: _Job) -> tuple[float | None, BaseException | None]:
+        """``(collected, None)``, ``(None, None)`` to try again later, or ``(None,
+        error)`` for a job whose results cannot be had."""
+        try:
+            return self._fetch(job), None
+        except MessageRejected as exc:
+            logger.error("EC2Plugin: job %s: refused its report (%s); deleted it, waiting "
+                         "for its agent's", job.job_id, exc)
+            try:
+                self.s3.delete_object(Bucket=self.layout.bucket,
+                                      Key=self.layout.done_key(job.job_id))
+            except _AWS_ERRORS as err:
+                logger.warning("EC2Plugin: could not delete it: %s", err)
+            return None, None
+        except _AWS_ERRORS as exc:
+            if transient(exc):
+                logger.warning("EC2Plugin: job %s: fetching its results failed (%s); "
+                               "trying again", job.job_id, exc)
+                return None, None
+            return None, exc
+        except Exception as exc:  # noqa: BLE001 - this job's failure, not the run's
+            return None, exc
+
+    def _collect_failed(self, job: _Job, error: BaseException) -> None:
+        """The node's crash file says why its results could not be brought back."""
+        logger.error("EC2Plugin: job %s (%s): its results could not be brought back: %s",
+                     job.job_id, job.node.fullname, error)
+        write_failure_result(job.node, [
+            f"{type(error).__name__}: {error}\n",
+            f"[nipype_s3] node {job.node.fullname} ran as job {job.job_id}, but its results "
+            f"could not be brought back from s3://{self.layout.bucket}/"
+            f"{self.layout.done_key(job.job_id)} (see the error above).\n"])
+        job.done = True
+        self.stats["remote_done"] += 1
 
     def _collected(self, job: _Job, collected: float) -> None:
         report = job.report
@@ -974,18 +1121,28 @@ class EC2Plugin(SGELikeBatchManagerBase):
     def _fetch(self, job: _Job) -> float:
         """A finished job's report and node directory, into the controller's; returns
         when it had them (seconds since the epoch)."""
-        body = self.s3.get_object(Bucket=self.layout.bucket,
-                                  Key=self.layout.done_key(job.job_id))["Body"].read()
-        report = json.loads(body)
+        data = read_bounded(self.s3, self.layout.bucket, self.layout.done_key(job.job_id),
+                            MAX_REPORT_BYTES, what="done report")
+        report = unseal(self._job_key, data, "report")
+        if report.get("job_id") != job.job_id or report.get("run_id") != self.run_id:
+            raise MessageRejected(f"a signed report of job {report.get('job_id')!r} of run "
+                                  f"{report.get('run_id')!r} where job {job.job_id!r} "
+                                  "belongs")
         os.makedirs(job.node_dir, exist_ok=True)
-        outputs = [ManifestEntry.from_json(e) for e in report.get("outputs", [])]
+        outputs = [ManifestEntry.from_json(e) for e in report.get("outputs") or []]
         links = [e for e in outputs if e.link is not None]
         outputs = [e for e in outputs if e.link is None]
-        pathmap = PathMap(report.get("worker_root") or "/")
-        dest = lambda rel: os.path.join(job.node_dir, rel)  # noqa: E731
+        worker_root = report.get("worker_root")
+        pathmap = PathMap(worker_root if isinstance(worker_root, str) and
+                          os.path.isabs(worker_root) else "/")
+
+        def dest(rel: str) -> str:  # checked as each is written: after the links before it
+            return confine(job.node_dir, rel, what=f"output of job {job.job_id}")
         self._write_back(job, report, pathmap)  # before the result pickle, too
         if links:  # before the result pickle, which says the node is done
-            self.store.get(links, dest, move_link=pathmap.to_controller)
+            self.store.get(links, lambda rel: confine(
+                job.node_dir, rel, what=f"link of job {job.job_id}", link=True),
+                move_link=pathmap.to_controller)
         if outputs:
             meta = [e for e in outputs if _is_meta(e.path)]
             data = [e for e in outputs if not _is_meta(e.path)]
@@ -1023,8 +1180,8 @@ class EC2Plugin(SGELikeBatchManagerBase):
             entry = ManifestEntry(pathmap.to_controller(e.path), e.sha256, e.size, e.mtime,
                                   e.link)
             here.append(entry)
-            was[entry.path] = data.get("was")
-        allowed = [e for e in here if any(is_within(p, e.path) for p in job.writable)]
+            was[entry.path] = data.get("was") if _is_was(data.get("was")) else None
+        allowed = [e for e in here if self._may_write(job, e)]
         if len(allowed) < len(here):
             logger.warning("EC2Plugin: job %s reported %d file(s) outside what it may write; "
                            "not written: %s", job.job_id, len(here) - len(allowed),
@@ -1041,10 +1198,23 @@ class EC2Plugin(SGELikeBatchManagerBase):
                     "node's version is kept. Have each node write files of its own.",
                     job.node.fullname,
                     ", ".join(clashes[:5]) + (" ..." if len(clashes) > 5 else ""))
-            self.store.get(allowed, lambda path: path, move_link=pathmap.to_controller)
+            what = f"path job {job.job_id} wrote"
+            self.store.get([e for e in allowed if e.link is not None], lambda path: (
+                confine_absolute(job.writable, path, what=what, link=True)),
+                move_link=pathmap.to_controller)
+            self.store.get([e for e in allowed if e.link is None], lambda path: (
+                confine_absolute(job.writable, path, what=what)))
         logger.info("EC2Plugin: %s wrote %d file(s) into folders it was given or paths it "
                     "was told to write; they are in place here too", job.node.fullname,
                     len(allowed))
+
+    @staticmethod
+    def _may_write(job: _Job, entry: ManifestEntry) -> bool:
+        try:
+            confine_absolute(job.writable, entry.path, link=entry.link is not None)
+            return True
+        except UnsafePath:
+            return False
 
     def _annotate_failure(self, job: _Job, report: dict) -> None:
         """Make the node's result file carry the remote traceback, instance and log."""
@@ -1072,6 +1242,12 @@ class EC2Plugin(SGELikeBatchManagerBase):
             lines = list(report.get("traceback") or []) or [
                 f"RemoteNodeError: job {job.job_id} did not finish ({report.get('status')}).\n"]
             write_failure_result(job.node, lines + [where])
+
+
+def _is_was(value) -> bool:
+    """A report's ``was`` (size and time a file had when staged) of the expected shape."""
+    return isinstance(value, list) and len(value) == 2 and all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
 
 
 def _changed_meanwhile(entry: ManifestEntry, was) -> bool:

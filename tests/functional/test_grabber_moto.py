@@ -98,3 +98,27 @@ def test_local_directory_that_is_a_file_is_named_and_nothing_is_fetched(bids, tm
         f"Cannot download into '{blocker}/sub-01/anat': '{blocker}' is a file, not a "
         "folder. Move that file, or download somewhere else (local_directory).")
     assert blocker.read_text() == "not a folder"
+
+
+@pytest.mark.parametrize("key", ["study/sub-01/../../../escaped.nii",
+                                 "study/sub-01//anat/double.nii",
+                                 "study/sub-01/./anat/dot.nii"])
+def test_a_key_that_would_leave_the_folder_is_refused_and_nothing_is_written(
+        bids, tmp_path, key):
+    """S3 stores keys with '..', '.' and empty segments; a regex template matches them.
+    Written as paths they would land outside the grabber's folder: refused, naming the
+    key, and no file is written anywhere."""
+    from nipype_s3.exceptions import UnsafePath
+
+    bids.put_object(Bucket="bids-data", Key=key, Body=b"attacker's bytes")
+    work = tmp_path / "a" / "b" / "c"
+    work.mkdir(parents=True)
+    grab = S3DataGrabber()
+    grab.inputs.bucket = "bids-data"
+    grab.inputs.bucket_path = "study/"
+    grab.inputs.template_type = "regex"
+    grab.inputs.template = r"sub-01/.*\.nii"
+    with pytest.raises(UnsafePath, match="s3://bids-data/" + key.replace(".", r"\.")):
+        grab.run(cwd=str(work))
+    written = [os.path.join(d, f) for d, _, fs in os.walk(tmp_path) for f in fs]
+    assert not [p for p in written if p.endswith((".nii", ".nii.gz"))]

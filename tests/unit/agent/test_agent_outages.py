@@ -12,7 +12,13 @@ import pytest
 
 from nipype_s3.agent import Agent, AgentConfig
 from nipype_s3.agent.main import transient
-from nipype_s3.ec2.jobs import RunLayout, job_key_parameter, make_message, new_run_id
+from nipype_s3.ec2.jobs import (
+    RunLayout,
+    job_key_parameter,
+    make_message,
+    new_run_id,
+    unseal,
+)
 
 agent_main = importlib.import_module("nipype_s3.agent.main")  # the package's main() hides it
 
@@ -209,8 +215,8 @@ def test_a_finished_job_is_reported_once_aws_answers_again(run, tmp_path):
         agent._reap()
     assert "j-done" in agent.running  # kept until its report is written
     assert agent._reap() is True and not agent.running
-    done = json.loads(s3.get_object(Bucket=layout.bucket,
-                                    Key=layout.done_key("j-done"))["Body"].read())
+    done = unseal(key, s3.get_object(Bucket=layout.bucket,
+                                     Key=layout.done_key("j-done"))["Body"].read(), "report")
     assert done["status"] == "ok" and done["instance_id"] == "i-test"
     assert agent.jobs_done == 1
 
@@ -223,8 +229,8 @@ def test_an_unreadable_outcome_is_reported_as_an_error_not_a_dead_agent(run, tmp
     _occupy(agent, tmp_path, "j-bad", proc=_Ended(-9))
     (tmp_path / "j-bad.outcome.json").write_text(content)
     assert agent._reap() is True and not agent.running
-    done = json.loads(s3.get_object(Bucket=layout.bucket,
-                                    Key=layout.done_key("j-bad"))["Body"].read())
+    done = unseal(key, s3.get_object(Bucket=layout.bucket,
+                                     Key=layout.done_key("j-bad"))["Body"].read(), "report")
     assert done["status"] == "error" and done["exit_code"] == -9
     assert "worker log" in done["log_tail"]
     if content != "[]":

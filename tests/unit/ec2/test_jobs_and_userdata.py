@@ -74,6 +74,7 @@ def test_user_data_is_valid_bash_small_and_carries_the_config(tmp_path):
                               region="us-east-1", worker_root="/var/lib/nipype-s3/work",
                               requirements=["nipype==1.11.0", "boto3==1.43.11"],
                               package_s3_uri="s3://bkt/p/cas/sha256/abc",
+                              package_sha256="ab" * 32,
                               setup_commands="echo 'it''s ok'")
     path = tmp_path / "ud.sh"
     path.write_text(script)

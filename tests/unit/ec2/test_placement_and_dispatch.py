@@ -10,6 +10,7 @@ from nipype.interfaces.io import DataSink
 
 from nipype_s3 import S3DataGrabber, S3DataSink
 from nipype_s3.agent import forked
+from nipype_s3.ec2.jobs import RunLayout
 from nipype_s3.plugins.ec2 import (
     _cached_always_run,
     _credential_inputs,
@@ -267,11 +268,19 @@ def test_jobs_that_end_together_are_fetched_together():
     assert plugin._busy_seconds == 6.0 and [t["collected"] for t in plugin.timings] == [4.0] * 3
 
 
-def test_a_failed_fetch_still_books_the_jobs_that_arrived():
-    from nipype_s3 import EC2Plugin
+def test_a_failed_fetch_is_charged_to_its_own_job_only(tmp_path):
+    """Collecting job 1 fails (a full disk): jobs 0 and 2 are booked as finished, job 1
+    gets a crash file saying why, and nothing escapes into nipype's loop (which would
+    report whichever node it polled as crashed)."""
+    from nipype.utils.filemanip import loadpkl
 
-    jobs = _finished_jobs(3)
+    from nipype_s3 import EC2Plugin
+    from nipype_s3.plugins.ec2 import _Job
+
+    jobs = [_Job(i, f"{i:05d}-n", Node(DataSink(), f"n{i}", base_dir=str(tmp_path)),
+                 str(tmp_path / f"n{i}"), 0.0, 1, 0.0) for i in range(3)]
     plugin = EC2Plugin(plugin_args={"s3_prefix": "s3://bucket/runs"})
+    plugin.layout = RunLayout("bucket", "runs", "r1")
 
     def fetch(job):
         if job.taskid == 1:
@@ -280,9 +289,32 @@ def test_a_failed_fetch_still_books_the_jobs_that_arrived():
         return 1.0
 
     plugin._fetch = fetch
-    with pytest.raises(OSError, match="disk full"):
-        plugin._collect(jobs)
-    assert [job.done for job in jobs] == [True, False, True]  # job 1: fetched again later
+    plugin._collect(jobs)
+    assert [job.done for job in jobs] == [True, True, True]
+    assert [job.report for job in jobs] == [{"status": "ok"}, None, {"status": "ok"}]
+    crash = loadpkl(str(tmp_path / "n1" / "result_n1.pklz"))
+    assert "OSError: disk full" in "".join(crash["traceback"])
+    assert "could not be brought back" in "".join(crash["traceback"])
+    assert not (tmp_path / "n0" / "result_n0.pklz").exists()
+
+
+def test_a_transient_fetch_error_leaves_the_job_for_the_next_poll():
+    import botocore.exceptions
+
+    from nipype_s3 import EC2Plugin
+
+    jobs = _finished_jobs(2)
+    plugin = EC2Plugin(plugin_args={"s3_prefix": "s3://bucket/runs"})
+
+    def fetch(job):
+        if job.taskid == 1:
+            raise botocore.exceptions.EndpointConnectionError(endpoint_url="http://s3")
+        job.report = {"status": "ok"}
+        return 1.0
+
+    plugin._fetch = fetch
+    plugin._collect(jobs)
+    assert [job.done for job in jobs] == [True, False]
 
 
 def test_instances_end_before_the_run_waits_for_a_send_under_way():
