@@ -16,7 +16,44 @@ from collections.abc import Iterable, Mapping
 from .config import SECRET_ENV_VARS
 from .pickles import rewrite_pickle_file, rewrite_text_file
 
-__all__ = ["REDACTED", "secret_values", "redact", "scrub_tree"]
+__all__ = ["REDACTED", "secret_values", "redact", "scrub_tree", "SECRET_PATHS",
+           "withheld_paths"]
+
+#: Well-known files and folders of credentials below a home folder: never staged, even
+#: inside a folder given to a node (a home directory, say). Documented in
+#: docs/ec2plugin.rst ("Threat model"); each has a test.
+SECRET_PATHS = (
+    "~/.aws",                    # AWS keys and profiles
+    "~/.ssh",                    # SSH keys, known hosts
+    "~/.gnupg",                  # GPG keys
+    "~/.netrc",                  # passwords for FTP/HTTP hosts (curl, pip, git)
+    "~/.git-credentials",        # git's stored passwords and tokens
+    "~/.docker/config.json",     # registry logins
+    "~/.kube/config",            # Kubernetes clusters
+    "~/.config/gcloud",          # Google Cloud
+    "~/.azure",                  # Azure
+    "~/.boto",                   # boto 2 / gsutil keys
+    "~/.s3cfg",                  # s3cmd keys
+    "~/.pgpass",                 # PostgreSQL passwords
+    "~/.my.cnf",                 # MySQL passwords
+    "~/.pypirc",                 # PyPI upload tokens
+    "~/.npmrc",                  # npm tokens
+    "~/.config/gh",              # GitHub CLI token
+    "~/.terraform.d/credentials.tfrc.json",
+    "~/.vault-token",            # HashiCorp Vault
+    "~/.password-store",         # pass
+    "~/.local/share/keyrings",   # desktop keyrings
+)
+
+
+def withheld_paths(environ: Mapping[str, str] | None = None) -> list[str]:
+    """:data:`SECRET_PATHS` and the AWS files the environment names, for
+    :meth:`~nipype_s3.s3.cas.ContentStore.withhold`."""
+    environ = os.environ if environ is None else environ
+    named = [environ.get(k, "") for k in ("AWS_SHARED_CREDENTIALS_FILE", "AWS_CONFIG_FILE",
+                                          "NETRC", "DOCKER_CONFIG", "KUBECONFIG",
+                                          "GOOGLE_APPLICATION_CREDENTIALS")]
+    return list(SECRET_PATHS) + [p for v in named for p in v.split(os.pathsep) if p]
 
 REDACTED = "<redacted by nipype_s3>"
 _TEXT_SUFFIXES = (".rst", ".json", ".txt", ".log", ".html")

@@ -80,7 +80,7 @@ from ..s3.credentials import resolve_session
 from ..s3.errors import s3_errors, translate
 from ..s3.listing import iter_objects
 from ..s3.session import bucket_region, make_s3_client
-from ..secrets import scrub_tree, secret_values
+from ..secrets import scrub_tree, secret_values, withheld_paths
 
 __all__ = ["EC2Plugin", "EC2Settings"]
 
@@ -436,8 +436,7 @@ class EC2Plugin(SGELikeBatchManagerBase):
         self.ec2 = session.client("ec2", endpoint_url=ec2_endpoint, **kwargs)
         self.store = ContentStore(self.s3, bucket, prefix)
         # an input folder that holds them (a home directory, say) is staged without them
-        self.store.withhold("~/.aws", os.environ.get("AWS_SHARED_CREDENTIALS_FILE", ""),
-                            os.environ.get("AWS_CONFIG_FILE", ""))
+        self.store.withhold(*withheld_paths())
         self._shapes = {}
         self._leased = False
         self._shape(s.instance_type)  # a type that does not exist: said before anything is made

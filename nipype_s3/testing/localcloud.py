@@ -116,6 +116,7 @@ class LocalCloud:
         self._launch_faults: list[str] = []
         self._boot_faults = 0
         self._boot_hangs = 0
+        self._denied: list[str] = []
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -204,7 +205,21 @@ class LocalCloud:
         with self._lock:
             self._boot_hangs += times
 
+    def deny_agents(self, path_contains: str) -> None:
+        """Refuse (403 AccessDenied) every request of an agent whose path holds
+        ``path_contains``, as a role without that permission (or a KMS key it may not
+        use) would. Needs ``agents_via_proxy=True``."""
+        if not (self.agents_via_proxy and self.record):
+            raise ValueError("deny_agents needs LocalCloud(agents_via_proxy=True)")
+        with self._lock:
+            self._denied.append(path_contains)
+
     def _respond(self, request):
+        if self._denied and AGENT_APP_ID in (request.header("user-agent") or "") and any(
+                part in request.path for part in self._denied):
+            body = (b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>AccessDenied</Code>'
+                    b'<Message>Access Denied (LocalCloud)</Message></Error>')
+            return 403, body, "application/xml"
         if request.action != "RunInstances":
             return None
         with self._lock:
