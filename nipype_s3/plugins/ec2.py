@@ -77,6 +77,7 @@ from ..localfs import confine, confine_absolute, walk_files
 from ..pickles import PathMap, rewrite_pickle_file, rewrite_text_file
 from ..s3.cas import ContentStore, ManifestEntry, sha256_file
 from ..s3.credentials import resolve_session
+from ..s3.delete import abort_incomplete_uploads
 from ..s3.errors import s3_errors, translate
 from ..s3.listing import iter_objects
 from ..s3.session import bucket_region, make_s3_client
@@ -566,7 +567,7 @@ class EC2Plugin(SGELikeBatchManagerBase):
             self._senders.shutdown(wait=False, cancel_futures=True)
         errors = []
         for step in (self._terminate_instances, self._expire_lease, self._write_cost_report,
-                     self._delete_queues, self._delete_job_key):
+                     self._delete_queues, self._delete_job_key, self._abort_uploads):
             try:
                 step()
             except Exception as exc:
@@ -610,6 +611,17 @@ class EC2Plugin(SGELikeBatchManagerBase):
                 self.ssm.delete_parameter(Name=job_key_parameter(self.run_id))
             except botocore.exceptions.ClientError:
                 pass
+
+    def _abort_uploads(self) -> None:
+        """Abort the multipart uploads left below the run's prefix (an agent killed in
+        the middle of storing a large file leaves its parts, billed as storage)."""
+        if not self._leased:
+            return
+        aborted = abort_incomplete_uploads(self.s3, self.layout.bucket,
+                                           self.layout.run_prefix)
+        if aborted:
+            logger.info("EC2Plugin: aborted %d incomplete upload(s) below s3://%s/%s",
+                        len(aborted), self.layout.bucket, self.layout.run_prefix)
 
     def _write_cost_report(self) -> None:
         fleets = list((getattr(self, "_fleets", None) or {}).values())

@@ -14,6 +14,7 @@ for the proxy's address stay valid upstream.
 from __future__ import annotations
 
 import http.client
+import json
 import random
 import sys
 import threading
@@ -38,6 +39,9 @@ class Recorded:
     status: int
     headers: tuple = ()
     action: str = ""
+    #: the parameters of an API call (JSON body or query protocol), for the IAM check;
+    #: empty for S3, whose bucket and key are in the path
+    params: tuple = ()
 
     def header(self, name: str) -> str | None:
         """A request header's value (names compared without case)."""
@@ -48,6 +52,21 @@ class Recorded:
     def key(self) -> str:
         """``bucket/key`` part of a path-style request."""
         return urllib.parse.unquote(self.path.lstrip("/"))
+
+
+def _params(action: str, body: bytes, query: str) -> tuple:
+    """``(name, value)`` of an API call's top-level text parameters (not S3's)."""
+    if action.startswith("S3:") or len(body) > 1 << 20:
+        return ()
+    text = body.decode("utf-8", "replace")
+    if text.lstrip().startswith("{"):
+        try:
+            data = json.loads(text)
+        except ValueError:
+            return ()
+        return tuple((k, v) for k, v in data.items() if isinstance(v, str))
+    pairs = urllib.parse.parse_qsl(text or query)
+    return tuple((k, v) for k, v in pairs if "." not in k or k.endswith(".1"))
 
 
 def _action(method: str, headers, body: bytes, query: str) -> str:
@@ -225,7 +244,7 @@ class RecordingProxy:
                 finally:
                     conn.close()
                 proxy._record(Recorded(self.command, path, query, resp.status, seen,
-                                             action))
+                                       action, _params(action, body, query)))
                 self.send_response(resp.status)
                 for key, value in resp.getheaders():
                     if key.lower() not in _HOP and key.lower() != "content-length":

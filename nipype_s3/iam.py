@@ -1,0 +1,99 @@
+"""The IAM policies nipype_s3 needs, made here and nowhere else (pure: no boto3).
+
+The docs print these documents (a test checks that they print exactly what this module
+makes), ``nipype-s3 policy`` writes them for a given bucket, and a LocalCloud test holds
+every API call a run makes against them: the controller's calls against
+:func:`controller_policy`, the agents' against :func:`agent_policy`. An action listed
+here that the code never calls, or a call the policy does not allow, fails that test.
+
+Scoping. S3 objects, SQS queues and SSM parameters are named by run
+(``runs/<run>/``, ``nipype-s3-<run>-*``, ``/nipype-s3/runs/<run>/``), so a policy can be
+narrowed to one run, or to a family of runs by a run-id pattern. EC2 actions on existing
+instances are conditioned on the ``nipype-s3:run`` tag, RunInstances on tagging, and
+``iam:PassRole`` on the agent role alone. Instance-role credentials carry no principal
+tags, so one static instance role cannot tell runs apart: runs that must not trust
+each other need an instance profile each (see "Threat model" in docs/ec2plugin.rst).
+"""
+
+from __future__ import annotations
+
+from .ec2.jobs import RUN_TAG
+
+__all__ = ["agent_policy", "controller_policy", "AMI_PARAMETER_ARN"]
+
+#: The public SSM parameters the default AMI is read from.
+AMI_PARAMETER_ARN = "arn:aws:ssm:*::parameter/aws/service/*"
+
+
+def _s3_prefix_arn(bucket: str, *parts: str) -> str:
+    key = "/".join(p.strip("/") for p in parts if p and p.strip("/"))
+    return f"arn:aws:s3:::{bucket}/{key}" if key else f"arn:aws:s3:::{bucket}"
+
+
+def _statement(sid: str, actions: list[str], resources, condition: dict | None = None) -> dict:
+    stmt = {"Sid": sid, "Effect": "Allow", "Action": sorted(actions),
+            "Resource": resources if isinstance(resources, str) else list(resources)}
+    if condition:
+        stmt["Condition"] = condition
+    return stmt
+
+
+def _doc(statements: list[dict]) -> dict:
+    return {"Version": "2012-10-17", "Statement": statements}
+
+
+def agent_policy(bucket: str, prefix: str = "", *, run: str = "*",
+                 data_buckets: tuple[str, ...] = ()) -> dict:
+    """What an agent (the instance role) needs for runs below ``s3://bucket/prefix``.
+
+    ``run`` narrows it to one run id (or a pattern of them); ``data_buckets`` are the
+    buckets the nodes read and write themselves (grabbers and sinks on the instance).
+    """
+    runs = _s3_prefix_arn(bucket, prefix, "runs", run) + "/*"
+    cas = _s3_prefix_arn(bucket, prefix, "cas") + "/*"
+    statements = [
+        _statement("RunFiles", ["s3:GetObject", "s3:PutObject"], [runs]),
+        _statement("ContentStore", ["s3:GetObject", "s3:PutObject"], [cas]),
+        _statement("Queues", ["sqs:ReceiveMessage", "sqs:DeleteMessage",
+                              "sqs:ChangeMessageVisibility", "sqs:SendMessage"],
+                   f"arn:aws:sqs:*:*:nipype-s3-{run}-*"),
+        _statement("RunKey", ["ssm:GetParameter"],
+                   f"arn:aws:ssm:*:*:parameter/nipype-s3/runs/{run}/*"),
+    ]
+    if data_buckets:
+        statements.append(_statement(
+            "NodeData", ["s3:GetObject", "s3:PutObject", "s3:ListBucket"],
+            [a for b in data_buckets for a in (f"arn:aws:s3:::{b}", f"arn:aws:s3:::{b}/*")]))
+    return _doc(statements)
+
+
+def controller_policy(bucket: str, prefix: str = "", *,
+                      agent_role_arn: str = "arn:aws:iam::*:role/nipype-s3-agent",
+                      run: str = "*") -> dict:
+    """What the controller (your credentials) needs to run EC2Plugin below
+    ``s3://bucket/prefix``, launching agents with ``agent_role_arn``."""
+    statements = [
+        _statement("RunFiles", ["s3:GetObject", "s3:PutObject", "s3:DeleteObject",
+                                "s3:AbortMultipartUpload"],
+                   [_s3_prefix_arn(bucket, prefix, "runs", run) + "/*",
+                    _s3_prefix_arn(bucket, prefix, "cas") + "/*"]),
+        _statement("ListRuns", ["s3:ListBucket", "s3:ListBucketMultipartUploads",
+                                "s3:GetBucketLocation"], _s3_prefix_arn(bucket)),
+        _statement("Queues", ["sqs:CreateQueue", "sqs:DeleteQueue", "sqs:SendMessage",
+                              "sqs:ReceiveMessage", "sqs:DeleteMessage"],
+                   f"arn:aws:sqs:*:*:nipype-s3-{run}-*"),
+        _statement("RunKey", ["ssm:PutParameter", "ssm:GetParameter", "ssm:DeleteParameter"],
+                   f"arn:aws:ssm:*:*:parameter/nipype-s3/runs/{run}/*"),
+        _statement("DefaultAmi", ["ssm:GetParameter"], AMI_PARAMETER_ARN),
+        _statement("Describe", ["ec2:DescribeInstances", "ec2:DescribeImages",
+                                "ec2:DescribeInstanceTypes"], "*"),
+        _statement("Launch", ["ec2:RunInstances"], "*"),
+        _statement("TagOnLaunch", ["ec2:CreateTags"], "*", {
+            "StringEquals": {"ec2:CreateAction": "RunInstances"},
+            "Null": {f"aws:RequestTag/{RUN_TAG}": "false"}}),
+        _statement("EndOwnInstances", ["ec2:TerminateInstances"], "*", {
+            "Null": {f"ec2:ResourceTag/{RUN_TAG}": "false"}}),
+        _statement("PassAgentRole", ["iam:PassRole"], agent_role_arn, {
+            "StringEquals": {"iam:PassedToService": "ec2.amazonaws.com"}}),
+    ]
+    return _doc(statements)
