@@ -23,11 +23,25 @@ from .exceptions import (  # noqa: E402
     S3ObjectNotFound,
     S3WrongRegion,
     TransferFailed,
+    UnsafePath,
 )
 from .interfaces import EC2ContainerRun, S3DataGrabber, S3DataSink  # noqa: E402
 from .plugins import EC2Plugin  # noqa: E402
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())
+
+
+def _register_plugin_names() -> None:
+    """``wf.run(plugin="EC2")``, as users write ``"MultiProc"``: nipype looks a plugin
+    named by a string up as ``<name>Plugin`` in :mod:`nipype.pipeline.plugins`."""
+    import nipype.pipeline.plugins as plugins
+
+    for name, cls in (("EC2Plugin", EC2Plugin),):
+        if getattr(plugins, name, None) is not cls:
+            setattr(plugins, name, cls)
+
+
+_register_plugin_names()
 
 __all__ = [
     "__version__",
@@ -49,4 +63,5 @@ __all__ = [
     "InstanceLaunchError",
     "InstanceTimeout",
     "RemoteNodeError",
+    "UnsafePath",
 ]

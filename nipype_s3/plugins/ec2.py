@@ -70,7 +70,7 @@ from ..ec2.jobs import (
     read_bounded,
     unseal,
 )
-from ..ec2.pricing import estimate_cost, instance_shape, smallest_fitting
+from ..ec2.pricing import billed_seconds, estimate_cost, instance_shape, smallest_fitting
 from ..ec2.userdata import render_user_data
 from ..exceptions import ConfigurationError, EC2Error, InstanceLaunchError, UnsafePath
 from ..localfs import confine, confine_absolute, walk_files
@@ -274,6 +274,15 @@ class EC2Settings:
         args = dict(args or {})
         known = {f for f in cls.__dataclass_fields__ if not f.startswith("_")}
         unknown = set(args) - known - cls._NIPYPE_KEYS
+        multiproc = sorted(unknown & {"n_procs", "memory_gb", "raise_insufficient",
+                                      "scheduler", "maxtasksperchild"})
+        if multiproc:
+            raise ConfigurationError(
+                f"EC2Plugin plugin_args {multiproc[0]!r} is MultiProc's (what one machine "
+                "may use). EC2Plugin sizes the machines instead: 'instance_type' (e.g. "
+                "'c6i.2xlarge', 8 vCPUs and 16 GiB) and 'max_instances' (how many at "
+                "once); a node's own n_procs/mem_gb still pack jobs on each instance. "
+                f"Remove {multiproc[0]!r}.")
         if unknown:
             import difflib
 
@@ -283,16 +292,59 @@ class EC2Settings:
             raise ConfigurationError(
                 f"EC2Plugin does not know plugin_args {', '.join(hints)}; the known ones are "
                 f"{sorted(known)}.")
-        settings = cls(**{k: v for k, v in args.items() if k in known})
+        settings = cls(**{k: _checked_arg(k, v, cls.__dataclass_fields__[k].type)
+                          for k, v in args.items() if k in known})
         parse_s3_prefix(settings.s3_prefix)
-        if int(settings.max_instances) < 1:
-            raise ConfigurationError(
-                f"max_instances must be at least 1, not {settings.max_instances!r}.")
+        for name, low in _AT_LEAST.items():
+            value = getattr(settings, name)
+            if value is not None and value < low:
+                raise ConfigurationError(
+                    f"EC2Plugin plugin_args[{name!r}] must be at least {low}, not {value!r}.")
         if settings.heartbeat >= settings.visibility_timeout:
             raise ConfigurationError(
                 f"heartbeat ({settings.heartbeat}) must be shorter than visibility_timeout "
                 f"({settings.visibility_timeout}), or running jobs would be handed out twice.")
         return settings
+
+
+#: the least value each numeric plugin argument may take
+_AT_LEAST = {"max_instances": 1, "spot_retries": 0, "idle_timeout": 0.001,
+             "max_lifetime": 1, "lease_timeout": 1, "visibility_timeout": 1,
+             "heartbeat": 0.1, "max_attempts": 1, "poll_wait": 0, "volume_gb": 1,
+             "done_scan_interval": 0.1, "scale_interval": 0.1, "agent_vcpus": 1,
+             "agent_mem_gb": 0.1, "max_boot_failures": 1, "boot_timeout": 1,
+             "stall_timeout": 1, "max_launches": 1}
+
+_KINDS = {"int": (int, "a whole number, e.g. 4"), "float": (float, "a number, e.g. 30"),
+          "bool": (bool, "True or False"), "str": (str, "text"),
+          "list": (list, "a list, e.g. ['nitime']"), "dict": (dict, "a dict")}
+
+
+def _checked_arg(name: str, value, annotation: str):
+    """``value`` as the kind ``plugin_args[name]`` takes (``"4"`` → 4), or a
+    :class:`ConfigurationError` naming the argument, the value and what it takes."""
+    kinds = [k.strip() for k in str(annotation).split("|")]
+    if value is None and "None" in kinds:
+        return None
+    kind = next(k for k in kinds if k != "None")
+    pytype, wanted = _KINDS[kind]
+    ok = isinstance(value, pytype) and not (pytype in (int, float) and
+                                            isinstance(value, bool))
+    if ok:
+        return value
+    try:
+        if pytype is float and isinstance(value, (int, str)) and not isinstance(value, bool):
+            return float(value)
+        if pytype is int and not isinstance(value, bool) and (
+                isinstance(value, str) or float(value).is_integer()):
+            return int(value)
+        if pytype is list and isinstance(value, tuple):
+            return list(value)
+    except (TypeError, ValueError):
+        pass
+    raise ConfigurationError(
+        f"EC2Plugin plugin_args[{name!r}] must be {wanted}"
+        f"{' (or None)' if 'None' in kinds else ''}, not {value!r}.")
 
 
 @dataclass
@@ -414,8 +466,20 @@ class EC2Plugin(SGELikeBatchManagerBase):
                 f"(n_procs, mem_gb), but {itype} has {vcpus} vCPUs and {mem:g} GiB. Give it "
                 f"a type that fits ({hint}), or lower n_procs/mem_gb. Nothing was launched.")
 
+    def _reset(self) -> None:
+        """What one run learns, forgotten before the next: one plugin object can run
+        workflows one after the other, as ``Linear`` can."""
+        self._jobs, self._by_job_id = {}, {}
+        self._fatal = None
+        self.stats = {"submitted": 0, "local": 0, "remote_done": 0, "polls": 0}
+        self.timings, self.cost_report, self.peak = [], None, 0
+        self._busy_seconds, self._progress = 0.0, 0.0
+        self._booted = set()
+        self._last_poll = self._last_scan = self._last_scale = 0.0
+
     def _start_run(self) -> None:
         s = self.settings
+        self._reset()
         bucket, prefix = parse_s3_prefix(s.s3_prefix)
         self.run_id = new_run_id()
         self.layout = RunLayout(bucket, prefix, self.run_id)
@@ -577,6 +641,7 @@ class EC2Plugin(SGELikeBatchManagerBase):
             # ...and those being sent are waited for only once the instances are ended:
             # a send stuck in retries must not keep them running (and billed)
             self._senders.shutdown(wait=True)
+            self._senders = None  # the next run (the same plugin object) makes its own
         if errors and isinstance(errors[0], EC2Error):
             logger.error("EC2Plugin: instances of run %s may still run: %s", self.run_id,
                          errors[0])
@@ -634,19 +699,23 @@ class EC2Plugin(SGELikeBatchManagerBase):
         launched = {}
         for fleet in fleets:
             launched.update(fleet.pool.launched)
+        ran = 0.0
         for iid, info in sorted(launched.items()):
             seconds = max(0.0, info.get("terminated", end) - info["launched"])
             cost = estimate_cost(info.get("type") or self.settings.instance_type, seconds,
                                  spot=info.get("spot", False))
-            billed += seconds
+            ran += seconds
+            billed += billed_seconds(seconds)  # as AWS bills: at least 60 s an instance
             total_cost += cost or 0.0
             instances.append({"instance_id": iid, "type": info.get("type"),
                               "spot": info.get("spot", False), "seconds": round(seconds, 1),
+                              "billed_seconds": round(billed_seconds(seconds), 1),
                               "usd_estimate": cost})
         report = {
             "run_id": self.run_id, "started": self.started, "finished": end,
             "wall_seconds": round(end - self.started, 1), "instances": instances,
-            "instance_seconds": round(billed, 1), "busy_seconds": round(self._busy_seconds, 1),
+            "instance_seconds": round(ran, 1), "billed_seconds": round(billed, 1),
+            "busy_seconds": round(self._busy_seconds, 1),
             "usd_estimate": round(total_cost, 4), "peak_instances": self.peak,
             "jobs_remote": self.stats["remote_done"], "jobs_local": self.stats["local"],
             "bytes_staged": self.store.bytes_up, "bytes_fetched": self.store.bytes_down,
@@ -658,7 +727,8 @@ class EC2Plugin(SGELikeBatchManagerBase):
         self.s3.put_object(Bucket=self.layout.bucket, Key=self.layout.cost_key,
                            Body=json.dumps(report, indent=1).encode(),
                            ContentType="application/json")
-        logger.info("EC2Plugin: run %s cost: %d instances, %.0f instance-s billed, %.0f s busy, "
+        logger.info("EC2Plugin: run %s cost: %d instances, %.0f instance-s billed (60 s minimum "
+                    "each), %.0f s busy, "
                     "~$%.4f, %d B staged, %d B fetched (s3://%s/%s)", self.run_id,
                     len(instances), billed, self._busy_seconds, total_cost,
                     self.store.bytes_up, self.store.bytes_down, self.layout.bucket,

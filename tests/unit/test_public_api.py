@@ -22,6 +22,7 @@ EXPECTED = {
     "InstanceLaunchError",
     "InstanceTimeout",
     "RemoteNodeError",
+    "UnsafePath",
 }
 
 
@@ -50,3 +51,9 @@ def test_package_ships_py_typed():
     import os
 
     assert os.path.exists(os.path.join(os.path.dirname(nipype_s3.__file__), "py.typed"))
+
+
+def test_the_plugin_can_be_named_by_a_string_as_nipype_users_do():
+    import nipype.pipeline.plugins as plugins
+
+    assert plugins.EC2Plugin is nipype_s3.EC2Plugin

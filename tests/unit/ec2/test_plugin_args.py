@@ -1,0 +1,69 @@
+"""``plugin_args`` of the wrong kind get a message like the other configuration errors:
+the argument, the value, and what it takes (not a raw ``ValueError`` from deep inside)."""
+
+import pytest
+
+from nipype_s3 import ConfigurationError, EC2Plugin
+
+BASE = {"s3_prefix": "s3://my-bucket/runs"}
+
+
+@pytest.mark.parametrize("args, message", [
+    ({"max_instances": "two"}, r"plugin_args\['max_instances'\] must be a whole number"),
+    ({"max_instances": 0}, r"plugin_args\['max_instances'\] must be at least 1, not 0"),
+    ({"max_instances": 2.5}, r"must be a whole number, e\.g\. 4, not 2\.5"),
+    ({"spot": "yes"}, r"plugin_args\['spot'\] must be True or False, not 'yes'"),
+    ({"idle_timeout": "soon"}, r"plugin_args\['idle_timeout'\] must be a number"),
+    ({"idle_timeout": -1}, r"plugin_args\['idle_timeout'\] must be at least"),
+    ({"requirements": "nitime"}, r"plugin_args\['requirements'\] must be a list"),
+    ({"tags": ["a"]}, r"plugin_args\['tags'\] must be a dict"),
+    ({"agent_vcpus": "many"}, r"plugin_args\['agent_vcpus'\] must be a whole number.*or None"),
+    ({"max_instances": True}, r"must be a whole number"),
+    ({"n_procs": 8}, r"'n_procs' is MultiProc's.*'instance_type'.*'max_instances'"),
+    ({"memory_gb": 32}, r"'memory_gb' is MultiProc's"),
+])
+def test_wrong_kinds_and_ranges_are_named(args, message):
+    with pytest.raises(ConfigurationError, match=message):
+        EC2Plugin(plugin_args=dict(BASE, **args))
+
+
+def test_numbers_given_as_text_are_taken():
+    plugin = EC2Plugin(plugin_args=dict(BASE, max_instances="3", idle_timeout="60",
+                                        agent_mem_gb=8, security_group_ids=("sg-1",)))
+    assert plugin.settings.max_instances == 3
+    assert plugin.settings.idle_timeout == 60.0
+    assert plugin.settings.agent_mem_gb == 8.0
+    assert plugin.settings.security_group_ids == ["sg-1"]
+
+
+def test_cost_report_bills_each_instance_at_least_a_minute(s3_inprocess, caplog):
+    """"4 instance(s), 53 instance-s billed, ~$0.0057": the dollars used the 60 s
+    minimum, the seconds did not. Both now go by what AWS bills (max(60, runtime) an
+    instance), and cost.json has the raw seconds beside them."""
+    import json
+    import logging
+    import types
+
+    from nipype_s3.ec2.jobs import RunLayout
+    from nipype_s3.ec2.pricing import estimate_cost
+    from nipype_s3.s3.cas import ContentStore
+
+    s3_inprocess.create_bucket(Bucket="my-bucket")
+    plugin = EC2Plugin(plugin_args=BASE)
+    plugin.run_id, plugin.started = "r1", 1000.0
+    plugin.layout = RunLayout("my-bucket", "runs", "r1")
+    plugin.s3 = s3_inprocess
+    plugin.store = ContentStore(s3_inprocess, "my-bucket", "runs")
+    launched = {f"i-{n}": {"type": "c6i.large", "launched": 1000.0, "spot": False,
+                           "terminated": 1000.0 + t}
+                for n, t in enumerate([10.0, 20.0, 15.0, 8.0])}
+    plugin._fleets = {"c6i.large": types.SimpleNamespace(
+        pool=types.SimpleNamespace(launched=launched))}
+    with caplog.at_level(logging.INFO, logger="nipype.workflow"):
+        plugin._write_cost_report()
+    report = json.loads(s3_inprocess.get_object(Bucket="my-bucket",
+                                                Key=plugin.layout.cost_key)["Body"].read())
+    assert report["instance_seconds"] == 53.0 and report["billed_seconds"] == 240.0
+    assert report["usd_estimate"] == pytest.approx(4 * estimate_cost("c6i.large", 60), abs=1e-4)
+    assert [i["billed_seconds"] for i in report["instances"]] == [60.0] * 4
+    assert "240 instance-s billed" in caplog.text
