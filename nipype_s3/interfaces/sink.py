@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import posixpath
+import re
 import shutil
 from dataclasses import replace
 
@@ -32,8 +33,10 @@ class _S3DataSinkInputSpec(DataSinkInputSpec, S3ConnectionInputSpec):
     local_copy = Str(desc="also copy every file below this local folder, in the same layout")
     sync_delete = traits.Bool(
         False, usedefault=True,
-        desc="delete keys below the destination (base_directory/container) that this run did "
-             "not write")
+        desc="delete the keys this run did not write: below base_directory/container when "
+             "container is set, else only beside the files it writes, in the same folders "
+             "(a sibling iteration's folder is never touched; an iterated sink whose keys do "
+             "not name the iteration is refused)")
 
 
 class S3DataSink(S3InterfaceMixin, DataSink):
@@ -96,8 +99,11 @@ class S3DataSink(S3InterfaceMixin, DataSink):
                     "BUCKET).")
             outputs = self._outputs_to_sink()
             root = os.path.abspath(base if isdefined(base) else ".")
-            self._check_sources(plan_sink(outputs, root=root, join=os.path.join,
-                                          **self._layout_kwargs()))
+            entries = plan_sink(outputs, root=root, join=os.path.join,
+                                **self._layout_kwargs())
+            self._check_sources(entries)
+            _refuse_clashes([pair for e in entries for pair in expand_entry(e, os.path.join)],
+                            "path")
             return super()._list_outputs()
         return self._sink_to_s3(parse_s3_uri(base))
 
@@ -118,12 +124,7 @@ class S3DataSink(S3InterfaceMixin, DataSink):
         for entry in entries:
             items.extend(UploadItem(src, key) for src, key in expand_entry(entry))
         keys = [i.key for i in items]
-        if len(set(keys)) != len(keys):
-            dup = next(k for k in keys if keys.count(k) > 1)
-            sources = [i.source for i in items if i.key == dup]
-            raise ConfigurationError(
-                f"S3DataSink would write two files to the same key {dup!r}: {sources}. Use "
-                "different input names, parameterization, or substitutions to tell them apart.")
+        _refuse_clashes([(i.source, i.key) for i in items], "key")
 
         if isdefined(self.inputs.local_copy):  # a folder that cannot be: said before uploading
             make_folder(os.path.abspath(self.inputs.local_copy), purpose="copy files into",
@@ -139,9 +140,14 @@ class S3DataSink(S3InterfaceMixin, DataSink):
                 f"S3DataSink sync_delete=True with base_directory {str(uri)!r} and no container "
                 "would delete every other key in the bucket. Give base_directory a key prefix "
                 "or set container.")
+        if sync and not layout["container"]:
+            # no container of its own: deletion stays in the folders this sink writes
+            # into, so that a sibling iteration's folder is never touched
+            _refuse_shared_iteration_folders(keys, os.getcwd(), str(uri))
+            scope = None
         dir_prefixes = [e.dest.rstrip("/") + "/" for e in entries
                         if e.is_dir and self.inputs.remove_dest_dir]
-        list_prefix = scope if sync else common_prefix(keys + dir_prefixes)
+        list_prefix = scope if sync and scope else common_prefix(keys + dir_prefixes)
         existing = list_objects(client, bucket, list_prefix) if (keys or sync) else {}
 
         encrypt = bool(self.inputs.encrypt_bucket_keys) if isdefined(
@@ -155,7 +161,12 @@ class S3DataSink(S3InterfaceMixin, DataSink):
         written = set(keys)
         stale = set()
         if sync:
-            stale |= {k for k in existing if k.startswith(scope) and k not in written}
+            if scope is not None:  # below the container, as it was asked
+                stale |= {k for k in existing if k.startswith(scope) and k not in written}
+            else:  # the files beside those it wrote, in the same folders, alone
+                folders = {posixpath.dirname(k) for k in keys}
+                stale |= {k for k in existing
+                          if k not in written and posixpath.dirname(k) in folders}
         for prefix in dir_prefixes:
             stale |= {k for k in existing if k.startswith(prefix) and k not in written}
         if stale:
@@ -176,6 +187,40 @@ class S3DataSink(S3InterfaceMixin, DataSink):
         outputs = self.output_spec().get()
         outputs["out_file"] = out_files
         return outputs
+
+
+def _refuse_clashes(pairs, what: str) -> None:
+    """Two source files to one destination: an error naming both (nipype's DataSink
+    keeps the last one silently; both modes of ours refuse, the same way)."""
+    seen: dict[str, str] = {}
+    for source, dest in pairs:
+        if dest in seen and seen[dest] != source:
+            raise ConfigurationError(
+                f"S3DataSink would write two files to the same {what} {dest!r}: "
+                f"{[seen[dest], source]}. Use different input names, parameterization, or "
+                "substitutions to tell them apart.")
+        seen[dest] = source
+
+
+_ITERATION = re.compile(r"_[A-Za-z][A-Za-z0-9]*_.+")
+
+
+def _refuse_shared_iteration_folders(keys: list[str], node_dir: str, base: str) -> None:
+    """``sync_delete`` in a sink that runs once per iteration (its node folder is below
+    ``_subject_id_sub-01``) whose keys do not name the iteration: the iterations write
+    into one folder, and each would delete what the others wrote."""
+    folders = [part for part in node_dir.split(os.sep) if _ITERATION.fullmatch(part)]
+    if not folders or not keys:
+        return
+    named = [f for f in folders if all(f"/{f}/" in f"/{k}" for k in keys)]
+    if named:
+        return
+    raise ConfigurationError(
+        f"S3DataSink sync_delete=True runs once per iteration ({folders[-1]}) but writes "
+        f"its files below {base} without it in their keys (e.g. {keys[0]!r}): each "
+        "iteration would delete the files the others wrote. Keep parameterization=True "
+        "(the iteration becomes a folder of its own), connect the iterated value to "
+        "container, or set sync_delete=False.")
 
 
 def _looks_like_s3(value: str) -> bool:

@@ -95,3 +95,82 @@ def test_endpoint_url_input_beats_environment(moto_server, tmp_path, nifti_files
     sink.run(cwd=str(tmp_path))
     monkeypatch.setenv("AWS_ENDPOINT_URL", moto_server.url)
     assert _keys(s3.Bucket("mybucket")) == ["e/anat/anatomical.nii"]
+
+
+def _stats(subject_id):
+    import os
+
+    out = os.path.abspath("stats.txt")
+    with open(out, "w") as fobj:
+        fobj.write(f"stats of {subject_id}\n")
+    return out
+
+
+def _iterated_sink_workflow(tmp_path, **sink_inputs):
+    info = Node(IdentityInterface(fields=["subject_id"]), "info")
+    info.iterables = ("subject_id", ["sub-01", "sub-02"])
+    stats = Node(Function(input_names=["subject_id"], output_names=["out"], function=_stats),
+                 "stats")
+    sink = Node(S3DataSink(base_directory="s3://out-bucket/sd", sync_delete=True,
+                           **sink_inputs), "sink")
+    wf = Workflow("iter", base_dir=str(tmp_path / "work"))
+    wf.connect(info, "subject_id", stats, "subject_id")
+    wf.connect(stats, "out", sink, "results.@stats")
+    return wf
+
+
+@pytest.mark.parametrize("plugin", ["Linear", "MultiProc"])
+def test_sync_delete_in_iterations_keeps_the_siblings_results(moto_server, tmp_path, plugin):
+    """Each subject's sink deleted what the other wrote (only the last survived)."""
+    s3 = boto3.client("s3")
+    s3.create_bucket(Bucket="out-bucket")
+    stale = "sd/results/_subject_id_sub-01/old-stats.txt"
+    s3.put_object(Bucket="out-bucket", Key=stale, Body=b"from an earlier run")
+    s3.put_object(Bucket="out-bucket", Key="sd/elsewhere/keep.txt", Body=b"not ours")
+    _iterated_sink_workflow(tmp_path).run(plugin=plugin)
+    keys = sorted(o["Key"] for o in s3.list_objects_v2(Bucket="out-bucket")["Contents"])
+    assert keys == ["sd/elsewhere/keep.txt", "sd/results/_subject_id_sub-01/stats.txt",
+                    "sd/results/_subject_id_sub-02/stats.txt"]
+    body = s3.get_object(Bucket="out-bucket", Key="sd/results/_subject_id_sub-02/stats.txt")
+    assert body["Body"].read() == b"stats of sub-02\n"
+
+
+def test_sync_delete_where_iterations_share_a_folder_is_refused(moto_server, tmp_path):
+    s3 = boto3.client("s3")
+    s3.create_bucket(Bucket="out-bucket")
+    wf = _iterated_sink_workflow(tmp_path, parameterization=False)
+    wf.config["execution"]["crashdump_dir"] = str(tmp_path / "crashes")
+    with pytest.raises(RuntimeError):
+        wf.run(plugin="Linear")
+    from nipype.utils.filemanip import loadcrash
+
+    crashes = list((tmp_path / "crashes").glob("crash-*sink*.pklz"))
+    assert len(crashes) == 2
+    text = "".join(loadcrash(str(crashes[0]))["traceback"])
+    assert "each iteration would delete the files the others wrote" in text
+    assert "Contents" not in s3.list_objects_v2(Bucket="out-bucket")
+
+
+@pytest.mark.parametrize("base", ["s3://out-bucket/clash", "LOCAL"])
+def test_two_files_to_one_destination_are_refused_in_both_modes(moto_server, tmp_path,
+                                                               nifti_files, base):
+    """MapNode outputs with parameterization=False: DataSink keeps the last file
+    silently; the s3:// sink raised; the local one now agrees."""
+    boto3.client("s3").create_bucket(Bucket="out-bucket")
+    if base == "LOCAL":
+        base = str(tmp_path / "derivatives")
+    twins = []
+    for i in range(2):
+        (tmp_path / f"run{i}").mkdir()
+        twins.append(str(tmp_path / f"run{i}" / "bold.nii.gz"))
+        shutil.copy(nifti_files["example4d.nii.gz"], twins[-1])
+    source = Node(IdentityInterface(fields=["bold"]), "source")
+    source.inputs.bold = twins
+    mean = MapNode(Function(input_names=["in_file"], output_names=["out_file"],
+                            function=_mean_image), iterfield=["in_file"], name="mean")
+    sink = Node(S3DataSink(base_directory=base, parameterization=False), "sink")
+    wf = Workflow("clash", base_dir=str(tmp_path / "work"))
+    wf.connect(source, "bold", mean, "in_file")
+    wf.connect(mean, "out_file", sink, "func.@mean")
+    with pytest.raises(RuntimeError, match="would write two files to the same"):
+        wf.run(plugin="Linear")
