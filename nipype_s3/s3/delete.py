@@ -1,14 +1,16 @@
-"""Delete keys in batches of 1,000 (one request per batch)."""
+"""Delete keys in batches of 1,000 (one request per batch); abort multipart uploads that
+were begun and never completed (their parts are billed, and no listing of objects shows
+them)."""
 
 from __future__ import annotations
 
 import logging
 
-from ..exceptions import S3Error
+from ..exceptions import S3Error, S3ObjectNotFound
 from .errors import s3_errors
 from .session import endpoint_of
 
-__all__ = ["delete_keys"]
+__all__ = ["delete_keys", "abort_incomplete_uploads"]
 
 logger = logging.getLogger(__name__)
 
@@ -42,3 +44,36 @@ def delete_keys(client, bucket: str, keys) -> int:
         for key in batch:
             logger.debug("deleted s3://%s/%s", bucket, key)
     return deleted
+
+
+def abort_incomplete_uploads(client, bucket: str, prefix: str) -> list[str]:
+    """Abort every multipart upload begun below ``prefix`` and not completed; return the
+    keys of those aborted.
+
+    A process that dies in the middle of a large upload (a lost instance, a killed
+    controller) leaves its parts in the bucket, billed as storage, until the upload is
+    completed or aborted. An upload that ends meanwhile is left alone.
+
+    Raises
+    ------
+    S3Error
+        S3 refused to list or abort (the subclass says why, e.g. ``S3AccessDenied``).
+    """
+    endpoint = endpoint_of(client)
+    with s3_errors(bucket=bucket, key=prefix or None, endpoint=endpoint,
+                   action="list the incomplete multipart uploads below"):
+        pages = client.get_paginator("list_multipart_uploads").paginate(
+            Bucket=bucket, Prefix=prefix)
+        uploads = [(u["Key"], u["UploadId"]) for page in pages
+                   for u in page.get("Uploads", [])]
+    aborted = []
+    for key, upload_id in uploads:
+        try:
+            with s3_errors(bucket=bucket, key=key, endpoint=endpoint,
+                           action="abort the multipart upload of"):
+                client.abort_multipart_upload(Bucket=bucket, Key=key, UploadId=upload_id)
+        except S3ObjectNotFound:  # NoSuchUpload: completed or aborted meanwhile
+            continue
+        aborted.append(key)
+        logger.debug("aborted the multipart upload of s3://%s/%s", bucket, key)
+    return aborted

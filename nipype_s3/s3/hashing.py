@@ -1,13 +1,17 @@
-"""Local checksums that S3 ETags can be compared with, streamed (no whole file in memory).
+"""Local checksums that S3 ETags and checksums can be compared with, streamed (no whole
+file in memory).
 
 A single-part object's ETag is the MD5 of its bytes. A multipart object's ETag is
 ``md5(md5(part1) + md5(part2) + ...)-N``: it depends on the part size, so it is
-computed here with the part size the object was most likely uploaded with. Digests are
-kept in :mod:`.digests`, so an unchanged file is read once, not on every re-run.
+computed here with the part size the object was most likely uploaded with. A multipart
+object's SHA-256 checksum is made the same way (``base64(sha256(sha256(part1) + ...))-N``,
+S3's "composite" checksum). Digests are kept in :mod:`.digests`, so an unchanged file
+is read once, not on every re-run.
 """
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import math
 import os
@@ -15,7 +19,8 @@ import os
 from ..config import MiB
 from .digests import cached_digest
 
-__all__ = ["file_md5", "multipart_etag", "etag_matches", "candidate_part_sizes"]
+__all__ = ["file_md5", "multipart_etag", "etag_matches", "candidate_part_sizes",
+           "composite_sha256", "b64_sha256"]
 
 _READ = 1 * MiB
 
@@ -29,12 +34,12 @@ def file_md5(path: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
-def multipart_etag(path: str | os.PathLike, part_size: int) -> str:
-    """The ETag S3 gives ``path`` uploaded in parts of ``part_size`` bytes."""
+def _part_digests(path, part_size: int, new) -> list[bytes]:
+    """The raw digests (``new()`` hash objects) of ``path``'s parts of ``part_size``."""
     part_digests = []
     with open(path, "rb") as fobj:
         while True:
-            part = hashlib.md5(usedforsecurity=False)
+            part = new()
             left = part_size
             while left:
                 block = fobj.read(min(_READ, left))
@@ -47,7 +52,27 @@ def multipart_etag(path: str | os.PathLike, part_size: int) -> str:
             part_digests.append(part.digest())
             if left:
                 break
+    return part_digests
+
+
+def multipart_etag(path: str | os.PathLike, part_size: int) -> str:
+    """The ETag S3 gives ``path`` uploaded in parts of ``part_size`` bytes."""
+    part_digests = _part_digests(path, part_size,
+                                 lambda: hashlib.md5(usedforsecurity=False))
     combined = hashlib.md5(b"".join(part_digests), usedforsecurity=False).hexdigest()
+    return f"{combined}-{len(part_digests)}"
+
+
+def b64_sha256(hex_digest: str) -> str:
+    """A hex SHA-256 as S3 writes checksums: the base64 of the raw 32 bytes."""
+    return base64.b64encode(bytes.fromhex(hex_digest)).decode()
+
+
+def composite_sha256(path: str | os.PathLike, part_size: int) -> str:
+    """The SHA-256 checksum S3 gives ``path`` uploaded in parts of ``part_size`` bytes
+    with ``ChecksumAlgorithm='SHA256'``: ``base64(sha256(sha256(part1) + ...))-N``."""
+    part_digests = _part_digests(path, part_size, hashlib.sha256)
+    combined = base64.b64encode(hashlib.sha256(b"".join(part_digests)).digest()).decode()
     return f"{combined}-{len(part_digests)}"
 
 

@@ -405,10 +405,11 @@ class NativeEngine:
         """PUT each ``(key, source_path)`` of ``jobs`` as one request.
 
         ``extra`` is the ``ExtraArgs`` botocore would get, plus ``Metadata`` per job when
-        the job is ``(key, path, metadata)``, and a ``Content-MD5`` (base64) when it is
-        ``(key, path, metadata, content_md5)``: the server refuses a body that does not
-        match it. Raises ``ValueError`` for arguments the engine cannot send (use
-        botocore then).
+        the job is ``(key, path, metadata)``, a ``Content-MD5`` (base64) when it is
+        ``(key, path, metadata, content_md5)`` and a SHA-256 checksum (base64) when it
+        is ``(key, path, metadata, content_md5, sha256)``: the server refuses a body that
+        does not match them. Raises ``ValueError`` for arguments the engine cannot send
+        (use botocore then).
         """
         from awscrt.s3 import S3RequestType
 
@@ -417,11 +418,14 @@ class NativeEngine:
             raise ValueError(f"arguments not sent natively: {sorted(unknown)}")
         base = [(_PUT_HEADERS[k], str(v)) for k, v in extra.items()]
 
-        def start(key, path, metadata=None, content_md5=None, *, progress):
+        def start(key, path, metadata=None, content_md5=None, sha256=None, *, progress):
             headers = base + [("Content-Length", str(os.path.getsize(path)))]
             headers += [(f"x-amz-meta-{k}", v) for k, v in (metadata or {}).items()]
             if content_md5:
                 headers.append(("Content-MD5", content_md5))
+            if sha256:  # as botocore sends ChecksumSHA256 with ChecksumAlgorithm
+                headers += [("x-amz-sdk-checksum-algorithm", "SHA256"),
+                            ("x-amz-checksum-sha256", sha256)]
             return self._client.make_request(
                 type=S3RequestType.PUT_OBJECT, request=self._request("PUT", key, headers),
                 send_filepath=path, on_progress=progress)

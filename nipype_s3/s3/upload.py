@@ -4,6 +4,11 @@ One LIST of the destination prefix tells which keys already hold the same bytes
 (compared by ETag, multipart ETags included), so an unchanged re-run sends no object
 data and makes no HEAD request. A failed multipart upload is aborted by s3transfer, so
 no incomplete upload is left behind.
+
+An item that says its SHA-256 goes up with it as the object's checksum: a single PUT
+carries ``ChecksumSHA256``, so S3 refuses bytes that differ from it (``BadDigest``);
+a multipart upload carries a SHA-256 per part (S3 then keeps the checksum of those, a
+"composite" one: it cannot carry the whole file's, which the caller checks otherwise).
 """
 
 from __future__ import annotations
@@ -21,23 +26,42 @@ from ..config import METADATA_MD5_KEY
 from ..exceptions import ConfigurationError, InputFileNotFound, TransferFailed
 from .digests import cached_digest
 from .errors import s3_errors, translate
-from .hashing import etag_matches, file_md5
+from .hashing import b64_sha256, etag_matches, file_md5
 from .listing import ObjectInfo, common_prefix, list_objects
 from .native import native_engine
 from .session import endpoint_of
 from .transfer import Progress, Timer, TransferSettings, TransferSummary, run_transfers
 
-__all__ = ["UploadItem", "upload_files", "sse_args"]
+__all__ = ["UploadItem", "upload_files", "sse_args", "checksum_args"]
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class UploadItem:
-    """One local file and the key it goes to."""
+    """One local file and the key it goes to.
+
+    ``sha256`` (hex), when given, is what the file's bytes must hash to: it is sent as
+    the object's checksum (see the module's docstring).
+    """
 
     source: str
     key: str
+    sha256: str | None = None
+
+
+def checksum_args(sha256: str | None, *, multipart: bool) -> dict:
+    """The checksum arguments of the request(s) sending bytes of SHA-256 ``sha256``
+    (hex; ``None``: none): the whole object's checksum for one PUT, the algorithm alone
+    (a SHA-256 per part) for a multipart upload."""
+    if not sha256:
+        return {}
+    if multipart:
+        # not ChecksumSHA256: s3transfer would ask for a FULL_OBJECT checksum, which S3
+        # has for CRCs only
+        return {"ChecksumAlgorithm": "SHA256"}
+    # with the algorithm named, servers that only record checksums (moto) keep it too
+    return {"ChecksumAlgorithm": "SHA256", "ChecksumSHA256": b64_sha256(sha256)}
 
 
 def sse_args(sse: str | None = None, kms_key_id: str | None = None) -> dict:
@@ -116,14 +140,15 @@ def _native_first(client, bucket, settings, small, args, kms, progress):
         try:
             digest = _md5(item.source) if kms or engine.signs_bodies else None
         except OSError:  # gone since it was checked: the PUT fails and botocore reports it
-            return item.key, item.source, None, None
+            return item.key, item.source, None, None, None
         meta = {METADATA_MD5_KEY: digest} if kms else None
         # over plain HTTP the CRT cannot hash bodies into the signature as botocore does;
         # a Content-MD5 has the server check each body instead (and the digest is kept,
         # so the next run's skip-unchanged comparison reads nothing)
         content_md5 = base64.b64encode(bytes.fromhex(digest)).decode() \
             if engine.signs_bodies else None
-        return item.key, item.source, meta, content_md5
+        return item.key, item.source, meta, content_md5, \
+            b64_sha256(item.sha256) if item.sha256 else None
 
     try:
         # digests are computed ahead, in two threads, while the first requests go out
@@ -228,13 +253,16 @@ def upload_files(client, bucket: str, items, *, settings: TransferSettings | Non
                 item, size = pair
                 with open(item.source, "rb") as body:
                     client.put_object(Bucket=bucket, Key=item.key, Body=body,
-                                      **object_args(item))
+                                      **object_args(item),
+                                      **checksum_args(item.sha256, multipart=False))
                 progress.update(size)
 
             def submit_large(manager, pair):
                 item, _ = pair
                 return manager.upload(item.source, bucket, item.key,
-                                      extra_args=object_args(item), subscribers=[progress])
+                                      extra_args={**object_args(item),
+                                                  **checksum_args(item.sha256, multipart=True)},
+                                      subscribers=[progress])
 
             small = [p for p in todo if p[1] < settings.multipart_threshold]
             large = [p for p in todo if p[1] >= settings.multipart_threshold]

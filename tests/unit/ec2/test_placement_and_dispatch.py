@@ -346,7 +346,7 @@ def test_instances_end_before_the_run_waits_for_a_send_under_way():
      "EC2Plugin does not know plugin_args 'instance_typo' (did you mean 'instance_type'?); "
      "the known ones are ["),
     ({"colour": "blue"}, "EC2Plugin does not know plugin_args 'colour'; the known ones are ["),
-    ({"max_instances": 0}, "max_instances must be at least 1, not 0."),
+    ({"max_instances": 0}, "EC2Plugin plugin_args['max_instances'] must be at least 1, not 0."),
     ({}, "EC2Plugin needs plugin_args['s3_prefix']"),
 ])
 def test_bad_plugin_args_are_named_before_anything_runs(args, message):

@@ -115,3 +115,67 @@ def test_threads_share_it(cache, tmp_path):
     for t in threads:
         t.join()
     assert not errors
+
+
+def test_the_cache_is_private_to_its_owner(tmp_path, monkeypatch):
+    """It lists what was hashed: only its owner may read it (0600, in a 0700 folder),
+    SQLite's companion files too, and a file made readable by others is closed again."""
+    import stat
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    monkeypatch.delenv("NIPYPE_S3_DIGEST_CACHE")
+    old = os.umask(0o022)  # a usual umask: files would be made readable by all
+    try:
+        f = tmp_path / "sub-01_T1w.nii.gz"
+        f.write_bytes(b"image")
+        digests.cached_digest(f, "md5", file_md5)
+        folder = tmp_path / "xdg" / "nipype_s3"
+        assert digests.cache_path() == str(folder / "digests.sqlite")
+        assert stat.S_IMODE(folder.stat().st_mode) == 0o700
+        names = sorted(p.name for p in folder.iterdir())
+        assert "digests.sqlite" in names
+        assert {p.name: oct(stat.S_IMODE(p.stat().st_mode)) for p in folder.iterdir()} == \
+            {name: "0o600" for name in names}
+
+        # one made readable by others (an earlier version's file, say) is closed again
+        os.chmod(folder, 0o755)
+        os.chmod(folder / "digests.sqlite", 0o644)
+        monkeypatch.setitem(digests._state, "pid", None)  # as a new process
+        digests.cached_digest(f, "md5", file_md5)
+        assert stat.S_IMODE(folder.stat().st_mode) == 0o700
+        assert stat.S_IMODE((folder / "digests.sqlite").stat().st_mode) == 0o600
+
+        # a file named by NIPYPE_S3_DIGEST_CACHE: its new folder 0700, the file 0600
+        monkeypatch.setenv("NIPYPE_S3_DIGEST_CACHE", str(tmp_path / "mine" / "d.sqlite"))
+        digests.cached_digest(f, "md5", file_md5)
+        assert stat.S_IMODE((tmp_path / "mine").stat().st_mode) == 0o700
+        assert stat.S_IMODE((tmp_path / "mine" / "d.sqlite").stat().st_mode) == 0o600
+    finally:
+        os.umask(old)
+
+
+def test_the_cache_names_no_path_and_forgets_the_old_rows_that_did(cache, tmp_path):
+    """Rows are keyed by (device, inode, size, mtime, ctime): nothing in the file says
+    which subject was hashed; an earlier version's table of paths is dropped."""
+    import sqlite3
+
+    cache.parent.mkdir(parents=True)
+    with sqlite3.connect(cache) as old:
+        old.execute("CREATE TABLE digests (ident TEXT PRIMARY KEY, digest TEXT NOT NULL, "
+                    "used REAL NOT NULL)")
+        old.execute("INSERT INTO digests VALUES (?, ?, 0)",
+                    ("/data/sub-0042/anat/sub-0042_T1w.nii.gz\x00md5", "0" * 32))
+    old.close()
+    f = tmp_path / "sub-0099_T1w.nii.gz"
+    f.write_bytes(b"image")
+    digests.cached_digest(f, "md5", file_md5)
+    digests._state["conn"].close()  # everything written out
+    digests._state["pid"] = None
+    raw = b"".join(p.read_bytes() for p in cache.parent.iterdir())
+    assert b"sub-0099" not in raw and b"sub-0042" not in raw
+    assert str(tmp_path).encode() not in raw
+    st = os.stat(f)
+    assert digests.file_identity(st) == (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns,
+                                         st.st_ctime_ns)
+    md5, calls = _counting(file_md5)
+    assert digests.cached_digest(f, "md5", md5) == file_md5(f) and calls == []
