@@ -12,7 +12,10 @@ Reported, each the median over the repeats:
 * wall time of both plugins;
 * API calls per node: the controller's, the agents' (botocore), and native data
   transfers (awscrt), all counted by LocalCloud's recording proxy;
-* billed instance-seconds against busy seconds (the cost report).
+* billed instance-seconds against busy seconds (the cost report);
+* a node with a large result (a 24 MB array of numbers, as a Function node returning a
+  time series would): wall time under ``Linear`` and under EC2Plugin, whose result
+  pickle travels from the instance and has its paths moved.
 
 Imported by ``run.py``, which puts the rows in the same report.
 """
@@ -109,9 +112,47 @@ def one_repeat(cloud, nodes: int, agents: int, work: str) -> dict:
         "calls_native": calls["native"] / nodes,
         "instances": len(report.get("instances", [])),
         "instance_seconds": report.get("instance_seconds"),
+        "billed_seconds": report.get("billed_seconds"),
         "busy_seconds": report.get("busy_seconds"),
         "jobs_remote": report.get("jobs_remote"),
     }
+
+
+def large_array(n):
+    """A node with a large result: ``n`` numbers (8 bytes each) that gzip well."""
+    import numpy as np
+
+    return np.arange(n, dtype=float)
+
+
+def large_result(cloud, work: str, n: int = 3_000_000) -> dict:
+    """Wall time of one node returning ``n`` floats, ``Linear`` against EC2Plugin."""
+    import boto3
+    from nipype import Function, Node, Workflow
+
+    from nipype_s3 import EC2Plugin
+
+    bucket = "plugin-bench-runs"
+    client = boto3.client("s3", region_name=cloud.region)
+    try:
+        client.create_bucket(Bucket=bucket)
+    except client.exceptions.BucketAlreadyOwnedByYou:
+        pass
+    walls = {}
+    for name in ("Linear", "EC2"):
+        wf = Workflow("large_result", base_dir=os.path.join(work, name))
+        wf.config["execution"]["poll_sleep_duration"] = 0.2
+        node = Node(Function(input_names=["n"], output_names=["out"], function=large_array),
+                    "big")
+        node.inputs.n = n
+        wf.add_nodes([node])
+        plugin = "Linear" if name == "Linear" else EC2Plugin(plugin_args={
+            "s3_prefix": f"s3://{bucket}", "max_instances": 1, "idle_timeout": 20,
+            "lease_timeout": 20, "poll_wait": 1, "scale_interval": 0.5})
+        start = time.perf_counter()
+        wf.run(plugin=plugin)
+        walls[name] = time.perf_counter() - start
+    return {"large_linear_wall": walls["Linear"], "large_ec2_wall": walls["EC2"]}
 
 
 def run(nodes: int = 50, agents: int = 4, repeats: int = 3, work: str | None = None) -> dict:
@@ -126,6 +167,7 @@ def run(nodes: int = 50, agents: int = 4, repeats: int = 3, work: str | None = N
         with LocalCloud(directory=os.path.join(work, "cloud"), agents_via_proxy=True) as cloud:
             for rep in range(repeats):
                 runs.append(one_repeat(cloud, nodes, agents, os.path.join(work, f"r{rep}")))
+                runs[-1].update(large_result(cloud, os.path.join(work, f"large{rep}")))
                 print(f"  plugin repeat {rep + 1}: EC2Plugin {runs[-1]['ec2_wall']:.1f} s, "
                       f"MultiProc {runs[-1]['multiproc_wall']:.1f} s", flush=True)
     finally:
@@ -171,8 +213,11 @@ def markdown(summary: dict) -> list[str]:
         f"{f(s['calls_controller'], '{:.1f}')} / {f(s['calls_agents'], '{:.1f}')} / "
         f"{f(s['calls_native'], '{:.1f}')} |",
         f"| instances launched | {f(s['instances'], '{:.0f}')} |",
-        f"| billed instance-seconds / busy seconds | {f(s['instance_seconds'], '{:.0f}')} / "
+        f"| billed instance-seconds / busy seconds | {f(s['billed_seconds'], '{:.0f}')} / "
         f"{f(s['busy_seconds'], '{:.0f}')} |",
+        f"| one node with a 24 MB result: Linear / EC2Plugin wall time (s) | "
+        f"{f(s.get('large_linear_wall'), '{:.1f}')} / "
+        f"{f(s.get('large_ec2_wall'), '{:.1f}')} |",
         "",
         "Dispatch includes the first instances' start-up (an agent process on LocalCloud; "
         "on AWS add the instance's boot). Busy seconds are the workers' own time per job "

@@ -74,7 +74,7 @@ from ..ec2.pricing import billed_seconds, estimate_cost, instance_shape, smalles
 from ..ec2.userdata import render_user_data
 from ..exceptions import ConfigurationError, EC2Error, InstanceLaunchError, UnsafePath
 from ..localfs import confine, confine_absolute, walk_files
-from ..pickles import PathMap, rewrite_pickle_file, rewrite_text_file
+from ..pickles import FAST_GZIP_LEVEL, PathMap, rewrite_pickle_file, rewrite_text_file
 from ..s3.cas import ContentStore, ManifestEntry, sha256_file
 from ..s3.credentials import resolve_session
 from ..s3.delete import abort_incomplete_uploads
@@ -825,7 +825,7 @@ class EC2Plugin(SGELikeBatchManagerBase):
         if os.path.isdir(node_dir):
             shutil.rmtree(node_dir)  # nipype empties a node's folder before running it
         raw = gzip.compress(pickle.dumps(dict(node=node, updatehash=updatehash),
-                                         protocol=4), mtime=0)
+                                         protocol=4), compresslevel=FAST_GZIP_LEVEL, mtime=0)
         n_procs = max(1, int(getattr(node, "n_procs", 1) or 1))
         mem_gb = float(getattr(node, "mem_gb", 0) or 0)
         node_args = getattr(node, "plugin_args", None) or {}
