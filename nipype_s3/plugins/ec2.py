@@ -857,7 +857,12 @@ class EC2Plugin(SGELikeBatchManagerBase):
                     writable=tuple(spec["folders"]) + tuple(targets))
 
     def _deliver(self, name, inputs, raw, spec, queue_url) -> None:
-        entries = self.store.put(inputs)
+        # a file input that is a symbolic link arrives as a link (os.path.islink holds
+        # there as here), to its target, which is staged at its own path
+        links = [p for p in inputs if os.path.islink(p) and os.path.isfile(p)]
+        plain = [p for p in inputs if p not in links]
+        entries = self.store.put(plain + sorted({os.path.realpath(p) for p in links}))
+        entries += [_link_entry(p) for p in links]
         spec = dict(spec, manifest=[e.to_json() for e in entries])
         spec_bytes = json.dumps(spec, sort_keys=True).encode()
         job_id = spec["job_id"]
@@ -890,6 +895,20 @@ class EC2Plugin(SGELikeBatchManagerBase):
             logger.error("EC2Plugin: job %s (%s) could not be sent: %s", job.job_id,
                          job.node.fullname, err)
         self._fail_outstanding("its job could not be sent")
+
+    def _get_result(self, taskid):
+        """nipype's, then, for a node that failed, its own result file put back where
+        MultiProc leaves it (``result_<node>.pklz``, with the outputs and runtime it has;
+        nipype's batch plugins leave only ``crashstore.pklz``)."""
+        out = super()._get_result(taskid)
+        job = self._jobs.get(taskid)
+        if out and out.get("traceback") and job is not None:
+            kept = out.get("result")
+            crash = os.path.join(job.node_dir, "crashstore.pklz")
+            if kept is not None and not isinstance(kept, dict) and os.path.exists(crash):
+                savepkl(os.path.join(job.node_dir, f"result_{job.node.name}.pklz"), kept)
+                os.remove(crash)
+        return out
 
     # -- polling ------------------------------------------------------------------------
     def _is_pending(self, taskid):
@@ -1306,9 +1325,11 @@ class EC2Plugin(SGELikeBatchManagerBase):
                  f"{log_uri}\n")
         if report.get("error"):
             where += f"[nipype_s3] {report['error']}\n"
-        tail = report.get("log_tail") or ""
+        root = report.get("worker_root")
+        here = PathMap(root if isinstance(root, str) and os.path.isabs(root) else "/")
+        tail = str(report.get("log_tail") or "")
         if tail:
-            where += "[nipype_s3] log tail:\n" + tail
+            where += "[nipype_s3] log tail:\n" + here.text_to_controller(tail)
         result_file = os.path.join(job.node_dir, f"result_{job.node.name}.pklz")
         data = None
         if os.path.exists(result_file):
@@ -1317,12 +1338,27 @@ class EC2Plugin(SGELikeBatchManagerBase):
             except Exception:
                 data = None
         if isinstance(data, dict) and data.get("traceback"):
-            data["traceback"] = list(data["traceback"]) + [where]
+            # the instance's paths in the traceback become this machine's, as the
+            # workflow's final error and the crash file show them
+            data["traceback"] = [here.text_to_controller(str(line))
+                                 for line in data["traceback"]] + [where]
             savepkl(result_file, data)
         else:
-            lines = list(report.get("traceback") or []) or [
+            lines = [here.text_to_controller(str(line))
+                     for line in report.get("traceback") or []] or [
                 f"RemoteNodeError: job {job.job_id} did not finish ({report.get('status')}).\n"]
             write_failure_result(job.node, lines + [where])
+
+
+def _link_entry(path: str) -> ManifestEntry:
+    """The manifest entry of the symbolic link ``path``: its own target when that is
+    the file, else (a chain of links) the file it ends at."""
+    target = os.readlink(path)
+    first = target if os.path.isabs(target) else os.path.join(os.path.dirname(path), target)
+    if os.path.islink(first):
+        target = os.path.realpath(path)
+    entry = ManifestEntry.for_link(path)
+    return ManifestEntry(entry.path, "", 0, entry.mtime, target)
 
 
 def _is_was(value) -> bool:
