@@ -140,7 +140,7 @@ def run_demo(keep: str | None = None, plugin: str = "EC2") -> int:
             if runner is not None and runner.cost_report:
                 report = runner.cost_report
                 _say(f"run {runner.run_id}: {len(report['instances'])} instance(s), "
-                     f"{report['instance_seconds']:.0f} instance-s billed vs "
+                     f"{report['billed_seconds']:.0f} instance-s billed vs "
                      f"{report['busy_seconds']:.0f} s busy, ~${report['usd_estimate']:.4f} "
                      f"if it were AWS; {report['jobs_remote']} jobs on instances, "
                      f"{report['jobs_local']} on the controller")

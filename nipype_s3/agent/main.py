@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import signal
 import subprocess
@@ -95,6 +96,8 @@ class _Running:
     mem_gb: float
     started: float
     last_beat: float
+    #: the SQS message it came in (a copy of it, received again, is not started again)
+    message_id: str = ""
 
 
 #: After a failed AWS request the agent waits this long, doubling up to ``_RETRY_MAX``.
@@ -128,6 +131,9 @@ class Agent:
         self.running: dict[str, _Running] = {}
         self.jobs_done = 0
         self._key: bytearray | None = None
+        #: the last verified lease's expiry; until one is read, what the first check may
+        #: wait for (a controller that wrote none is gone)
+        self._lease_expires = time.time() + max(60.0, 4 * config.lease_check)
         self._stop = False
         self.stop_reason = ""
 
@@ -146,16 +152,33 @@ class Agent:
             self._key = None
 
     def _lease_stale(self) -> bool:
+        """Whether the controller's lease has run out.
+
+        Only a lease signed with the run's key counts: one that does not verify (or
+        whose time is not a finite number) is ignored, and the last verified expiry
+        stands, so a planted lease can neither stop the agents nor keep them alive
+        after the controller is gone. A lease that is gone means the run was cleaned up.
+        """
         try:
-            body = self.s3.get_object(Bucket=self.cfg.bucket, Key=self.layout.lease_key)
-            lease = json.loads(body["Body"].read())
+            data = read_bounded(self.s3, self.cfg.bucket, self.layout.lease_key, 64 * 1024,
+                                what="lease")
+            lease = unseal(self._job_key(), data, "lease", limit=64 * 1024)
+            expires = lease.get("expires")
+            if lease.get("run_id") != self.cfg.run_id or isinstance(expires, bool) or \
+                    not isinstance(expires, (int, float)) or not math.isfinite(expires):
+                raise MessageRejected(f"a lease of run {lease.get('run_id')!r} expiring "
+                                      f"{expires!r}")
+            self._lease_expires = float(expires)
         except botocore.exceptions.ClientError as exc:
             if transient(exc):
                 raise  # unknown, not stale: the loop tries again
-            return True  # gone (the run was cleaned up) or no longer readable
-        except ValueError:
-            return True
-        return time.time() > float(lease.get("expires", 0))
+            if exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") == 404:
+                return True  # gone: the run was cleaned up
+            logger.warning("could not read the controller's lease (%s)", exc)
+        except MessageRejected as exc:
+            logger.warning("ignored the lease at s3://%s/%s: %s", self.cfg.bucket,
+                           self.layout.lease_key, exc)
+        return time.time() > self._lease_expires
 
     def _free(self) -> tuple[int, float]:
         cpus = self.vcpus - sum(r.n_procs for r in self.running.values())
@@ -218,12 +241,12 @@ class Agent:
             logger.warning("could not delete a job message: %s", exc)
 
     # -- one message --------------------------------------------------------------------
-    def _take_safely(self, msg) -> None:
+    def _take_safely(self, msg) -> bool:
         """:meth:`_take`, for any message at all: whatever it holds, it is rejected,
         logged and deleted, and the jobs running here go on. Only an AWS error that may
         pass is raised (the loop waits it out; the message comes back)."""
         try:
-            self._take(msg)
+            return self._take(msg)
         except _AWS_ERRORS as exc:
             if transient(exc):
                 raise
@@ -231,13 +254,14 @@ class Agent:
         except Exception as exc:  # noqa: BLE001 - one message must not stop the agent
             logger.error("refused a job message that could not be handled (%s: %s)",
                          type(exc).__name__, str(exc)[:300])
-        else:
-            return
         receipt = msg.get("ReceiptHandle") if isinstance(msg, dict) else None
         if isinstance(receipt, str):
             self._delete(receipt)
+        return False
 
-    def _take(self, msg: dict) -> None:
+    def _take(self, msg: dict) -> bool:
+        """Start the job of ``msg`` if it is a genuine job to run here; True when it
+        started."""
         receipt = msg["ReceiptHandle"]
         body = None
         try:
@@ -257,15 +281,28 @@ class Agent:
                     self._cannot_run(body["job_id"], exc)
             logger.error("refused a job message: %s", exc)
             self._delete(receipt)
-            return
+            return False
         job_id = spec["job_id"]
+        running = self.running.get(job_id)
+        if running is not None:  # this job runs here already: never a second copy
+            if msg.get("MessageId") and msg.get("MessageId") == running.message_id:
+                running.receipt = receipt  # its own message, back: the newest receipt
+            else:
+                logger.warning("job %s already runs here: a copy of its message deleted",
+                               job_id)
+                self._delete(receipt)
+            return False
+        if self._finished(job_id):
+            self._delete(receipt)  # a duplicate of a finished job
+            return False
         try:
             attempt = int(msg.get("Attributes", {}).get("ApproximateReceiveCount", "1"))
         except (TypeError, ValueError):
             attempt = 1
-        if self._exists(self.layout.done_key(job_id)):
-            self._delete(receipt)  # a duplicate of a finished job
-            return
+        if attempt > self.cfg.max_attempts:
+            # SQS counts receives, which anyone who may receive can inflate: the starts
+            # this run's agents signed are what count
+            attempt = self._verified_starts(job_id) + 1
         if attempt > self.cfg.max_attempts:
             report = {"job_id": job_id, "status": "failed", "attempt": attempt,
                       "instance_id": self.instance_id, "started": time.time(),
@@ -277,7 +314,7 @@ class Agent:
             if self._write_done(job_id, report):
                 self._send_event(job_id, "failed")
             self._delete(receipt)
-            return
+            return False
         n_procs = max(1, int(spec.get("n_procs") or 1))
         mem_gb = float(spec.get("mem_gb") or 0)
         cpus, mem = self._free()
@@ -298,10 +335,11 @@ class Agent:
                         VisibilityTimeout=0)
                 except _AWS_ERRORS:
                     pass
-                return
+                return False
             self._delete(receipt)
-            return
-        self._start(spec, receipt, attempt, n_procs, mem_gb)
+            return False
+        self._start(spec, receipt, attempt, n_procs, mem_gb, msg.get("MessageId") or "")
+        return True
 
     def _cannot_run(self, job_id: str, exc: BaseException) -> None:
         """A real job this agent is refused access to (a narrow role, a KMS key it may
@@ -322,15 +360,62 @@ class Agent:
             logger.error("job %s cannot run here (%s), and its failure could not be "
                          "reported either: %s", job_id, exc, err)
 
-    def _exists(self, key: str) -> bool:
+    def _signed(self, key: str, kind: str) -> dict | None:
+        """The body of the signed document of ``kind`` at ``key``; ``None`` when there is
+        none, or it does not verify (planted)."""
         try:
-            self.s3.head_object(Bucket=self.cfg.bucket, Key=key)
-            return True
-        except botocore.exceptions.ClientError:
-            return False
+            return unseal(self._job_key(), read_bounded(
+                self.s3, self.cfg.bucket, key, 16 * 1024 * 1024, what=kind), kind)
+        except MessageRejected as exc:
+            logger.warning("ignored s3://%s/%s: %s", self.cfg.bucket, key, exc)
+            return None
+        except botocore.exceptions.ClientError as exc:
+            if transient(exc):
+                raise
+            return None
+
+    def _finished(self, job_id: str) -> bool:
+        """Whether ``job_id`` has a genuine report (one planted there does not count)."""
+        report = self._signed(self.layout.done_key(job_id), "report")
+        return report is not None and report.get("job_id") == job_id
+
+    def _verified_starts(self, job_id: str) -> int:
+        """How many times this run's agents signed that they started ``job_id``."""
+        count = 0
+        for slot in range(1, self.cfg.max_attempts + 1):
+            start = self._signed(self.layout.start_key(job_id, slot), "start")
+            if start is None or start.get("job_id") != job_id:
+                break
+            count = slot
+        return count
+
+    def _mark_start(self, job_id: str, attempt: int) -> None:
+        """Sign that this agent starts ``job_id`` (the ``attempt``-th start), in the first
+        slot free; best effort: a failure here only costs the count its precision."""
+        body = seal(self._job_key(), "start", {"job_id": job_id, "run_id": self.cfg.run_id,
+                                               "instance_id": self.instance_id,
+                                               "at": time.time()})
+        for slot in range(max(1, attempt), self.cfg.max_attempts + 2):
+            try:
+                self.s3.put_object(Bucket=self.cfg.bucket, IfNoneMatch="*", Body=body,
+                                   Key=self.layout.start_key(job_id, slot))
+                return
+            except botocore.exceptions.ClientError as exc:
+                status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+                if status != 412:
+                    logger.warning("could not record the start of job %s: %s", job_id, exc)
+                    return
+                if self._signed(self.layout.start_key(job_id, slot), "start") is None:
+                    try:  # planted there: the slot is ours
+                        self.s3.put_object(Bucket=self.cfg.bucket, Body=body,
+                                           Key=self.layout.start_key(job_id, slot))
+                    except botocore.exceptions.ClientError as err:
+                        logger.warning("could not record the start of job %s: %s",
+                                       job_id, err)
+                    return
 
     def _start(self, spec: dict, receipt: str, attempt: int, n_procs: int,
-               mem_gb: float) -> None:
+               mem_gb: float, message_id: str = "") -> None:
         job_id = spec["job_id"]
         jobdir = os.path.join(self.cfg.worker_root, ".jobs", f"{job_id}-{attempt}")
         os.makedirs(jobdir, exist_ok=True)
@@ -357,10 +442,11 @@ class Agent:
                     env=dict(os.environ, **env), cwd=jobdir)
         now = time.time()
         self.running[job_id] = _Running(job_id, receipt, attempt, proc, log_path,
-                                        outcome_path, n_procs, mem_gb, now, now)
+                                        outcome_path, n_procs, mem_gb, now, now, message_id)
         logger.info("job %s (%s) started in %s, attempt %d", job_id, spec.get("node"), how,
                     attempt)
         self._send_event(job_id, "started")
+        self._mark_start(job_id, attempt)
 
     # -- the loop -----------------------------------------------------------------------
     def _heartbeat(self) -> None:
@@ -554,8 +640,7 @@ class Agent:
                         WaitTimeSeconds=wait, VisibilityTimeout=int(cfg.visibility_timeout),
                         MessageSystemAttributeNames=["ApproximateReceiveCount"])
                     messages = resp.get("Messages", [])
-                    for msg in messages:
-                        self._take_safely(msg)
+                    started = sum(bool(self._take_safely(msg)) for msg in messages)
                 except _AWS_ERRORS as exc:
                     outage = self._outage(outage, exc)
                     if outage is None:
@@ -566,7 +651,8 @@ class Agent:
                                 - outage.since)
                     outage = None
                 if messages:
-                    last_work = time.monotonic()
+                    if started:  # refused messages are no work: they keep no agent awake
+                        last_work = time.monotonic()
                     last_receive = 0.0  # there may be more: ask again at once
                 elif self.running:
                     time.sleep(0.2)

@@ -6,6 +6,7 @@ Everything of one run lives below ``<s3_prefix>/runs/<run_id>/``::
     jobs/<job>/spec.json       what to fetch, which pickle, resources (signed)
     jobs/<job>/node.pklz       the node, pickled as nipype's batch plugins do
     jobs/<job>/attempt-<n>.log the agent's log of an attempt
+    jobs/<job>/starts/<n>.json the n-th start of the job (signed; counts its attempts)
     done/<job>.json            the first finished attempt's report (written once)
     cost.json                  the run's cost report
 
@@ -105,6 +106,11 @@ class RunLayout:
 
     def log_key(self, job_id: str, attempt: int) -> str:
         return self.key("jobs", job_id, f"attempt-{attempt}.log")
+
+    def start_key(self, job_id: str, slot: int) -> str:
+        """Where the agent that starts ``job_id`` for the ``slot``-th time says so
+        (signed): attempts are counted from these, not from what SQS counts."""
+        return self.key("jobs", job_id, "starts", f"{slot}.json")
 
     def done_key(self, job_id: str) -> str:
         return self.key("done", f"{job_id}.json")

@@ -68,6 +68,7 @@ from ..ec2.jobs import (
     new_run_id,
     parse_s3_prefix,
     read_bounded,
+    seal,
     unseal,
 )
 from ..ec2.pricing import billed_seconds, estimate_cost, instance_shape, smallest_fitting
@@ -91,6 +92,12 @@ logger = logging.getLogger("nipype.workflow")
 _COLLECTORS = 8
 #: Jobs sent at once: their inputs stored, pickle and spec written, message queued.
 _SENDERS = 4
+#: nipype's loop sleeps this long between rounds in graphs up to _FAST_LOOP_NODES nodes
+_FAST_LOOP_SLEEP, _FAST_LOOP_NODES = 0.05, 2000
+#: seconds from launch to a working agent on AWS, until this run has measured one
+_TYPICAL_BOOT = 60.0
+#: the events queue is read every _QUICK_POLL s while at most _FEW_JOBS jobs are out
+_QUICK_POLL, _FEW_JOBS = 0.25, 10
 
 _AWS_ERRORS = (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError)
 
@@ -376,6 +383,9 @@ class _Job:
     writable: tuple = ()
     #: when an agent said it started it (a signed event)
     started: float | None = None
+    #: an agent said it finished (a signed event); times it was sent again
+    reported: bool = False
+    resent: int = 0
 
 
 class EC2Plugin(SGELikeBatchManagerBase):
@@ -412,12 +422,22 @@ class EC2Plugin(SGELikeBatchManagerBase):
         self._booted: set[str] = set()
         self._progress = 0.0
         self._senders: ThreadPoolExecutor | None = None
+        self._reset()
 
     # -- run lifecycle ------------------------------------------------------------------
     def run(self, graph, config, updatehash=False):
         """Run the graph; whatever happens, terminate the run's instances."""
         try:
             self._start_run()
+            # nipype's loop sleeps poll_sleep_duration (2 s by default) between rounds: a
+            # round per level of the graph, seconds for a re-run with nothing to do. Its
+            # rounds are cheap here (AWS is asked at the pace of _poll_interval), so the
+            # loop turns fast while the graph is not huge.
+            self._user_poll = float(config["execution"]["poll_sleep_duration"])
+            if len(graph) <= _FAST_LOOP_NODES:
+                config = dict(config, execution=dict(
+                    config["execution"], poll_sleep_duration=min(self._user_poll,
+                                                                 _FAST_LOOP_SLEEP)))
             try:
                 result = super().run(graph, config, updatehash=updatehash)
             except RuntimeError as err:
@@ -469,13 +489,15 @@ class EC2Plugin(SGELikeBatchManagerBase):
     def _reset(self) -> None:
         """What one run learns, forgotten before the next: one plugin object can run
         workflows one after the other, as ``Linear`` can."""
-        self._jobs, self._by_job_id = {}, {}
+        self._jobs, self._by_job_id, self._messages = {}, {}, {}
         self._fatal = None
         self.stats = {"submitted": 0, "local": 0, "remote_done": 0, "polls": 0}
         self.timings, self.cost_report, self.peak = [], None, 0
         self._busy_seconds, self._progress = 0.0, 0.0
         self._booted = set()
-        self._last_poll = self._last_scan = self._last_scale = 0.0
+        self._boot_seconds: list[float] = []
+        self._last_poll = self._last_scale = 0.0
+        self._last_scan = time.monotonic()  # the first LIST of done/ after one interval
 
     def _start_run(self) -> None:
         s = self.settings
@@ -508,13 +530,13 @@ class EC2Plugin(SGELikeBatchManagerBase):
         logger.info("EC2Plugin: run %s, files in s3://%s/%s, up to %d x %s in %s",
                     self.run_id, bucket, self.layout.run_prefix, s.max_instances,
                     s.instance_type, region)
+        self._job_key = new_job_key()  # signs the lease too
         with s3_errors(bucket=bucket, key=self.layout.lease_key, action="write the lease to",
                        endpoint=endpoint):
             self._write_lease()
         self._leased = True
         self.events_queue = self.sqs.create_queue(
             QueueName=self.layout.queue_name("events"))["QueueUrl"]
-        self._job_key = new_job_key()
         self.ssm.put_parameter(Name=job_key_parameter(self.run_id), Type="SecureString",
                                Value=self._job_key.hex(), Overwrite=True,
                                Description=f"nipype-s3 job-signing key of run {self.run_id}")
@@ -613,8 +635,11 @@ class EC2Plugin(SGELikeBatchManagerBase):
         return fleet.pool if fleet is not None else None
 
     def _write_lease(self) -> None:
-        body = json.dumps({"run_id": self.run_id, "expires": time.time()
-                           + self.settings.lease_timeout, "renewed": time.time()}).encode()
+        # signed: an unsigned lease (anyone can write the run's prefix) cannot stop the
+        # agents, nor keep them alive after the controller is gone
+        body = seal(self._job_key, "lease", {
+            "run_id": self.run_id, "expires": time.time() + self.settings.lease_timeout,
+            "renewed": time.time()})
         self.s3.put_object(Bucket=self.layout.bucket, Key=self.layout.lease_key, Body=body)
 
     def _lease_loop(self) -> None:
@@ -630,13 +655,22 @@ class EC2Plugin(SGELikeBatchManagerBase):
         if self._senders is not None:  # jobs not yet sent are not sent...
             self._senders.shutdown(wait=False, cancel_futures=True)
         errors = []
-        for step in (self._terminate_instances, self._expire_lease, self._write_cost_report,
-                     self._delete_queues, self._delete_job_key, self._abort_uploads):
+
+        def step(fn):
             try:
-                step()
+                fn()
             except Exception as exc:
                 errors.append(exc)
-                logger.error("EC2Plugin: cleanup step %s failed: %s", step.__name__, exc)
+                logger.error("EC2Plugin: cleanup step %s failed: %s", fn.__name__, exc)
+
+        # independent requests at once (a re-run's teardown was seconds of round trips);
+        # the cost report and the sweep of uploads once the instances are ended
+        with ThreadPoolExecutor(max_workers=4, thread_name_prefix="nipype-s3-end") as pool:
+            list(pool.map(step, (self._terminate_instances, self._expire_lease,
+                                 self._delete_queues, self._delete_job_key)))
+        with ThreadPoolExecutor(max_workers=2, thread_name_prefix="nipype-s3-end") as pool:
+            list(pool.map(step, (self._write_cost_report, self._abort_uploads)))
+        errors.sort(key=lambda exc: not isinstance(exc, EC2Error))
         if self._senders is not None:
             # ...and those being sent are waited for only once the instances are ended:
             # a send stuck in retries must not keep them running (and billed)
@@ -659,9 +693,9 @@ class EC2Plugin(SGELikeBatchManagerBase):
     def _expire_lease(self) -> None:
         if not self._leased:  # the run stopped before its lease was written: nothing to end
             return
-        body = json.dumps({"run_id": self.run_id, "expires": 0, "finished": time.time()})
-        self.s3.put_object(Bucket=self.layout.bucket, Key=self.layout.lease_key,
-                           Body=body.encode())
+        body = seal(self._job_key, "lease", {"run_id": self.run_id, "expires": 0,
+                                             "finished": time.time()})
+        self.s3.put_object(Bucket=self.layout.bucket, Key=self.layout.lease_key, Body=body)
 
     def _delete_queues(self) -> None:
         urls = [f.queue_url for f in (getattr(self, "_fleets", None) or {}).values()]
@@ -869,8 +903,9 @@ class EC2Plugin(SGELikeBatchManagerBase):
         self.s3.put_object(Bucket=self.layout.bucket, Key=spec["node_pickle"], Body=raw)
         self.s3.put_object(Bucket=self.layout.bucket, Key=self.layout.spec_key(job_id),
                            Body=spec_bytes, ContentType="application/json")
-        self.sqs.send_message(QueueUrl=queue_url, MessageBody=make_message(
-            self.layout, job_id, spec_bytes, self._job_key))
+        body = make_message(self.layout, job_id, spec_bytes, self._job_key)
+        self._messages[job_id] = (queue_url, body)  # to send it again, if it must be
+        self.sqs.send_message(QueueUrl=queue_url, MessageBody=body)
         logger.info("EC2Plugin: submitted %s as job %s (%d input files)", name, job_id,
                     len(entries))
 
@@ -919,11 +954,17 @@ class EC2Plugin(SGELikeBatchManagerBase):
         self._poll()
         return not job.done
 
+    def _poll_interval(self) -> float:
+        """Seconds between looks at the events queue: quick while few jobs are out (a
+        short node's result is seen at once), at most 1 s (half of nipype's poll
+        interval) when many are."""
+        if len(self._outstanding()) <= _FEW_JOBS:
+            return _QUICK_POLL
+        return max(_QUICK_POLL, min(1.0, getattr(self, "_user_poll", 1.0) / 2))
+
     def _poll(self) -> None:
         now = time.monotonic()
-        interval = min(1.0, float(self._config["execution"]["poll_sleep_duration"]) / 2) \
-            if hasattr(self, "_config") else 0.5
-        if now - self._last_poll < interval:
+        if now - self._last_poll < self._poll_interval():
             return
         self._last_poll = now
         self.stats["polls"] += 1
@@ -952,7 +993,8 @@ class EC2Plugin(SGELikeBatchManagerBase):
             cpus = sum(j.n_procs for j in waiting if j.instance_type == itype)
             if not cpus:
                 continue
-            wanted = max(1, math.ceil(cpus / fleet.vcpus))
+            wanted = self._wanted(fleet, [j for j in waiting if j.instance_type == itype],
+                                  live[itype])
             room = int(self.settings.max_instances) - total
             missing = min(wanted - live[itype], room, self._launches_left())
             if missing <= 0:
@@ -972,6 +1014,45 @@ class EC2Plugin(SGELikeBatchManagerBase):
             except InstanceLaunchError as exc:
                 self._stop_run(exc, "no instance could be launched")
                 return
+
+    def _boot_estimate(self) -> float:
+        """Seconds from launch to a working agent: the median seen in this run, or a
+        typical AWS boot before any instance has booted."""
+        if self._boot_seconds:
+            return max(1.0, statistics.median(self._boot_seconds))
+        return _TYPICAL_BOOT
+
+    def _runtime_estimate(self) -> float | None:
+        """Seconds a node of this run takes: the median of those finished, or, when the
+        jobs running now have already run longer, the longest of those; ``None`` before
+        anything is known."""
+        done = [t["node_finished"] - t["node_started"] for t in self.timings
+                if t.get("node_finished") is not None and t.get("node_started") is not None]
+        now = time.time()
+        running = [now - j.started for j in self._outstanding() if j.started is not None]
+        known = [statistics.median(done)] if done else []
+        if running:
+            known.append(max(running))
+        return max(known) if known else None
+
+    def _wanted(self, fleet: _Fleet, waiting: list[_Job], live: int) -> int:
+        """How many instances ``fleet`` should have for ``waiting`` (its jobs not done).
+
+        At most one per ``vcpus`` of queued CPUs, as before; but an instance beyond the
+        first only while the queued work is expected to outlast a boot: instances of
+        the run's first seconds are billed a minute each whether they run a node or not
+        (0.1 s nodes made a run launch every instance it could, each billed its minute).
+        Until the run has seen a node's runtime, one instance.
+        """
+        cpus = sum(j.n_procs for j in waiting)
+        most = max(1, math.ceil(cpus / fleet.vcpus))
+        runtime = self._runtime_estimate()
+        if runtime is None:
+            return 1
+        queued = sum(j.n_procs for j in waiting if j.started is None)
+        work = queued * runtime  # CPU-seconds not yet begun
+        worth = int(work // (fleet.vcpus * self._boot_estimate()))
+        return max(1, min(most, max(live, worth)))
 
     def _stop_run(self, error: BaseException, why: str) -> None:
         self._fatal = error
@@ -1104,9 +1185,15 @@ class EC2Plugin(SGELikeBatchManagerBase):
                     continue
                 status, iid = event.get("status"), event.get("instance_id")
                 if status == "agent-up":
-                    if isinstance(iid, str):
+                    # once per instance of this run (a replayed event changes nothing)
+                    if isinstance(iid, str) and iid not in self._booted and any(
+                            iid in f.pool.launched for f in self._fleets.values()):
                         self._booted.add(iid)
                         self._progress = time.time()
+                        launched = next((f.pool.launched[iid] for f in self._fleets.values()
+                                         if iid in f.pool.launched), None)
+                        if launched is not None:
+                            self._boot_seconds.append(time.time() - launched["launched"])
                     continue
                 job_id = event.get("job_id")
                 job = self._by_job_id.get(job_id) if isinstance(job_id, str) else None
@@ -1116,6 +1203,7 @@ class EC2Plugin(SGELikeBatchManagerBase):
                 if status == "started":
                     job.started = job.started or time.time()
                 elif job not in finished:
+                    job.reported = True
                     finished.append(job)
             self._collect(finished)
             self.sqs.delete_message_batch(QueueUrl=self.events_queue, Entries=[
@@ -1178,6 +1266,21 @@ class EC2Plugin(SGELikeBatchManagerBase):
                                       Key=self.layout.done_key(job.job_id))
             except _AWS_ERRORS as err:
                 logger.warning("EC2Plugin: could not delete it: %s", err)
+            if job.reported:
+                # its agent said it finished: the genuine report was replaced, and
+                # nobody will write it again; the job runs once more (or, too often
+                # replaced, fails)
+                job.reported, job.started = False, None
+                job.resent += 1
+                if job.resent > int(self.settings.max_attempts):
+                    return None, MessageRejected(
+                        f"the report of job {job.job_id} was replaced by one that does not "
+                        f"verify {job.resent} times; someone with write access to "
+                        f"s3://{self.layout.bucket}/{self.layout.run_prefix} is tampering "
+                        "with the run")
+                queue, body = self._messages[job.job_id]
+                self.sqs.send_message(QueueUrl=queue, MessageBody=body)
+                logger.warning("EC2Plugin: job %s sent again", job.job_id)
             return None, None
         except _AWS_ERRORS as exc:
             if transient(exc):

@@ -46,8 +46,8 @@ def run(s3_inprocess, tmp_path):
                       job_key_parameter=job_key_parameter(run_id), idle_timeout=0.5,
                       poll_wait=0, lease_check=0.2, worker_root=str(tmp_path / "root"),
                       vcpus=4, mem_gb=8)
-    s3_inprocess.put_object(Bucket=layout.bucket, Key=layout.lease_key,
-                            Body=json.dumps({"expires": time.time() + 600}).encode())
+    s3_inprocess.put_object(Bucket=layout.bucket, Key=layout.lease_key, Body=seal(
+        KEY, "lease", {"run_id": run_id, "expires": time.time() + 600}))
     return layout, cfg, sqs, s3_inprocess
 
 
@@ -245,3 +245,90 @@ def test_the_log_tail_reads_only_the_end_of_a_big_log(tmp_path):
             fobj.write(f"line {i}\n")
     tail = agent_main._tail(str(log), lines=3)
     assert tail == "line 199997\nline 199998\nline 199999\n"
+
+
+@pytest.mark.parametrize("planted", [b'{"expires": 0}', b"[]", b'{"expires": "x"}',
+                                     b'{"expires": NaN}', b"not json at all"])
+def test_a_planted_lease_neither_stops_the_agent_nor_kills_its_job(run, tmp_path, planted,
+                                                                   caplog):
+    layout, cfg, sqs, s3 = run
+    agent = Agent(cfg, instance_id="i-test")
+    assert agent._lease_stale() is False  # the controller's genuine lease
+    s3.put_object(Bucket=layout.bucket, Key=layout.lease_key, Body=planted)
+    assert agent._lease_stale() is False
+    assert "ignored the lease" in caplog.text
+    agent._lease_expires = time.time() - 1  # the last genuine lease has run out meanwhile
+    assert agent._lease_stale() is True  # a planted one cannot keep the agent alive
+
+
+def _signed_job(layout, s3, job_id):
+    spec = json.dumps({"job_id": job_id, "node": "n"}).encode()
+    s3.put_object(Bucket=layout.bucket, Key=layout.spec_key(job_id), Body=spec)
+    return make_message(layout, job_id, spec, KEY)
+
+
+def test_a_copy_of_a_running_jobs_message_does_not_start_it_again(run, monkeypatch):
+    layout, cfg, sqs, s3 = run
+    agent = Agent(cfg, instance_id="i-test")
+    started = []
+    monkeypatch.setattr(agent, "_start", lambda spec, receipt, attempt, n, m, mid="":
+                        (started.append(mid), agent.running.__setitem__(
+                            spec["job_id"], agent_main._Running(
+                                spec["job_id"], receipt, attempt, _Slow(60), "", "", n, m,
+                                time.time(), time.time(), mid))))
+    body = _signed_job(layout, s3, "j-dup")
+    for _ in range(3):
+        sqs.send_message(QueueUrl=cfg.jobs_queue_url, MessageBody=body)
+    msgs = sqs.receive_message(QueueUrl=cfg.jobs_queue_url, MaxNumberOfMessages=10,
+                               MessageSystemAttributeNames=["ApproximateReceiveCount"])
+    for msg in msgs["Messages"]:
+        agent._take_safely(msg)
+    assert len(started) == 1
+    # the same message received again (its heartbeat was lost): the newest receipt kept
+    first = msgs["Messages"][0]
+    again = dict(first, ReceiptHandle="newer-receipt")
+    assert agent._take_safely(again) is False
+    assert agent.running["j-dup"].receipt == "newer-receipt" and len(started) == 1
+
+
+def test_receives_counted_by_someone_else_do_not_fail_a_job(run, monkeypatch):
+    """Receiving a message max_attempts times (VisibilityTimeout=0) pushed SQS's count
+    over the limit: the job was failed without having run. Starts are counted from the
+    agents' signed records instead."""
+    layout, cfg, sqs, s3 = run
+    agent = Agent(cfg, instance_id="i-test")
+    starts = []
+    monkeypatch.setattr(agent, "_start", lambda spec, receipt, attempt, *a: starts.append(
+        attempt))
+    sqs.send_message(QueueUrl=cfg.jobs_queue_url, MessageBody=_signed_job(layout, s3, "j1"))
+    for _ in range(cfg.max_attempts + 2):  # the attacker's receives
+        sqs.receive_message(QueueUrl=cfg.jobs_queue_url, VisibilityTimeout=0)
+    msg = sqs.receive_message(QueueUrl=cfg.jobs_queue_url,
+                              MessageSystemAttributeNames=["ApproximateReceiveCount"])
+    assert int(msg["Messages"][0]["Attributes"]["ApproximateReceiveCount"]) > \
+        cfg.max_attempts
+    assert agent._take_safely(msg["Messages"][0]) is True
+    assert starts == [1]
+    assert "Contents" not in s3.list_objects_v2(Bucket=layout.bucket,
+                                                Prefix=layout.key("done"))
+    # genuine starts (signed) do count
+    for slot in range(1, cfg.max_attempts + 1):
+        agent._mark_start("j2", slot)
+    assert agent._verified_starts("j2") == cfg.max_attempts
+
+
+def test_a_planted_done_file_does_not_make_the_agent_drop_the_job(run, monkeypatch):
+    layout, cfg, sqs, s3 = run
+    agent = Agent(cfg, instance_id="i-test")
+    starts = []
+    monkeypatch.setattr(agent, "_start", lambda spec, *a: starts.append(spec["job_id"]))
+    s3.put_object(Bucket=layout.bucket, Key=layout.done_key("j3"),
+                  Body=b'{"job_id": "j3", "status": "ok"}')
+    sqs.send_message(QueueUrl=cfg.jobs_queue_url, MessageBody=_signed_job(layout, s3, "j3"))
+    msg = sqs.receive_message(QueueUrl=cfg.jobs_queue_url)["Messages"][0]
+    assert agent._take_safely(msg) is True and starts == ["j3"]
+    # a genuine report does mean the job is done
+    agent._write_done("j4", {"status": "ok", "outputs": []})
+    sqs.send_message(QueueUrl=cfg.jobs_queue_url, MessageBody=_signed_job(layout, s3, "j4"))
+    msg = sqs.receive_message(QueueUrl=cfg.jobs_queue_url)["Messages"][0]
+    assert agent._take_safely(msg) is False and starts == ["j3"]

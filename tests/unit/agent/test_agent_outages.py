@@ -17,6 +17,7 @@ from nipype_s3.ec2.jobs import (
     job_key_parameter,
     make_message,
     new_run_id,
+    seal,
     unseal,
 )
 
@@ -86,8 +87,8 @@ def run(s3_inprocess, tmp_path, monkeypatch):
                       job_key_parameter=job_key_parameter(run_id), idle_timeout=0.5,
                       poll_wait=0, lease_check=0.2, worker_root=str(tmp_path / "root"),
                       vcpus=2, mem_gb=4)
-    s3_inprocess.put_object(Bucket=layout.bucket, Key=layout.lease_key,
-                            Body=json.dumps({"expires": time.time() + 600}).encode())
+    s3_inprocess.put_object(Bucket=layout.bucket, Key=layout.lease_key, Body=seal(
+        key, "lease", {"run_id": run_id, "expires": time.time() + 600}))
     return layout, cfg, key, sqs, s3_inprocess
 
 

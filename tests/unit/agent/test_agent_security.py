@@ -7,7 +7,7 @@ import boto3
 import pytest
 
 from nipype_s3.agent import Agent, AgentConfig
-from nipype_s3.ec2.jobs import RunLayout, job_key_parameter, make_message, new_run_id
+from nipype_s3.ec2.jobs import RunLayout, job_key_parameter, make_message, new_run_id, seal
 
 
 @pytest.fixture
@@ -28,9 +28,9 @@ def run(s3_inprocess, tmp_path):
     return layout, cfg, key, sqs, s3_inprocess
 
 
-def _lease(s3, layout, seconds):
-    s3.put_object(Bucket=layout.bucket, Key=layout.lease_key,
-                  Body=json.dumps({"expires": time.time() + seconds}).encode())
+def _lease(s3, layout, seconds, key=b"s" * 32):
+    s3.put_object(Bucket=layout.bucket, Key=layout.lease_key, Body=seal(
+        key, "lease", {"run_id": layout.run_id, "expires": time.time() + seconds}))
 
 
 def test_bad_signature_is_refused_and_nothing_runs(run, caplog):

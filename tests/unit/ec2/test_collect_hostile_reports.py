@@ -161,3 +161,51 @@ def test_events_that_do_not_verify_are_ignored(plugin, tmp_path, caplog):
     plugin._drain_events()
     assert plugin._booted == set() and not job.done
     assert caplog.text.count("ignored a message on the events queue") == 5
+
+
+def test_replayed_and_foreign_agent_up_events_count_once_and_only_for_our_instances(
+        plugin, tmp_path):
+    import types
+
+    sqs = boto3.client("sqs", region_name="us-east-1")
+    plugin.sqs = sqs
+    plugin.events_queue = sqs.create_queue(QueueName="ev2")["QueueUrl"]
+    plugin._fleets = {"c6i.large": types.SimpleNamespace(pool=types.SimpleNamespace(
+        launched={"i-ours": {"launched": 0.0}}))}
+    up = seal(KEY, "event", {"run_id": "r1", "status": "agent-up", "instance_id": "i-ours"})
+    other = seal(KEY, "event", {"run_id": "r1", "status": "agent-up",
+                                "instance_id": "i-not-launched"})
+    for body in (up, up, other):
+        sqs.send_message(QueueUrl=plugin.events_queue, MessageBody=body.decode())
+    plugin._drain_events()
+    assert plugin._booted == {"i-ours"} and len(plugin._boot_seconds) == 1
+    progress = plugin._progress
+    sqs.send_message(QueueUrl=plugin.events_queue, MessageBody=up.decode())
+    plugin._drain_events()
+    assert plugin._progress == progress  # a replay is no sign of progress
+
+
+def test_a_genuine_report_replaced_after_its_job_finished_sends_the_job_again(plugin,
+                                                                             tmp_path):
+    """Its agent said it finished, then the report was overwritten: nobody would
+    write it again, so the run would wait for ever. The job is sent again instead,
+    and after max_attempts replacements it fails, saying why."""
+    sqs = boto3.client("sqs", region_name="us-east-1")
+    plugin.sqs = sqs
+    queue = sqs.create_queue(QueueName="jobs")["QueueUrl"]
+    job = _job(tmp_path)
+    plugin._messages[job.job_id] = (queue, "the signed job message")
+    for attempt in range(int(plugin.settings.max_attempts) + 1):
+        job.reported = True
+        _put(plugin, job, json.dumps(_report(job, [])).encode())
+        plugin._collect([job])
+        if attempt < int(plugin.settings.max_attempts):
+            assert not job.done
+            (msg,) = sqs.receive_message(QueueUrl=queue)["Messages"]
+            assert msg["Body"] == "the signed job message"
+            sqs.delete_message(QueueUrl=queue, ReceiptHandle=msg["ReceiptHandle"])
+    assert job.done
+    from nipype.utils.filemanip import loadpkl
+
+    crash = loadpkl(os.path.join(job.node_dir, "result_n.pklz"))
+    assert "is tampering with the run" in "".join(crash["traceback"])
