@@ -40,7 +40,7 @@ def increment(x):
     return x + 1
 
 
-def _workflow(nodes: int, base_dir: str):
+def _workflow(nodes: int, base_dir: str, poll: float | None = 0.2):
     from nipype import Function, Node, Workflow
     from nipype.interfaces.utility import IdentityInterface
 
@@ -49,7 +49,8 @@ def _workflow(nodes: int, base_dir: str):
     inc = Node(Function(input_names=["x"], output_names=["y"], function=increment), "inc")
     wf = Workflow("plugin_bench", base_dir=base_dir)
     wf.connect(src, "x", inc, "x")
-    wf.config["execution"]["poll_sleep_duration"] = 0.2
+    if poll is not None:
+        wf.config["execution"]["poll_sleep_duration"] = poll
     return wf
 
 
@@ -95,6 +96,18 @@ def one_repeat(cloud, nodes: int, agents: int, work: str) -> dict:
     report = plugin.cost_report or {}
     dispatch = report.get("dispatch") or {}
 
+    cloud.wait_idle(60)
+    # an unchanged re-run: nipype finds every node cached (default poll interval, as
+    # users leave it), here and under Linear
+    rerun = _workflow(nodes, os.path.join(work, "ec2"), poll=None)
+    start = time.perf_counter()
+    rerun.run(plugin=EC2Plugin(plugin_args=plugin.plugin_args))
+    rerun_ec2 = time.perf_counter() - start
+    _workflow(nodes, os.path.join(work, "linear"), poll=None).run(plugin="Linear")
+    start = time.perf_counter()
+    _workflow(nodes, os.path.join(work, "linear"), poll=None).run(plugin="Linear")
+    rerun_linear = time.perf_counter() - start
+
     wf = _workflow(nodes, os.path.join(work, "multiproc"))
     start = time.perf_counter()
     wf.run(plugin="MultiProc", plugin_args={"n_procs": agents})
@@ -104,6 +117,7 @@ def one_repeat(cloud, nodes: int, agents: int, work: str) -> dict:
     return {
         **parts,
         "ec2_wall": ec2_wall, "multiproc_wall": mp_wall,
+        "rerun_ec2_wall": rerun_ec2, "rerun_linear_wall": rerun_linear,
         "to_start_median": (dispatch.get("to_start") or {}).get("median"),
         "to_start_p95": (dispatch.get("to_start") or {}).get("p95"),
         "to_seen_median": (dispatch.get("to_seen") or {}).get("median"),
@@ -155,8 +169,42 @@ def large_result(cloud, work: str, n: int = 3_000_000) -> dict:
     return {"large_linear_wall": walls["Linear"], "large_ec2_wall": walls["EC2"]}
 
 
-def run(nodes: int = 50, agents: int = 4, repeats: int = 3, work: str | None = None) -> dict:
-    """Median of each figure over ``repeats`` runs (and the runs themselves)."""
+def sleep_then(x, seconds):
+    """A node that works ``seconds`` (as a real step would, without the CPU)."""
+    import time
+
+    time.sleep(seconds)
+    return x
+
+
+def scaling(cloud, work: str, nodes: int, seconds: float, agents: int) -> dict:
+    """Billed against busy instance-seconds for ``nodes`` nodes of ``seconds`` each."""
+    from nipype import Function, Node, Workflow
+    from nipype.interfaces.utility import IdentityInterface
+
+    from nipype_s3 import EC2Plugin
+
+    src = Node(IdentityInterface(fields=["x"]), "src")
+    src.iterables = ("x", list(range(nodes)))
+    step = Node(Function(input_names=["x", "seconds"], output_names=["y"],
+                         function=sleep_then), "step")
+    step.inputs.seconds = seconds
+    wf = Workflow("scaling", base_dir=os.path.join(work, "scaling"))
+    wf.connect(src, "x", step, "x")
+    plugin = EC2Plugin(plugin_args={
+        "s3_prefix": "s3://plugin-bench-runs", "max_instances": agents, "idle_timeout": 20,
+        "lease_timeout": 20, "poll_wait": 1, "scale_interval": 0.5})
+    wf.run(plugin=plugin)
+    report = plugin.cost_report or {}
+    return {"scale_nodes": nodes, "scale_seconds": seconds,
+            "scale_instances": len(report.get("instances", [])),
+            "scale_billed": report.get("billed_seconds"), "scale_busy": report.get("busy_seconds")}
+
+
+def run(nodes: int = 50, agents: int = 4, repeats: int = 3, work: str | None = None,
+        large_n: int = 3_000_000, scale: tuple[int, float] = (50, 10.0)) -> dict:
+    """Median of each figure over ``repeats`` runs (and the runs themselves); the large
+    result and the scaling case once."""
     from nipype_s3.testing import LocalCloud
 
     os.environ.setdefault("NIPYPE_NO_ET", "1")
@@ -167,13 +215,16 @@ def run(nodes: int = 50, agents: int = 4, repeats: int = 3, work: str | None = N
         with LocalCloud(directory=os.path.join(work, "cloud"), agents_via_proxy=True) as cloud:
             for rep in range(repeats):
                 runs.append(one_repeat(cloud, nodes, agents, os.path.join(work, f"r{rep}")))
-                runs[-1].update(large_result(cloud, os.path.join(work, f"large{rep}")))
                 print(f"  plugin repeat {rep + 1}: EC2Plugin {runs[-1]['ec2_wall']:.1f} s, "
                       f"MultiProc {runs[-1]['multiproc_wall']:.1f} s", flush=True)
+            once = large_result(cloud, os.path.join(work, "large"), large_n)
+            cloud.wait_idle(60)
+            once.update(scaling(cloud, work, scale[0], scale[1], agents))
     finally:
         if own:
             shutil.rmtree(work, ignore_errors=True)
-    summary = {"nodes": nodes, "agents": agents, "repeats": repeats, "runs": runs}
+    summary = {"nodes": nodes, "agents": agents, "repeats": repeats, "runs": runs,
+               "large_mb": large_n * 8 / 1e6, **once}
     for key in runs[0]:
         values = [r[key] for r in runs if r[key] is not None]
         summary[key] = statistics.median(values) if values else None
@@ -215,7 +266,12 @@ def markdown(summary: dict) -> list[str]:
         f"| instances launched | {f(s['instances'], '{:.0f}')} |",
         f"| billed instance-seconds / busy seconds | {f(s['billed_seconds'], '{:.0f}')} / "
         f"{f(s['busy_seconds'], '{:.0f}')} |",
-        f"| one node with a 24 MB result: Linear / EC2Plugin wall time (s) | "
+        f"| unchanged re-run, nipype's default poll interval: Linear / EC2Plugin (s) | "
+        f"{f(s.get('rerun_linear_wall'))} / {f(s.get('rerun_ec2_wall'))} |",
+        f"| {s['scale_nodes']} nodes of {s['scale_seconds']:g} s: instances launched, "
+        f"billed / busy instance-seconds | {f(s.get('scale_instances'), '{:.0f}')}, "
+        f"{f(s.get('scale_billed'), '{:.0f}')} / {f(s.get('scale_busy'), '{:.0f}')} |",
+        f"| one node with a {s['large_mb']:.0f} MB result: Linear / EC2Plugin wall time (s) | "
         f"{f(s.get('large_linear_wall'), '{:.1f}')} / "
         f"{f(s.get('large_ec2_wall'), '{:.1f}')} |",
         "",
