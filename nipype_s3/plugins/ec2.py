@@ -235,6 +235,11 @@ class EC2Settings:
     max_launches : int
         Instances one run may launch in all (default: 10 x ``max_instances``); a run
         that would need more stops with an error instead of launching forever.
+    max_cost_usd : float
+        A cap on the run's estimated cost (on-demand list prices, 60 s minimum per
+        instance): no instance is launched that would take the estimate past it, and
+        when the estimate reaches it the run stops, naming the nodes not run, with
+        nothing left running. Default: no cap.
     """
 
     s3_prefix: str = ""
@@ -273,6 +278,7 @@ class EC2Settings:
     boot_timeout: float = 900.0
     stall_timeout: float = 900.0
     max_launches: int | None = None
+    max_cost_usd: float | None = None
 
     _NIPYPE_KEYS = {"max_jobs", "status_callback", "template", "qsub_args"}
 
@@ -320,7 +326,7 @@ _AT_LEAST = {"max_instances": 1, "spot_retries": 0, "idle_timeout": 0.001,
              "heartbeat": 0.1, "max_attempts": 1, "poll_wait": 0, "volume_gb": 1,
              "done_scan_interval": 0.1, "scale_interval": 0.1, "agent_vcpus": 1,
              "agent_mem_gb": 0.1, "max_boot_failures": 1, "boot_timeout": 1,
-             "stall_timeout": 1, "max_launches": 1}
+             "stall_timeout": 1, "max_launches": 1, "max_cost_usd": 0.0}
 
 _KINDS = {"int": (int, "a whole number, e.g. 4"), "float": (float, "a number, e.g. 30"),
           "bool": (bool, "True or False"), "str": (str, "text"),
@@ -459,6 +465,16 @@ class EC2Plugin(SGELikeBatchManagerBase):
         4 GiB instance is killed for memory, retried, and killed again.
         """
         s = self.settings
+        if s.max_cost_usd is not None:
+            types = {s.instance_type} | {
+                (getattr(n, "plugin_args", None) or {}).get("instance_type") or s.instance_type
+                for n in graph.nodes() if isinstance(getattr(n, "plugin_args", None), dict)}
+            unpriced = sorted(t for t in types if estimate_cost(t, 60.0) is None)
+            if unpriced:
+                raise ConfigurationError(
+                    f"max_cost_usd needs the price of every instance type the run may "
+                    f"launch, and {unpriced[0]!r} is not in nipype_s3's price table. Use "
+                    "a type it knows, or leave max_cost_usd unset.")
         too_big = []
         for node in graph.nodes():
             args = getattr(node, "plugin_args", None) or {}
@@ -985,7 +1001,8 @@ class EC2Plugin(SGELikeBatchManagerBase):
             return
         found = {t: f.pool.live() for t, f in self._fleets.items()}
         live = {t: len(v) for t, v in found.items()}
-        if self._check_boots() or self._check_stall(waiting, found):
+        if self._check_boots() or self._check_stall(waiting, found) or \
+                self._check_cost(waiting):
             return
         total = sum(live.values())
         self.peak = max(self.peak, total)
@@ -996,7 +1013,12 @@ class EC2Plugin(SGELikeBatchManagerBase):
             wanted = self._wanted(fleet, [j for j in waiting if j.instance_type == itype],
                                   live[itype])
             room = int(self.settings.max_instances) - total
-            missing = min(wanted - live[itype], room, self._launches_left())
+            missing = min(wanted - live[itype], room, self._launches_left(),
+                          self._affordable(itype))
+            if missing <= 0 and total == 0 and self._affordable(itype) <= 0:
+                self._stop_run(EC2Error(self._cost_message(waiting, launching=itype)),
+                               "the run's cost cap (max_cost_usd) allows no instance")
+                return
             if missing <= 0:
                 if total == 0 and self._launches_left() <= 0:
                     self._stop_run(InstanceLaunchError(
@@ -1053,6 +1075,49 @@ class EC2Plugin(SGELikeBatchManagerBase):
         work = queued * runtime  # CPU-seconds not yet begun
         worth = int(work // (fleet.vcpus * self._boot_estimate()))
         return max(1, min(most, max(live, worth)))
+
+    def _cost_so_far(self) -> float:
+        """The run's estimated cost now: each instance at least its minute."""
+        now = time.time()
+        total = 0.0
+        for fleet in self._fleets.values():
+            for info in fleet.pool.launched.values():
+                seconds = info.get("terminated", now) - info["launched"]
+                total += estimate_cost(info.get("type") or fleet.instance_type, seconds,
+                                       spot=info.get("spot", False)) or 0.0
+        return total
+
+    def _affordable(self, instance_type: str) -> int:
+        """How many more instances of ``instance_type`` fit under ``max_cost_usd``, each
+        counted at its minimum (a minute, on-demand)."""
+        cap = self.settings.max_cost_usd
+        if cap is None:
+            return 1 << 30
+        each = estimate_cost(instance_type, 60.0) or 0.0
+        left = float(cap) - self._cost_so_far()
+        return int(left // each) if each > 0 else 1 << 30
+
+    def _cost_message(self, waiting: list[_Job], launching: str | None = None) -> str:
+        cap = float(self.settings.max_cost_usd)
+        names = sorted(getattr(j.node, "itername", j.node.fullname) for j in waiting)
+        shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5
+                                        else "")
+        what = (f"launching a {launching} (at least ${estimate_cost(launching, 60.0):.4f}) "
+                f"would take the run's estimate past max_cost_usd=${cap:g}" if launching
+                else f"the run's estimated cost (${self._cost_so_far():.4f}) reached "
+                     f"max_cost_usd=${cap:g}")
+        return (f"Run {self.run_id} stopped: {what}. {len(names)} node(s) not run: {shown}. "
+                "Every instance of the run is terminated. Raise max_cost_usd, or run "
+                "fewer or smaller nodes.")
+
+    def _check_cost(self, waiting: list[_Job]) -> bool:
+        """Stop the run once its estimated cost reaches ``max_cost_usd``."""
+        cap = self.settings.max_cost_usd
+        if cap is None or self._cost_so_far() < float(cap):
+            return False
+        self._stop_run(EC2Error(self._cost_message(waiting)),
+                       "the run reached its cost cap (max_cost_usd)")
+        return True
 
     def _stop_run(self, error: BaseException, why: str) -> None:
         self._fatal = error

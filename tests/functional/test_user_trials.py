@@ -118,3 +118,51 @@ def test_a_linked_file_input_arrives_as_a_link(cloud, tmp_path, chain):
         (done,) = wf.run(plugin=plugin).nodes()
         results[name] = done.result.outputs.out
     assert results["EC2"] == results["Linear"] == [True, "image bytes"]
+
+
+def _sleepy(x):
+    import time
+
+    time.sleep(2)
+    return x
+
+
+def _sleepy_workflow(base, n):
+    from nipype.interfaces.utility import IdentityInterface
+
+    src = Node(IdentityInterface(fields=["x"]), "src")
+    src.iterables = ("x", list(range(n)))
+    step = Node(Function(input_names=["x"], output_names=["y"], function=_sleepy), "step")
+    wf = Workflow("capped", base_dir=base)
+    wf.config["execution"]["poll_sleep_duration"] = 0.3
+    wf.config["execution"]["crashdump_dir"] = os.path.join(base, "crashes")
+    wf.connect(src, "x", step, "x")
+    return wf
+
+
+def test_a_cost_cap_below_one_instance_launches_nothing_and_says_so(cloud, tmp_path):
+    from nipype_s3.exceptions import EC2Error
+
+    with pytest.raises(EC2Error, match=r"max_cost_usd=\$0\.001.*node\(s\) not run: "
+                                       r"capped\.step\.a0"):
+        _sleepy_workflow(str(tmp_path), 3).run(
+            plugin=EC2Plugin(plugin_args=_plugin_args(max_cost_usd=0.001)))
+    assert cloud.proxy.count(action="RunInstances") == 0
+
+
+def test_a_cost_cap_limits_the_instances_launched(cloud, tmp_path):
+    """A cap that pays for one instance's minimum: one instance, the run completes."""
+    plugin = EC2Plugin(plugin_args=_plugin_args(max_instances=3, max_cost_usd=0.002))
+    result = _sleepy_workflow(str(tmp_path), 6).run(plugin=plugin)
+    assert sorted(n.result.outputs.y for n in result.nodes() if n.name.startswith("step")) \
+        == list(range(6))
+    assert cloud.proxy.count(action="RunInstances") == 1
+    assert plugin.cost_report["usd_estimate"] <= 0.002
+
+
+def test_an_unpriced_type_with_a_cost_cap_is_named(cloud, tmp_path):
+    from nipype_s3 import ConfigurationError
+
+    with pytest.raises(ConfigurationError, match="'c1.medium' is not in nipype_s3's price"):
+        _sleepy_workflow(str(tmp_path), 1).run(plugin=EC2Plugin(plugin_args=_plugin_args(
+            max_cost_usd=1.0, instance_type="c1.medium")))

@@ -67,3 +67,28 @@ def test_cost_report_bills_each_instance_at_least_a_minute(s3_inprocess, caplog)
     assert report["usd_estimate"] == pytest.approx(4 * estimate_cost("c6i.large", 60), abs=1e-4)
     assert [i["billed_seconds"] for i in report["instances"]] == [60.0] * 4
     assert "240 instance-s billed" in caplog.text
+
+
+def test_the_run_stops_when_its_estimate_reaches_the_cap(tmp_path):
+    import time
+    import types
+
+    from nipype import Node
+    from nipype.interfaces.utility import IdentityInterface
+
+    from nipype_s3.ec2.jobs import RunLayout
+    from nipype_s3.exceptions import EC2Error
+    from nipype_s3.plugins.ec2 import _Job
+
+    plugin = EC2Plugin(plugin_args=dict(BASE, max_cost_usd=0.01))
+    plugin.run_id, plugin.layout = "r1", RunLayout("my-bucket", "runs", "r1")
+    launched = {"i-1": {"type": "c6i.large", "launched": time.time() - 3600, "spot": False}}
+    plugin._fleets = {"c6i.large": types.SimpleNamespace(
+        pool=types.SimpleNamespace(launched=launched), instance_type="c6i.large")}
+    node = Node(IdentityInterface(fields=["a"]), "waiting", base_dir=str(tmp_path))
+    job = _Job(0, "00000-waiting", node, node.output_dir(), time.time(), 1, 0.0)
+    plugin._by_job_id[job.job_id] = job
+    assert plugin._check_cost([job]) is True
+    assert isinstance(plugin._fatal, EC2Error) and job.done
+    assert "reached max_cost_usd=$0.01" in str(plugin._fatal)
+    assert "1 node(s) not run: waiting" in str(plugin._fatal)
