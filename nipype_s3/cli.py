@@ -47,16 +47,22 @@ def build_parser() -> argparse.ArgumentParser:
     agent.set_defaults(func=_cmd_agent)
 
     cleanup = sub.add_parser(
-        "cleanup", help="terminate a run's instances and delete its queues and key",
-        description="Terminate the instances tagged nipype-s3:run=ID (or of every run with "
-                    "--all), delete the run's SQS queues and signing key, and with "
-                    "--s3-prefix the run's files. For when a controller died.")
+        "cleanup", help="delete what a run left: instances, queues, SSM parameters, uploads",
+        description="Terminate the instances tagged nipype-s3:run=ID, delete the run's SQS "
+                    "queues (nipype-s3-ID-*) and SSM parameters (below /nipype-s3/runs/ID/), "
+                    "and with --s3-prefix abort its incomplete multipart uploads and delete "
+                    "its files. --all does so for every run found by any of these, also "
+                    "runs whose instances are gone. For when a controller died.")
     which = cleanup.add_mutually_exclusive_group(required=True)
     which.add_argument("--run", metavar="ID", help="the run id (printed when a run starts)")
-    which.add_argument("--all", action="store_true", help="every nipype-s3 run")
-    cleanup.add_argument("--s3-prefix", help="also delete s3_prefix/runs/ID/ (the run's files)")
+    which.add_argument("--all", action="store_true",
+                       help="every nipype-s3 run found by its instances, queues, SSM "
+                            "parameters or (with --s3-prefix) folders in S3")
+    cleanup.add_argument("--s3-prefix", help="also abort the incomplete uploads below "
+                                             "s3_prefix/runs/ID/ and delete its files")
     cleanup.add_argument("--region", help="AWS region (default: your configured one)")
-    cleanup.add_argument("--dry-run", action="store_true", help="only show what would go")
+    cleanup.add_argument("--dry-run", action="store_true",
+                         help="list everything that would go, delete nothing")
     cleanup.set_defaults(func=_cmd_cleanup)
 
     cost = sub.add_parser("cost", help="show a run's cost report",
@@ -65,7 +71,54 @@ def build_parser() -> argparse.ArgumentParser:
     cost.add_argument("--s3-prefix", required=True, help="the run's s3_prefix")
     cost.add_argument("--json", action="store_true", help="print the raw JSON")
     cost.set_defaults(func=_cmd_cost)
+
+    policy = sub.add_parser(
+        "policy", help="print the IAM policy the agents or the controller need",
+        description="Print, as JSON, the least-privilege IAM policy of the agents' instance "
+                    "role or of the controller's credentials for runs below --s3-prefix (the "
+                    "same documents docs/ec2plugin.rst shows).")
+    policy.add_argument("who", choices=["agent", "controller"])
+    policy.add_argument("--s3-prefix", required=True, help="the runs' s3_prefix")
+    policy.add_argument("--run", metavar="PATTERN", default="*",
+                        help="narrow it to runs whose id matches (e.g. '2026*'; default: all)")
+    policy.add_argument("--data-bucket", action="append", default=[], metavar="NAME",
+                        help="(agent) a bucket the nodes read or write themselves; repeatable")
+    policy.add_argument("--agent-role-arn", default="arn:aws:iam::*:role/nipype-s3-agent",
+                        help="(controller) the only role it may pass to instances")
+    policy.set_defaults(func=_cmd_policy)
     return parser
+
+
+def _cmd_policy(args) -> int:
+    import json
+
+    from .ec2.jobs import parse_s3_prefix
+    from .iam import agent_policy, controller_policy
+
+    bucket, prefix = parse_s3_prefix(args.s3_prefix)
+    if args.who == "agent":
+        doc = agent_policy(bucket, prefix, run=args.run, data_buckets=tuple(args.data_bucket))
+    else:
+        doc = controller_policy(bucket, prefix, run=args.run,
+                                agent_role_arn=args.agent_role_arn)
+    print(json.dumps(doc, indent=2))
+    return 0
+
+
+def _aws_error_line(exc) -> str:
+    """One line for an error botocore raised, saying what to do."""
+    import botocore.exceptions
+
+    from .s3.errors import what_to_do
+
+    hint = what_to_do(exc)
+    if hint:
+        return hint
+    if isinstance(exc, botocore.exceptions.ClientError):
+        err = exc.response.get("Error", {})
+        return (f"AWS refused {exc.operation_name}: {err.get('Code')}: {err.get('Message')}. "
+                "Check the credentials' permissions (nipype-s3 policy controller).")
+    return f"{type(exc).__name__}: {exc}"
 
 
 def _cmd_agent(args) -> int:
@@ -79,13 +132,24 @@ def _cmd_cleanup(args) -> int:
 
     report = cleanup(run_id=args.run, all_runs=args.all, s3_prefix=args.s3_prefix,
                      region=args.region, dry_run=args.dry_run)
+    if args.all:
+        print(f"{len(report['runs'])} run(s) found"
+              + (": " + ", ".join(report["runs"]) if report["runs"] else ""))
     verb = "would terminate" if args.dry_run else "terminated"
     print(f"{verb} {len(report['instances'])} instance(s)"
           + (": " + ", ".join(report["instances"]) if report["instances"] else ""))
-    for kind in ("queues", "parameters", "objects"):
-        if report[kind]:
-            what = "would delete" if args.dry_run else "deleted"
-            print(f"{what} {len(report[kind])} {kind}")
+    for kind, what, verbs in (("queues", "SQS queue(s)", ("deleted", "would delete")),
+                              ("parameters", "SSM parameter(s)", ("deleted", "would delete")),
+                              ("uploads", "incomplete multipart upload(s)",
+                               ("aborted", "would abort")),
+                              ("objects", "object(s)", ("deleted", "would delete"))):
+        items = report[kind]
+        if not items:
+            continue
+        print(f"{verbs[args.dry_run]} {len(items)} {what}")
+        if args.dry_run or kind != "objects":
+            for item in items:
+                print(f"  {item}")
     return 0
 
 
@@ -135,6 +199,15 @@ def main(argv: list[str] | None = None) -> int:
         if args.debug:
             raise
         print(f"nipype-s3 {args.command}: error: {exc}", file=sys.stderr)
+        return 1
+    except Exception as exc:  # botocore's own, mostly: one line, a traceback with --debug
+        import botocore.exceptions
+
+        if args.debug or not isinstance(exc, (botocore.exceptions.BotoCoreError,
+                                              botocore.exceptions.ClientError)):
+            raise
+        print(f"nipype-s3 {args.command}: error: {_aws_error_line(exc)} (--debug for "
+              "details)", file=sys.stderr)
         return 1
 
 

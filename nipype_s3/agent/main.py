@@ -24,6 +24,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -573,6 +574,7 @@ class Agent:
             logger.warning("could not upload the job log: %s", exc)
         report.update(log_key=log_key, log_tail=_tail(os.path.join(workdir, "job.log")),
                       instance_id=self.instance_id)
+        shutil.rmtree(workdir, ignore_errors=True)  # a fresh folder per job, none left
         self._write_done(job_id, report)
         self.jobs_done = 1
         self.stop_reason = "one job done"

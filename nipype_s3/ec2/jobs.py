@@ -43,7 +43,8 @@ from ..s3.uri import join_key
 __all__ = ["RUN_TAG", "RunLayout", "new_run_id", "sign", "verify", "make_message",
            "open_message", "job_key_parameter", "new_job_key", "MessageRejected",
            "parse_s3_prefix", "seal", "unseal", "read_bounded", "MAX_SPEC_BYTES",
-           "MAX_REPORT_BYTES", "MAX_MESSAGE_BYTES", "valid_job_id"]
+           "MAX_REPORT_BYTES", "MAX_MESSAGE_BYTES", "valid_job_id",
+           "data_credentials_parameter", "PARAMETER_ROOT"]
 
 #: The largest job spec an agent reads (its manifest lists every input file).
 MAX_SPEC_BYTES = 64 * 1024 * 1024
@@ -73,9 +74,18 @@ def new_job_key() -> bytes:
     return secrets.token_bytes(32)
 
 
+#: Every SSM parameter of a run lies below ``PARAMETER_ROOT/<run>/``.
+PARAMETER_ROOT = "/nipype-s3/runs"
+
+
 def job_key_parameter(run_id: str) -> str:
     """The SSM parameter that holds a run's job-signing key."""
-    return f"/nipype-s3/runs/{run_id}/job-key"
+    return f"{PARAMETER_ROOT}/{run_id}/job-key"
+
+
+def data_credentials_parameter(run_id: str) -> str:
+    """The SSM parameter in which EC2ContainerRun hands a job its data credentials."""
+    return f"{PARAMETER_ROOT}/{run_id}/data-credentials"
 
 
 @dataclass(frozen=True)

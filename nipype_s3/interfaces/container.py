@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import time
 
 import botocore.exceptions
@@ -15,10 +16,22 @@ from nipype.interfaces.base import (
 )
 from nipype.interfaces.base.traits_extension import isdefined
 
+from ..agent.command import PLACEHOLDERS, check_env_names
 from ..agent.config import DEFAULT_WORKER_ROOT, AgentConfig
 from ..config import env_endpoint_url
 from ..ec2.instances import InstancePool, LaunchSpec, default_ami, terminate_run
-from ..ec2.jobs import RunLayout, job_key_parameter, new_job_key, new_run_id, sign
+from ..ec2.jobs import (
+    MAX_REPORT_BYTES,
+    MessageRejected,
+    RunLayout,
+    data_credentials_parameter,
+    job_key_parameter,
+    new_job_key,
+    new_run_id,
+    read_bounded,
+    sign,
+    unseal,
+)
 from ..ec2.pricing import estimate_cost
 from ..ec2.userdata import render_user_data
 from ..exceptions import (
@@ -35,7 +48,7 @@ from ..s3.session import bucket_region, make_s3_client
 from ..s3.uri import parse_s3_uri
 from ._base import S3InterfaceMixin, iflogger
 
-__all__ = ["EC2ContainerRun"]
+__all__ = ["EC2ContainerRun", "ssm_script"]
 
 _JOB = "container"
 
@@ -48,19 +61,25 @@ class _EC2ContainerRunInputSpec(BaseInterfaceInputSpec):
     command = Str(mandatory=True,
                   desc="the command, with {input} (the staged input file, or folder when "
                        "input_s3 ends in '/') and {output_dir}; inside a container these are "
-                       "the mounted paths")
+                       "the mounted paths. They reach the command as the variables "
+                       "NIPYPE_S3_INPUT and NIPYPE_S3_OUTPUT_DIR (or as arguments), never "
+                       "as shell text; every other brace is literal")
     input_s3 = Str(mandatory=True, desc="s3:// object, or prefix ending in '/', to stage")
     output_s3 = Str(mandatory=True, desc="s3:// prefix the output folder is uploaded to")
     staging_s3 = Str(desc="s3:// prefix for the job spec, log and report (default: "
                           "'.nipype-s3/' in the output bucket)")
     instance_type = Str("c6i.large", usedefault=True, desc="EC2 instance type")
     ami = Str(desc="AMI id (default: Amazon Linux 2023)")
-    instance_id = Str(desc="run on this existing instance: start it, run, stop it again")
+    instance_id = Str(desc="run on this existing instance: start it if stopped, run, "
+                           "stop it again if it was stopped (a running one stays running)")
     spot = traits.Bool(False, usedefault=True, desc="a spot instance (one attempt)")
     gpu = traits.Bool(False, usedefault=True, desc="pass GPUs to the container "
                                                    "(--gpus all / --nv)")
     volume_gb = traits.Int(desc="root volume size in GiB")
-    env = traits.Dict(traits.Str, traits.Str, desc="environment variables for the command")
+    env = traits.Dict(traits.Str, traits.Str,
+                      desc="environment variables for the command (licences, tokens): "
+                           "passed in the environment, never on a command line, and "
+                           "masked in the log")
     timeout = traits.Float(3600.0, usedefault=True,
                            desc="seconds the command may run; then it is stopped and the "
                                 "instance terminated")
@@ -97,8 +116,8 @@ class EC2ContainerRun(S3InterfaceMixin, BaseInterface):
     The recipe of the hand-written scripts, as one node: launch an instance (or start an
     existing one), stage ``input_s3`` onto it, run ``docker run`` / ``apptainer exec`` /
     the plain command with the input and an output folder, upload the folder to
-    ``output_s3`` and the log beside the job, then terminate (or stop) the instance —
-    in a ``finally``, whatever happened.
+    ``output_s3`` and the log beside the job, then terminate the instance (or stop the
+    existing one again, if it was stopped) — in a ``finally``, whatever happened.
 
     Examples
     --------
@@ -119,9 +138,14 @@ class EC2ContainerRun(S3InterfaceMixin, BaseInterface):
             raise ConfigurationError(
                 f"EC2ContainerRun with runtime={inputs.runtime!r} needs an image (e.g. "
                 "'neuronets/kwyk:latest-cpu'), or runtime='none' to run the command as is.")
-        for name in ("{input}", "{output_dir}"):
-            if name not in inputs.command:
+        for name, variable in PLACEHOLDERS.items():
+            if name not in inputs.command and variable not in inputs.command:
                 iflogger.warning("EC2ContainerRun: the command does not use %s", name)
+        try:
+            check_env_names(dict(inputs.env) if isdefined(inputs.env) else {},
+                            inputs.runtime)
+        except ValueError as exc:
+            raise ConfigurationError(f"EC2ContainerRun: {exc}") from None
         parse_s3_uri(inputs.input_s3, require_key=False)
         parse_s3_uri(inputs.output_s3)
 
@@ -160,7 +184,7 @@ class EC2ContainerRun(S3InterfaceMixin, BaseInterface):
         """Store the key and spec, start the instance, wait for its report (``params``:
         the SSM parameters made, which the caller deletes)."""
         inputs = self.inputs
-        key = new_job_key()
+        key = self._run_key = new_job_key()
         ssm.put_parameter(Name=params[0], Type="SecureString", Value=key.hex(),
                           Overwrite=True)
         data_param = self._store_data_credentials(ssm, run_id)
@@ -190,17 +214,24 @@ class EC2ContainerRun(S3InterfaceMixin, BaseInterface):
                                   setup_commands=self._opt("setup_commands") or "")
         existing = self._opt("instance_id")
         instance_id = existing
+        # an instance that was running before the job is running after it
+        was_running = bool(existing) and _state(ec2, existing) in ("pending", "running")
+        fate = ("left running, as it was before the job" if was_running else
+                "stopped" if existing else "terminated")
         launched_at = time.time()
         report = None
         try:
             if existing:
-                self._start_existing(ec2, ssm, existing, script)
+                self._start_existing(ec2, ssm, existing, ssm_script(script), was_running)
             else:
                 instance_id = self._launch(ec2, ssm, run_id, script)
             report = self._wait(s3, ec2, layout, instance_id)
         finally:
             ended_at = time.time()
-            if existing:
+            if was_running:
+                iflogger.info("EC2ContainerRun: %s left running (it was running before "
+                              "the job)", existing)
+            elif existing:
                 ec2.stop_instances(InstanceIds=[existing])
                 iflogger.info("EC2ContainerRun: StopInstances %s", existing)
             else:
@@ -210,8 +241,7 @@ class EC2ContainerRun(S3InterfaceMixin, BaseInterface):
         if report.get("status") == "timeout":
             raise InstanceTimeout(
                 f"EC2ContainerRun: the command ran longer than timeout={inputs.timeout:.0f} s "
-                f"and was stopped; instance {instance_id} was "
-                f"{'stopped' if existing else 'terminated'}. Log: {log_uri}\n{tail}")
+                f"and was stopped; instance {instance_id} was {fate}. Log: {log_uri}\n{tail}")
         if report.get("status") != "ok":  # a failed upload after exit code 0 included
             what = (f"the command failed (exit code {report['exit_code']})"
                     if report.get("exit_code") not in (None, 0) else
@@ -219,7 +249,7 @@ class EC2ContainerRun(S3InterfaceMixin, BaseInterface):
                     + (f": {report['error']}" if report.get("error") else ""))
             raise RemoteNodeError(
                 f"EC2ContainerRun: {what} on instance {instance_id}; the instance was "
-                f"{'stopped' if existing else 'terminated'}. Log: {log_uri}\n"
+                f"{fate}. Log: {log_uri}\n"
                 f"--- log tail ---\n{tail}", instance_id=instance_id, log_uri=log_uri,
                 remote_traceback=tail)
         seconds = float(report.get("finished", 0)) - float(report.get("started", 0))
@@ -252,7 +282,7 @@ class EC2ContainerRun(S3InterfaceMixin, BaseInterface):
             client = make_s3_client(data, bucket=uri.bucket, endpoint_url=endpoint)
             folder = not uri.key or uri.key.endswith("/")
             with s3_errors(bucket=uri.bucket, key=uri.key or None,
-                           action="find the input", endpoint=endpoint):
+                           action="find", endpoint=endpoint):
                 if not folder:
                     client.head_object(Bucket=uri.bucket, Key=uri.key)
                     return
@@ -290,7 +320,7 @@ class EC2ContainerRun(S3InterfaceMixin, BaseInterface):
             raise ConfigurationError("EC2ContainerRun: no credentials found for "
                                      "data_profile/data_creds_path.")
         frozen = creds.get_frozen_credentials()
-        name = f"/nipype-s3/runs/{run_id}/data-credentials"
+        name = data_credentials_parameter(run_id)
         ssm.put_parameter(Name=name, Type="SecureString", Overwrite=True, Value=json.dumps(
             {"access_key": frozen.access_key, "secret_key": frozen.secret_key,
              "token": frozen.token}))
@@ -313,9 +343,11 @@ class EC2ContainerRun(S3InterfaceMixin, BaseInterface):
         iflogger.info("EC2ContainerRun: launched %s (%s)", ids[0], inputs.instance_type)
         return ids[0]
 
-    def _start_existing(self, ec2, ssm, instance_id: str, script: str) -> None:
-        ec2.start_instances(InstanceIds=[instance_id])
-        iflogger.info("EC2ContainerRun: StartInstances %s", instance_id)
+    def _start_existing(self, ec2, ssm, instance_id: str, script: str,
+                        running: bool) -> None:
+        if not running:
+            ec2.start_instances(InstanceIds=[instance_id])
+            iflogger.info("EC2ContainerRun: StartInstances %s", instance_id)
         deadline = time.time() + float(self.inputs.boot_timeout)
         while True:
             state = _state(ec2, instance_id)
@@ -337,8 +369,16 @@ class EC2ContainerRun(S3InterfaceMixin, BaseInterface):
         last_state_check = 0.0
         while True:
             try:
-                body = s3.get_object(Bucket=layout.bucket, Key=done_key)["Body"].read()
-                return json.loads(body)
+                body = read_bounded(s3, layout.bucket, done_key, MAX_REPORT_BYTES,
+                                    what="done report")
+                report = unseal(self._run_key, body, "report")
+                if report.get("job_id") != _JOB or report.get("run_id") != layout.run_id:
+                    raise MessageRejected("a signed report of another job")
+                return report
+            except MessageRejected as exc:  # not the agent's: deleted, the real one awaited
+                iflogger.error("EC2ContainerRun: refused the report at s3://%s/%s (%s); "
+                             "deleted it", layout.bucket, done_key, exc)
+                s3.delete_object(Bucket=layout.bucket, Key=done_key)
             except botocore.exceptions.ClientError as exc:
                 if exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") != 404:
                     raise
@@ -357,6 +397,42 @@ class EC2ContainerRun(S3InterfaceMixin, BaseInterface):
                         "finished (a spot interruption, or the bootstrap failed: see the "
                         "instance's console output).")
             time.sleep(float(inputs.poll_interval))
+
+
+_SHUTDOWN = re.compile(r"\b(shutdown|poweroff|halt)\b")
+
+
+def ssm_script(bootstrap: str) -> str:
+    """The agent's bootstrap as a command for SSM on an instance of the user's own.
+
+    The user-data bootstrap shuts its instance down when the agent exits (a ``trap`` on
+    ``EXIT``): right for an instance launched for the job, wrong for one the user had
+    running. The trap goes, and the header that describes it.
+
+    Raises
+    ------
+    EC2Error
+        A shutdown is still there, in a shape this does not take out (the bootstrap
+        changed): nothing is sent.
+    """
+    lines = bootstrap.splitlines()
+    body = 1
+    while body < len(lines) and lines[body].startswith("#"):
+        body += 1  # the header, which says the instance shuts down
+    lines = [line for line in lines[body:]
+             if not (line.lstrip().startswith("trap") and _SHUTDOWN.search(line))]
+    if any(_SHUTDOWN.search(line) and ("trap" in line or _SHUTDOWN.match(line.lstrip()))
+           for line in lines if not line.lstrip().startswith("#")):
+        raise EC2Error("EC2ContainerRun: the job for an existing instance would shut it "
+                       "down when it ends; refusing to send it. This is a bug in "
+                       "nipype-s3: please report it.")
+    return "\n".join([bootstrap.splitlines()[0], _SSM_HEADER] + lines) + "\n"
+
+
+_SSM_HEADER = """\
+# nipype-s3 agent for one EC2ContainerRun job, sent over SSM to an existing instance.
+# No credentials here: the agent uses the instance role. The instance keeps running
+# when the job ends (the controller stops it again if it was stopped before)."""
 
 
 def _state(ec2, instance_id: str) -> str:

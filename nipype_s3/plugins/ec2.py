@@ -53,10 +53,10 @@ from nipype.utils.filemanip import loadpkl, savepkl
 
 from .. import __version__
 from ..agent.config import DEFAULT_WORKER_ROOT, AgentConfig
+from ..agent.main import transient
 from ..agent.runner import run_node, write_failure_result
 from ..config import env_endpoint_url
 from ..ec2.instances import InstancePool, LaunchSpec, default_ami
-from ..agent.main import transient
 from ..ec2.jobs import (
     MAX_MESSAGE_BYTES,
     MAX_REPORT_BYTES,

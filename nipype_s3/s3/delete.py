@@ -10,7 +10,7 @@ from ..exceptions import S3Error, S3ObjectNotFound
 from .errors import s3_errors
 from .session import endpoint_of
 
-__all__ = ["delete_keys", "abort_incomplete_uploads"]
+__all__ = ["delete_keys", "abort_incomplete_uploads", "incomplete_uploads"]
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +46,22 @@ def delete_keys(client, bucket: str, keys) -> int:
     return deleted
 
 
+def incomplete_uploads(client, bucket: str, prefix: str) -> list[tuple[str, str]]:
+    """The multipart uploads begun below ``prefix`` and not completed: (key, upload id).
+
+    Raises
+    ------
+    S3Error
+        S3 refused to list them (the subclass says why, e.g. ``S3AccessDenied``).
+    """
+    with s3_errors(bucket=bucket, key=prefix or None, endpoint=endpoint_of(client),
+                   action="list the incomplete multipart uploads below"):
+        pages = client.get_paginator("list_multipart_uploads").paginate(
+            Bucket=bucket, Prefix=prefix)
+        return [(u["Key"], u["UploadId"]) for page in pages
+                for u in page.get("Uploads", [])]
+
+
 def abort_incomplete_uploads(client, bucket: str, prefix: str) -> list[str]:
     """Abort every multipart upload begun below ``prefix`` and not completed; return the
     keys of those aborted.
@@ -59,17 +75,10 @@ def abort_incomplete_uploads(client, bucket: str, prefix: str) -> list[str]:
     S3Error
         S3 refused to list or abort (the subclass says why, e.g. ``S3AccessDenied``).
     """
-    endpoint = endpoint_of(client)
-    with s3_errors(bucket=bucket, key=prefix or None, endpoint=endpoint,
-                   action="list the incomplete multipart uploads below"):
-        pages = client.get_paginator("list_multipart_uploads").paginate(
-            Bucket=bucket, Prefix=prefix)
-        uploads = [(u["Key"], u["UploadId"]) for page in pages
-                   for u in page.get("Uploads", [])]
     aborted = []
-    for key, upload_id in uploads:
+    for key, upload_id in incomplete_uploads(client, bucket, prefix):
         try:
-            with s3_errors(bucket=bucket, key=key, endpoint=endpoint,
+            with s3_errors(bucket=bucket, key=key, endpoint=endpoint_of(client),
                            action="abort the multipart upload of"):
                 client.abort_multipart_upload(Bucket=bucket, Key=key, UploadId=upload_id)
         except S3ObjectNotFound:  # NoSuchUpload: completed or aborted meanwhile

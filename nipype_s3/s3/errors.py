@@ -23,7 +23,7 @@ from ..exceptions import (
     S3WrongRegion,
 )
 
-__all__ = ["translate", "s3_errors", "error_code"]
+__all__ = ["translate", "s3_errors", "error_code", "what_to_do"]
 
 _NOT_FOUND_BUCKET = {"NoSuchBucket"}
 _NOT_FOUND_KEY = {"NoSuchKey", "NotFound", "404", "NoSuchUpload"}
@@ -159,3 +159,19 @@ def s3_errors(*, bucket: str | None = None, key: str | None = None, action: str 
         yield
     except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as exc:
         raise translate(exc, bucket=bucket, key=key, action=action, endpoint=endpoint) from exc
+
+
+def what_to_do(exc: BaseException) -> str | None:
+    """What to do about an error of botocore's that no request can fix (credentials,
+    region, network); ``None`` for a refusal or another answer of AWS's."""
+    b = botocore.exceptions
+    if isinstance(exc, (b.NoCredentialsError, b.PartialCredentialsError)):
+        return ("no AWS credentials found. Set AWS_PROFILE (or run 'aws configure'), or "
+                "export AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY.")
+    if isinstance(exc, b.NoRegionError):
+        return "no AWS region is configured. Give --region, or set AWS_DEFAULT_REGION."
+    if isinstance(exc, (b.EndpointConnectionError, b.ConnectTimeoutError,
+                        b.ReadTimeoutError, b.ConnectionClosedError)):
+        return (f"could not reach AWS ({exc}). Check the network, the region, and "
+                "AWS_ENDPOINT_URL if you set one.")
+    return None

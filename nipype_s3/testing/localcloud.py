@@ -309,6 +309,8 @@ class LocalCloud:
             cid = command["CommandId"]
             if cid in self._seen_commands:
                 continue
+            if any(iid not in self.instances for iid in command.get("InstanceIds", [])):
+                continue  # sent to an instance launched since _step looked: next time
             self._seen_commands.add(cid)
             script = "\n".join(command.get("Parameters", {}).get("commands", []))
             for iid in command.get("InstanceIds", []):

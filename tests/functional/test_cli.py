@@ -64,3 +64,51 @@ def test_errors_are_one_line(capsys, monkeypatch):
     parser._subparsers._group_actions[0].choices["demo"].set_defaults(func=boom)
     assert main(["demo"]) == 1
     assert capsys.readouterr().err == "nipype-s3 demo: error: bad value 'x': do y\n"
+
+
+def _no_credentials(monkeypatch, tmp_path):
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
+                 "AWS_PROFILE"):
+        monkeypatch.delenv(name, raising=False)
+    empty = tmp_path / "empty"
+    empty.write_text("")
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(empty))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(empty))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+
+
+def _unreachable(monkeypatch, tmp_path):
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")  # discard: nothing listens
+
+
+@pytest.mark.parametrize("argv, setup, says", [
+    (["cleanup", "--run", "20261206-000000-abcdef"], _no_credentials, "no AWS credentials"),
+    (["cleanup", "--all", "--dry-run"], _no_credentials, "no AWS credentials"),
+    (["cost", "--run", "20261206-000000-abcdef", "--s3-prefix", "s3://my-bucket/runs"],
+     _no_credentials, "no AWS credentials"),
+    (["cleanup", "--run", "20261206-000000-abcdef"], _unreachable, "could not reach AWS"),
+    (["cost", "--run", "20261206-000000-abcdef", "--s3-prefix", "s3://my-bucket/runs"],
+     _unreachable, "Could not connect"),
+    (["cleanup", "--run", "../etc"], None, "run id"),
+    (["cost", "--run", "x", "--s3-prefix", "not-a-uri"], None, "S3"),
+    (["policy", "agent", "--s3-prefix", "s3://b"], None, "bucket"),
+])
+def test_every_cli_failure_is_one_line_saying_what_to_do(capsys, monkeypatch, tmp_path, argv,
+                                                        setup, says):
+    if setup is not None:
+        setup(monkeypatch, tmp_path)
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    assert err.startswith(f"nipype-s3 {argv[0]}: error: ") and says in err, err
+
+
+def test_policy_prints_the_documents_of_nipype_s3_iam(capsys):
+    import json
+
+    from nipype_s3.iam import agent_policy
+
+    assert main(["policy", "agent", "--s3-prefix", "s3://my-bucket/runs", "--run", "2026*",
+                 "--data-bucket", "openneuro"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc == agent_policy("my-bucket", "runs", run="2026*", data_buckets=("openneuro",))

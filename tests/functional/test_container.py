@@ -1,8 +1,10 @@
 """EC2ContainerRun on LocalCloud with runtime='none': a real command on a staged NIfTI."""
 
+import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import boto3
 import pytest
@@ -135,7 +137,8 @@ def _ssm_parameters():
 
 @pytest.mark.parametrize("input_s3, message", [
     ("s3://abcd-data/sub-99/func/sub-99_bold.nii.gz",
-     "s3://abcd-data/sub-99/func/sub-99_bold.nii.gz does not exist"),
+     "s3://abcd-data/sub-99/func/sub-99_bold.nii.gz does not exist at .* (while trying to "
+     "find it)"),
     ("s3://abcd-data/sub-99/",
      "EC2ContainerRun input_s3 's3://abcd-data/sub-99/' holds no objects: nothing to run "
      "the command on."),
@@ -146,7 +149,9 @@ def test_missing_input_is_named_before_an_instance_is_paid_for(cloud, tmp_path, 
 
     node = _run(command="cp {input} {output_dir}/")
     node.inputs.input_s3 = input_s3
-    with pytest.raises(S3ObjectNotFound, match=message.replace(".", r"\.")):
+    pattern = message.replace(".", r"\.").replace(r"\.*", ".*").replace(
+        "(", r"\(").replace(")", r"\)")
+    with pytest.raises(S3ObjectNotFound, match=pattern):
         node.run(cwd=str(tmp_path))
     assert cloud.proxy.count(action="RunInstances") == 0
     assert _ssm_parameters() == []
@@ -188,3 +193,65 @@ def test_real_docker_container(cloud, tmp_path):
                   command="sh -c 'ls -l {input} > {output_dir}/listing.txt'").run(
         cwd=str(tmp_path))
     assert result.outputs.output_uris == ["s3://my-results/masks/sub-01/listing.txt"]
+
+
+def _log(uri):
+    bucket, key = uri[len("s3://"):].split("/", 1)
+    return boto3.client("s3").get_object(Bucket=bucket, Key=key)["Body"].read().decode()
+
+
+def test_running_instance_stays_running_and_each_subject_starts_afresh(cloud, tmp_path):
+    """Two subjects, one after the other, on an instance the user keeps running."""
+    s3 = boto3.client("s3")
+    s3.put_object(Bucket="abcd-data", Key="sub-02/func/sub-02_bold.nii.gz", Body=b"sub-02")
+    ec2 = boto3.client("ec2")
+    iid = ec2.run_instances(ImageId="ami-0ed094fb1304fd857", MinCount=1, MaxCount=1,
+                            InstanceType="c6i.large")["Instances"][0]["InstanceId"]
+    outputs = []
+    for subject in ("sub-01", "sub-02"):
+        node = _run(command="ls -R .. > {output_dir}/seen.txt; cp {input} {output_dir}/",
+                    instance_id=iid)
+        node.inputs.input_s3 = f"s3://abcd-data/{subject}/func/{subject}_bold.nii.gz"
+        node.inputs.output_s3 = f"s3://my-results/out/{subject}/"
+        result = node.run(cwd=str(tmp_path))
+        assert result.outputs.instance_id == iid
+        outputs.append(sorted(result.outputs.output_uris))
+        inst = next(i for i in cloud.instance_list() if i.instance_id == iid and i.proc)
+        inst.proc.wait(60)  # the agent of one job exits
+        # its folder went with it: input, outputs, log
+        assert os.listdir(os.path.join(inst.root, "work", ".onejob")) == []
+    assert outputs[1] == ["s3://my-results/out/sub-02/seen.txt",
+                          "s3://my-results/out/sub-02/sub-02_bold.nii.gz"]
+    seen = s3.get_object(Bucket="my-results", Key="out/sub-02/seen.txt")["Body"].read()
+    assert b"sub-01" not in seen
+    state = ec2.describe_instances(InstanceIds=[iid])["Reservations"][0]["Instances"][0]
+    assert state["State"]["Name"] == "running"
+    assert cloud.proxy.count(action="StopInstances") == 0
+    ssm = boto3.client("ssm", region_name="us-east-1")
+    for command in ssm.list_commands()["Commands"]:
+        script = "\n".join(command["Parameters"]["commands"])
+        assert "shutdown" not in script and "poweroff" not in script
+        assert "-m nipype_s3.agent" in script
+
+
+def test_hostile_input_name_is_only_a_name(cloud, tmp_path):
+    name = "sub-01_$(touch PWNED)_`touch PWNED2`_'q'\"dq\".nii.gz"
+    boto3.client("s3").put_object(Bucket="abcd-data", Key=f"sub-01/anat/{name}",
+                                  Body=b"T1w")
+    node = _run(command="cp \"{input}\" '{output_dir}'/ && sh -c 'ls {input}'")
+    node.inputs.input_s3 = f"s3://abcd-data/sub-01/anat/{name}"
+    result = node.run(cwd=str(tmp_path))
+    assert result.outputs.output_uris == [f"s3://my-results/masks/sub-01/{name}"]
+    assert list(Path(cloud.directory).rglob("PWNED*")) == []
+
+
+def test_env_values_stay_out_of_the_log_and_the_error(cloud, tmp_path):
+    secret = "FS-LICENCE-8c1f2e77b0c94d21"
+    node = _run(command='echo "using licence $FS_LICENSE_KEY"; exit 2',
+                env={"FS_LICENSE_KEY": secret})
+    with pytest.raises(RemoteNodeError) as err:
+        node.run(cwd=str(tmp_path))
+    assert "the command failed (exit code 2)" in str(err.value)
+    assert "using licence ***" in str(err.value) and secret not in str(err.value)
+    log = _log(err.value.log_uri)
+    assert "FS_LICENSE_KEY" in log and secret not in log

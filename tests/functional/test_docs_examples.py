@@ -74,8 +74,11 @@ def test_every_creds_format_shown_in_the_docs_is_read(tmp_path):
 def test_iam_policy_in_the_docs_is_valid_json():
     import json
 
-    (policy,) = [b for b in _literal_blocks("ec2plugin.rst") if b.startswith("{")]
-    doc = json.loads(policy)
-    actions = {a for st in doc["Statement"] for a in (
+    agent, controller = [json.loads(b) for b in _literal_blocks("ec2plugin.rst")
+                         if b.startswith("{")]
+    actions = {a for st in agent["Statement"] for a in (
         st["Action"] if isinstance(st["Action"], list) else [st["Action"]])}
     assert {"s3:GetObject", "sqs:ReceiveMessage", "ssm:GetParameter"} <= actions
+    actions = {a for st in controller["Statement"] for a in (
+        st["Action"] if isinstance(st["Action"], list) else [st["Action"]])}
+    assert {"ec2:RunInstances", "ec2:TerminateInstances", "iam:PassRole"} <= actions

@@ -96,7 +96,7 @@ def test_killed_controller_leaves_nothing_running(cloud, tmp_path, capsys):
     assert run_id
     assert main(["cleanup", "--run", run_id.group(1)]) == 0
     out = capsys.readouterr().out
-    assert "terminated 0 instance(s)" in out and "deleted 2 queues" in out
+    assert "terminated 0 instance(s)" in out and "deleted 2 SQS queue(s)" in out
 
 
 def test_cost_command(cloud, tmp_path, capsys):

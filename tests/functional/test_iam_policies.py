@@ -112,7 +112,7 @@ def test_every_call_of_a_run_is_allowed_and_every_allowed_action_is_used(tmp_pat
         wf.config["execution"]["poll_sleep_duration"] = 0.3
         means = [Node(Function(input_names=["in_file"], output_names=["m"],
                                function=_mean), name=f"mean{i}") for i in range(2)]
-        for node, name in zip(means, ("example4d.nii.gz", "anatomical.nii")):
+        for node, name in zip(means, ("example4d.nii.gz", "anatomical.nii"), strict=True):
             node.inputs.in_file = nifti_files[name]
         wf.add_nodes(means)
         cloud.proxy.clear()
