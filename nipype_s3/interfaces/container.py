@@ -206,7 +206,7 @@ class EC2ContainerRun(S3InterfaceMixin, BaseInterface):
                           job_key_parameter=params[0], endpoint_url=endpoint,
                           max_lifetime=float(inputs.timeout) + float(inputs.boot_timeout),
                           worker_root=DEFAULT_WORKER_ROOT, extra={"one_job": _JOB})
-        from ..plugins.ec2 import _requirements
+        from ..remote.staging import _requirements
 
         script = render_user_data(run_id=run_id, config_json=cfg.to_json(), region=region,
                                   worker_root=DEFAULT_WORKER_ROOT,

@@ -1,0 +1,293 @@
+"""EC2Plugin's instances: one SQS queue and pool per instance type, launched as the
+queued work warrants (and the cost cap and launch limit allow), boots watched, stalls
+detected, all terminated at the end.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import statistics
+import time
+from dataclasses import dataclass
+
+import botocore.exceptions
+
+from ...agent.config import AgentConfig
+from ...ec2.instances import InstancePool, LaunchSpec
+from ...ec2.jobs import (
+    job_key_parameter,
+)
+from ...ec2.pricing import instance_shape
+from ...ec2.userdata import render_user_data
+from ...exceptions import EC2Error, InstanceLaunchError
+from ...remote.job import _Job
+from ...remote.placement import _slug
+from ...remote.staging import _requirements
+
+logger = logging.getLogger("nipype.workflow")
+
+
+#: seconds from launch to a working agent on AWS, until this run has measured one
+_TYPICAL_BOOT = 60.0
+
+
+@dataclass
+class _Fleet:
+    instance_type: str
+    queue_url: str
+    pool: InstancePool
+    vcpus: int
+    mem_gb: float
+
+
+class FleetMixin:
+    """Instances and queues per instance type."""
+
+    def _fleet(self, instance_type: str) -> _Fleet:
+        """The queue and instances for one instance type (made on first use)."""
+        fleet = self._fleets.get(instance_type)
+        if fleet is not None:
+            return fleet
+        s = self.settings
+        default = instance_type == s.instance_type
+        vcpus, mem_gb = self._shape(instance_type)  # a type that does not exist: nothing made
+        kind = "jobs" if default else f"jobs-{_slug(instance_type).replace('.', '-')}"
+        queue = self.sqs.create_queue(
+            QueueName=self.layout.queue_name(kind),
+            Attributes={"VisibilityTimeout": str(int(s.visibility_timeout)),
+                        "MessageRetentionPeriod": "1209600"})["QueueUrl"]
+        if s.agent_vcpus:
+            vcpus = int(s.agent_vcpus)
+        if s.agent_mem_gb:
+            mem_gb = float(s.agent_mem_gb)
+        agent_cfg = AgentConfig(
+            bucket=self.layout.bucket, prefix=self.layout.prefix, run_id=self.run_id,
+            region=self.region, jobs_queue_url=queue, events_queue_url=self.events_queue,
+            job_key_parameter=job_key_parameter(self.run_id),
+            endpoint_url=self.endpoint_url, idle_timeout=s.idle_timeout,
+            max_lifetime=s.max_lifetime, visibility_timeout=int(s.visibility_timeout),
+            heartbeat=s.heartbeat, poll_wait=int(s.poll_wait),
+            lease_check=max(1.0, min(15.0, s.lease_timeout / 4)),
+            max_attempts=int(s.max_attempts), worker_root=s.worker_root,
+            vcpus=s.agent_vcpus, mem_gb=s.agent_mem_gb)
+        user_data = render_user_data(
+            run_id=self.run_id, config_json=agent_cfg.to_json(), region=self.region,
+            worker_root=s.worker_root,
+            requirements=_requirements(s.requirements, self._package_uri is None),
+            package_s3_uri=self._package_uri, package_sha256=self._package_sha256,
+            setup_commands=s.setup_commands)
+        pool = InstancePool(self.ec2, self.run_id, LaunchSpec(
+            ami=self._ami, instance_type=instance_type, user_data=user_data,
+            iam_instance_profile=s.iam_instance_profile, subnet_id=s.subnet_id,
+            security_group_ids=list(s.security_group_ids), key_name=s.key_name,
+            volume_gb=s.volume_gb, extra_tags=dict(s.tags)), spot=s.spot,
+            spot_retries=s.spot_retries)
+        fleet = _Fleet(instance_type, queue, pool, vcpus, mem_gb)
+        self._fleets[instance_type] = fleet
+        return fleet
+
+    def _shape(self, instance_type: str) -> tuple[int, float]:
+        """(vCPUs, GiB) of ``instance_type``, looked up once a run."""
+        if instance_type not in self._shapes:
+            self._shapes[instance_type] = instance_shape(instance_type, self.ec2)
+        return self._shapes[instance_type]
+
+    @property
+    def pool(self) -> InstancePool | None:
+        """The default instance type's pool (for inspection)."""
+        fleet = (getattr(self, "_fleets", None) or {}).get(self.settings.instance_type)
+        return fleet.pool if fleet is not None else None
+
+    def _agent_up(self, instance_id: str) -> bool:
+        for fleet in self._fleets.values():
+            launched = fleet.pool.launched.get(instance_id)
+            if launched is not None:
+                self._boot_seconds.append(time.time() - launched["launched"])
+                return True
+        return False
+
+    def _end_steps(self) -> list:
+        return [self._terminate_instances, self._delete_queues]
+
+    def _terminate_instances(self) -> None:
+        fleets = list((getattr(self, "_fleets", None) or {}).values())
+        if fleets:
+            ids = fleets[0].pool.terminate_all()  # by run tag: every fleet's instances
+            now = time.time()
+            for fleet in fleets[1:]:
+                for iid in ids:
+                    if iid in fleet.pool.launched:
+                        fleet.pool.launched[iid]["terminated"] = now
+
+    def _delete_queues(self) -> None:
+        urls = [f.queue_url for f in (getattr(self, "_fleets", None) or {}).values()]
+        urls.append(getattr(self, "events_queue", None))
+        for url in urls:
+            if url:
+                self.sqs.delete_queue(QueueUrl=url)
+
+    def _scale(self) -> None:
+        waiting = self._outstanding()
+        if not waiting:
+            return
+        found = {t: f.pool.live() for t, f in self._fleets.items()}
+        live = {t: len(v) for t, v in found.items()}
+        if self._check_boots() or self._check_stall(waiting, found) or \
+                self._check_cost(waiting):
+            return
+        total = sum(live.values())
+        self.peak = max(self.peak, total)
+        for itype, fleet in self._fleets.items():
+            cpus = sum(j.n_procs for j in waiting if j.instance_type == itype)
+            if not cpus:
+                continue
+            wanted = self._wanted(fleet, [j for j in waiting if j.instance_type == itype],
+                                  live[itype])
+            room = int(self.settings.max_instances) - total
+            missing = min(wanted - live[itype], room, self._launches_left(),
+                          self._affordable(itype))
+            if missing <= 0 and total == 0 and self._affordable(itype) <= 0:
+                self._stop_run(EC2Error(self._cost_message(waiting, launching=itype)),
+                               "the run's cost cap (max_cost_usd) allows no instance")
+                return
+            if missing <= 0:
+                if total == 0 and self._launches_left() <= 0:
+                    self._stop_run(InstanceLaunchError(
+                        f"Run {self.run_id} launched {self._launches()} instances "
+                        f"(max_launches={self._launch_limit()}) and still has "
+                        f"{len(waiting)} job(s) waiting: instances keep ending without "
+                        "finishing them. See the agents' logs below "
+                        f"s3://{self.layout.bucket}/{self.layout.run_prefix}jobs/, or raise "
+                        "plugin_args['max_launches'] if the workflow really needs more."),
+                        "the run reached its launch limit")
+                    return
+                continue
+            try:
+                total += len(fleet.pool.launch(missing))
+            except InstanceLaunchError as exc:
+                self._stop_run(exc, "no instance could be launched")
+                return
+
+    def _boot_estimate(self) -> float:
+        """Seconds from launch to a working agent: the median seen in this run, or a
+        typical AWS boot before any instance has booted."""
+        if self._boot_seconds:
+            return max(1.0, statistics.median(self._boot_seconds))
+        return _TYPICAL_BOOT
+
+    def _runtime_estimate(self) -> float | None:
+        """Seconds a node of this run takes: the median of those finished, or, when the
+        jobs running now have already run longer, the longest of those; ``None`` before
+        anything is known."""
+        done = [t["node_finished"] - t["node_started"] for t in self.timings
+                if t.get("node_finished") is not None and t.get("node_started") is not None]
+        now = time.time()
+        running = [now - j.started for j in self._outstanding() if j.started is not None]
+        known = [statistics.median(done)] if done else []
+        if running:
+            known.append(max(running))
+        return max(known) if known else None
+
+    def _wanted(self, fleet: _Fleet, waiting: list[_Job], live: int) -> int:
+        """How many instances ``fleet`` should have for ``waiting`` (its jobs not done).
+
+        At most one per ``vcpus`` of queued CPUs, as before; but an instance beyond the
+        first only while the queued work is expected to outlast a boot: instances of
+        the run's first seconds are billed a minute each whether they run a node or not
+        (0.1 s nodes made a run launch every instance it could, each billed its minute).
+        Until the run has seen a node's runtime, one instance.
+        """
+        cpus = sum(j.n_procs for j in waiting)
+        most = max(1, math.ceil(cpus / fleet.vcpus))
+        runtime = self._runtime_estimate()
+        if runtime is None:
+            return 1
+        queued = sum(j.n_procs for j in waiting if j.started is None)
+        work = queued * runtime  # CPU-seconds not yet begun
+        worth = int(work // (fleet.vcpus * self._boot_estimate()))
+        return max(1, min(most, max(live, worth)))
+
+    def _launch_limit(self) -> int:
+        s = self.settings
+        return int(s.max_launches) if s.max_launches else 10 * int(s.max_instances)
+
+    def _launches(self) -> int:
+        return sum(len(f.pool.launched) for f in self._fleets.values())
+
+    def _launches_left(self) -> int:
+        return self._launch_limit() - self._launches()
+
+    def _check_stall(self, waiting: list[_Job], found: dict) -> bool:
+        """End the run when agents are up but no job of it runs, starts or ends for
+        ``stall_timeout``: no agent can take its jobs (each refused them), and waiting
+        longer only pays for instances."""
+        if any(j.started is not None for j in waiting):
+            return False  # a job runs: the others wait their turn
+        live_up = [i["InstanceId"] for v in found.values() for i in v
+                   if i["InstanceId"] in self._booted]
+        if not live_up:
+            return False  # booting: boot_timeout and max_boot_failures govern that
+        queued = [j for j in waiting if j.sending is None or j.sending.done()]
+        if not queued:
+            return False
+        since = max(self._progress, min(j.submitted for j in queued))
+        idle = time.time() - since
+        if idle < float(self.settings.stall_timeout):
+            return False
+        self._stop_run(EC2Error(
+            f"{len(queued)} job(s) of run {self.run_id} (first: {queued[0].node.fullname}, "
+            f"job {queued[0].job_id}) were never started although agents were up on "
+            f"{', '.join(live_up[:3])} for {idle:.0f} s (stall_timeout): the agents refuse "
+            "or cannot read them. Check the agents' log (/var/log/nipype-s3-agent.log) and "
+            "that the instance profile may read the run's prefix and signing key."),
+            "no agent started it")
+        return True
+
+    def _check_boots(self) -> bool:
+        """Stop relaunching when instances keep ending before their agent ever started.
+
+        A bootstrap that cannot work (no route to PyPI, a broken AMI, a profile without
+        SSM or SQS access) would otherwise cost a launch after launch, forever.
+        """
+        self._end_hung_boots()
+        dead = [iid for f in self._fleets.values() for iid in f.pool.ended
+                if iid not in self._booted]
+        if len(dead) < self.settings.max_boot_failures:
+            return False
+        self._fatal = InstanceLaunchError(
+            f"{len(dead)} instances of run {self.run_id} ended before their agent started "
+            f"({', '.join(dead[:5])}; an instance silent for boot_timeout="
+            f"{self.settings.boot_timeout:.0f} s is ended): the bootstrap fails or hangs. "
+            "Check an instance's console "
+            "output (aws ec2 get-console-output --instance-id ID), that its subnet reaches "
+            "PyPI (or use an AMI with nipype_s3 installed), and that the instance profile "
+            "allows S3, SQS and SSM.")
+        logger.error("EC2Plugin: %s", self._fatal)
+        self._fail_outstanding("its instances ended before their agent started")
+        return True
+
+    def _end_hung_boots(self) -> None:
+        """Terminate instances whose agent has not said a word ``boot_timeout`` after
+        launch: billed, and no use. They then count as boot failures."""
+        now = time.time()
+        for fleet in self._fleets.values():
+            pool = fleet.pool
+            hung = [iid for iid, info in pool.launched.items()
+                    if iid not in self._booted and "ended" not in info
+                    and "terminated" not in info
+                    and now - info.get("launched", now) > self.settings.boot_timeout]
+            if not hung:
+                continue
+            logger.warning(
+                "EC2Plugin: no agent started on %s within boot_timeout=%.0f s of launch; "
+                "terminating (see the console output: aws ec2 get-console-output "
+                "--instance-id %s)", ", ".join(hung), self.settings.boot_timeout, hung[0])
+            try:
+                pool.ec2.terminate_instances(InstanceIds=hung)
+            except botocore.exceptions.ClientError as exc:
+                logger.error("EC2Plugin: could not terminate %s: %s", ", ".join(hung), exc)
+                continue
+            for iid in hung:
+                pool.launched[iid]["terminated"] = now
+                pool.ended.append(iid)

@@ -1,0 +1,149 @@
+"""``plugin_args`` of EC2Plugin."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ...agent.config import DEFAULT_WORKER_ROOT
+from ...ec2.jobs import (
+    parse_s3_prefix,
+)
+from ...exceptions import ConfigurationError
+from ...remote.settings import _checked_arg
+
+
+@dataclass
+class EC2Settings:
+    """``plugin_args`` of :class:`EC2Plugin`, with their defaults.
+
+    Parameters
+    ----------
+    s3_prefix : str
+        **Required.** ``s3://bucket/prefix`` for the run's files and the content store.
+    instance_type : str
+        EC2 instance type of the agents (default ``c6i.large``).
+    max_instances : int
+        Never more instances than this at once (default 4).
+    ami : str
+        AMI id; default: Amazon Linux 2023 from AWS's public SSM parameter.
+    iam_instance_profile : str
+        Name or ARN of the instance profile the agents run with (default
+        ``nipype-s3-agent``); it gives them S3, SQS and SSM access, so no key is ever
+        sent to an instance.
+    region : str
+        Default: the region of the ``s3_prefix`` bucket.
+    spot : bool
+        Ask for spot instances; after ``spot_retries`` capacity failures, on-demand.
+    idle_timeout, max_lifetime, lease_timeout : float
+        Seconds: an agent stops when idle this long, when older than ``max_lifetime``,
+        or when the controller has not renewed its lease for ``lease_timeout``.
+    visibility_timeout, heartbeat : float
+        SQS visibility of a running job and how often an agent extends it; a job whose
+        agent died runs again after ``visibility_timeout``.
+    max_attempts : int
+        Attempts of one job before it is reported as an infrastructure failure.
+    max_boot_failures : int
+        Instances that may end before their agent starts (a broken bootstrap) before
+        the run stops with a clear error instead of launching again and again.
+    boot_timeout : float
+        Seconds from launch to the agent's first message. An instance still silent
+        after that (a bootstrap that hangs) is terminated and counts as a boot failure.
+    stall_timeout : float
+        Seconds jobs may wait while agents are up, none of the run's jobs runs, and no
+        job starts or ends (default 900): then no agent can take them (a role that may
+        not read them, say) and the run stops with an error saying so.
+    max_launches : int
+        Instances one run may launch in all (default: 10 x ``max_instances``); a run
+        that would need more stops with an error instead of launching forever.
+    max_cost_usd : float
+        A cap on the run's estimated cost (on-demand list prices, 60 s minimum per
+        instance): no instance is launched that would take the estimate past it, and
+        when the estimate reaches it the run stops, naming the nodes not run, with
+        nothing left running. Default: no cap.
+    """
+
+    s3_prefix: str = ""
+    instance_type: str = "c6i.large"
+    max_instances: int = 4
+    ami: str | None = None
+    iam_instance_profile: str | None = "nipype-s3-agent"
+    region: str | None = None
+    endpoint_url: str | None = None
+    profile: str | None = None
+    creds_path: str | None = None
+    spot: bool = False
+    spot_retries: int = 2
+    idle_timeout: float = 180.0
+    max_lifetime: float = 6 * 3600.0
+    lease_timeout: float = 120.0
+    visibility_timeout: int = 120
+    heartbeat: float = 30.0
+    max_attempts: int = 3
+    poll_wait: int = 20
+    worker_root: str = DEFAULT_WORKER_ROOT
+    subnet_id: str | None = None
+    security_group_ids: list = field(default_factory=list)
+    key_name: str | None = None
+    volume_gb: int | None = None
+    requirements: list = field(default_factory=list)
+    setup_commands: str = ""
+    ship_package: bool = True
+    local_nodes: list = field(default_factory=list)
+    tags: dict = field(default_factory=dict)
+    done_scan_interval: float = 30.0
+    scale_interval: float = 2.0
+    agent_vcpus: int | None = None
+    agent_mem_gb: float | None = None
+    max_boot_failures: int = 3
+    boot_timeout: float = 900.0
+    stall_timeout: float = 900.0
+    max_launches: int | None = None
+    max_cost_usd: float | None = None
+
+    _NIPYPE_KEYS = {"max_jobs", "status_callback", "template", "qsub_args"}
+
+    @classmethod
+    def from_plugin_args(cls, args: dict | None) -> EC2Settings:
+        args = dict(args or {})
+        known = {f for f in cls.__dataclass_fields__ if not f.startswith("_")}
+        unknown = set(args) - known - cls._NIPYPE_KEYS
+        multiproc = sorted(unknown & {"n_procs", "memory_gb", "raise_insufficient",
+                                      "scheduler", "maxtasksperchild"})
+        if multiproc:
+            raise ConfigurationError(
+                f"EC2Plugin plugin_args {multiproc[0]!r} is MultiProc's (what one machine "
+                "may use). EC2Plugin sizes the machines instead: 'instance_type' (e.g. "
+                "'c6i.2xlarge', 8 vCPUs and 16 GiB) and 'max_instances' (how many at "
+                "once); a node's own n_procs/mem_gb still pack jobs on each instance. "
+                f"Remove {multiproc[0]!r}.")
+        if unknown:
+            import difflib
+
+            hints = [f"{name!r} (did you mean {close[0]!r}?)" if close else repr(name)
+                     for name in sorted(unknown)
+                     for close in [difflib.get_close_matches(name, known, n=1)]]
+            raise ConfigurationError(
+                f"EC2Plugin does not know plugin_args {', '.join(hints)}; the known ones are "
+                f"{sorted(known)}.")
+        settings = cls(**{k: _checked_arg(k, v, cls.__dataclass_fields__[k].type)
+                          for k, v in args.items() if k in known})
+        parse_s3_prefix(settings.s3_prefix)
+        for name, low in _AT_LEAST.items():
+            value = getattr(settings, name)
+            if value is not None and value < low:
+                raise ConfigurationError(
+                    f"EC2Plugin plugin_args[{name!r}] must be at least {low}, not {value!r}.")
+        if settings.heartbeat >= settings.visibility_timeout:
+            raise ConfigurationError(
+                f"heartbeat ({settings.heartbeat}) must be shorter than visibility_timeout "
+                f"({settings.visibility_timeout}), or running jobs would be handed out twice.")
+        return settings
+
+
+#: the least value each numeric plugin argument may take
+_AT_LEAST = {"max_instances": 1, "spot_retries": 0, "idle_timeout": 0.001,
+             "max_lifetime": 1, "lease_timeout": 1, "visibility_timeout": 1,
+             "heartbeat": 0.1, "max_attempts": 1, "poll_wait": 0, "volume_gb": 1,
+             "done_scan_interval": 0.1, "scale_interval": 0.1, "agent_vcpus": 1,
+             "agent_mem_gb": 0.1, "max_boot_failures": 1, "boot_timeout": 1,
+             "stall_timeout": 1, "max_launches": 1, "max_cost_usd": 0.0}
