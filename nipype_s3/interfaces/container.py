@@ -129,6 +129,9 @@ class EC2ContainerRun(S3InterfaceMixin, BaseInterface):
     >>> run.run()  # doctest: +SKIP
     """
 
+    #: for the remote plugins: it launches an instance of its own, so it runs on the
+    #: controller (on an instance it would bill two instances for one container's work)
+    _nipype_s3_launches_instances = True
     input_spec = _EC2ContainerRunInputSpec
     output_spec = _EC2ContainerRunOutputSpec
 

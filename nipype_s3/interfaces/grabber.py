@@ -238,6 +238,10 @@ class S3DataGrabber(S3InterfaceMixin, IOBase):
         self._results = results
         return runtime
 
+    def _nipype_s3_writes_local_files(self) -> bool:
+        """For the remote plugins: with a ``local_directory`` it runs on the controller."""
+        return isdefined(self.inputs.local_directory)
+
     def _list_outputs(self):
         return dict(self._results or {})
 

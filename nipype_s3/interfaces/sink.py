@@ -86,6 +86,13 @@ class S3DataSink(S3InterfaceMixin, DataSink):
                     "does not exist. Check what is connected to that input (nipype's DataSink "
                     "would skip it silently; S3DataSink refuses so nothing is lost unseen).")
 
+    def _nipype_s3_writes_local_files(self) -> bool:
+        """For the remote plugins: a local ``base_directory`` or ``local_copy`` keeps it
+        on the controller."""
+        base = self.inputs.base_directory
+        return isdefined(self.inputs.local_copy) or not (
+            isdefined(base) and str(base).lower().startswith("s3://"))
+
     def _list_outputs(self):
         base = self.inputs.base_directory
         if isdefined(base) and _looks_like_s3(base) and not is_s3_uri(base):

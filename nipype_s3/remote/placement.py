@@ -38,13 +38,11 @@ def _writes_local_files(interface) -> bool:
     from nipype.interfaces.io import DataSink
     from nipype.interfaces.io import S3DataGrabber as NipypeS3DataGrabber
 
-    from ..interfaces.grabber import S3DataGrabber
-    from ..interfaces.sink import S3DataSink
-
-    if isinstance(interface, (S3DataGrabber, NipypeS3DataGrabber)):
+    own = getattr(interface, "_nipype_s3_writes_local_files", None)
+    if callable(own):  # ours say so themselves (no import of the interfaces here)
+        return bool(own())
+    if isinstance(interface, NipypeS3DataGrabber):
         return isdefined(interface.inputs.local_directory)
-    if isinstance(interface, S3DataSink):
-        return isdefined(interface.inputs.local_copy)
     if isinstance(interface, DataSink):
         base = interface.inputs.base_directory
         return not (isdefined(base) and str(base).lower().startswith("s3://"))
@@ -106,9 +104,7 @@ def _cached_always_run(node) -> bool:
 def _orchestrates_instances(interface) -> bool:
     """EC2ContainerRun launches and waits for an instance of its own: run on an
     instance, it would bill two instances for one container's work."""
-    from ..interfaces.container import EC2ContainerRun
-
-    return isinstance(interface, EC2ContainerRun)
+    return bool(getattr(interface, "_nipype_s3_launches_instances", False))
 
 
 def _slug(name: str) -> str:
