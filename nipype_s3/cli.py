@@ -163,8 +163,9 @@ def _cmd_cost(args) -> int:
         print(json.dumps(report, indent=1))
         return 0
     print(f"run {report['run_id']}: {report['wall_seconds']:.0f} s wall, "
-          f"{len(report['instances'])} instance(s), {report['instance_seconds']:.0f} "
-          f"instance-s billed, {report['busy_seconds']:.0f} s busy, "
+          f"{len(report['instances'])} instance(s), "
+          f"{report.get('billed_seconds', report['instance_seconds']):.0f} instance-s billed "
+          f"({report['instance_seconds']:.0f} s run), {report['busy_seconds']:.0f} s busy, "
           f"~${report['usd_estimate']:.4f}")
     print(f"jobs: {report['jobs_remote']} on EC2, {report['jobs_local']} on the controller; "
           f"{report['bytes_staged']} B staged, {report['bytes_fetched']} B fetched")

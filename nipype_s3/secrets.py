@@ -17,7 +17,7 @@ from .config import SECRET_ENV_VARS
 from .pickles import rewrite_pickle_file, rewrite_text_file
 
 __all__ = ["REDACTED", "secret_values", "redact", "scrub_tree", "SECRET_PATHS",
-           "withheld_paths"]
+           "withheld_paths", "withheld_names"]
 
 #: Well-known files and folders of credentials below a home folder: never staged, even
 #: inside a folder given to a node (a home directory, say). Documented in
@@ -44,6 +44,12 @@ SECRET_PATHS = (
     "~/.password-store",         # pass
     "~/.local/share/keyrings",   # desktop keyrings
 )
+
+
+def withheld_names() -> list[str]:
+    """:data:`SECRET_PATHS` relative to a home folder (``.ssh``, ``.netrc``): withheld
+    wherever they lie in a folder that is staged, whoever's home it is."""
+    return [p[2:] for p in SECRET_PATHS]
 
 
 def withheld_paths(environ: Mapping[str, str] | None = None) -> list[str]:

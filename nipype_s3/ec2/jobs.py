@@ -297,4 +297,8 @@ def parse_s3_prefix(value: str):
             "EC2Plugin needs plugin_args['s3_prefix'], an s3:// location for the run's "
             "files, e.g. {'s3_prefix': 's3://my-bucket/nipype-runs'}.")
     uri = parse_s3_uri(value)
+    if uri.key.startswith("/") or "//" in uri.key:
+        raise ConfigurationError(
+            f"s3_prefix {value!r} has an empty folder name ('//'): S3 keeps it as part of "
+            "the key, which is rarely what was meant. Write it with single '/'.")
     return uri.bucket, uri.key.strip("/")

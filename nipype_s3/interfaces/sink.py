@@ -225,9 +225,10 @@ def _refuse_shared_iteration_folders(keys: list[str], node_dir: str, base: str) 
     raise ConfigurationError(
         f"S3DataSink sync_delete=True runs once per iteration ({folders[-1]}) but writes "
         f"its files below {base} without it in their keys (e.g. {keys[0]!r}): each "
-        "iteration would delete the files the others wrote. Keep parameterization=True "
-        "(the iteration becomes a folder of its own), connect the iterated value to "
-        "container, or set sync_delete=False.")
+        "iteration would delete the files the others wrote. Connect the iterated value "
+        "to container (wf.connect(info, 'subject_id', sink, 'container')), or, for files "
+        "made by nodes of the iteration, keep parameterization=True (the iteration "
+        "becomes a folder of its own); or set sync_delete=False.")
 
 
 def _looks_like_s3(value: str) -> bool:

@@ -297,7 +297,8 @@ class CollectMixin:
         here = PathMap(root if isinstance(root, str) and os.path.isabs(root) else "/")
         tail = str(report.get("log_tail") or "")
         if tail:
-            where += "[nipype_s3] log tail:\n" + here.text_to_controller(tail)
+            where += "[nipype_s3] log tail:\n" + here.text_to_controller(tail).rstrip("\n")
+            where += "\n[nipype_s3] end of the log tail; the node's error:\n\n"
         result_file = os.path.join(job.node_dir, f"result_{job.node.name}.pklz")
         data = None
         if os.path.exists(result_file):
@@ -308,11 +309,13 @@ class CollectMixin:
         if isinstance(data, dict) and data.get("traceback"):
             # the instance's paths in the traceback become this machine's, as the
             # workflow's final error and the crash file show them
-            data["traceback"] = [here.text_to_controller(str(line))
-                                 for line in data["traceback"]] + [where]
+            # where it ran and its log first: the error itself stays the last line, as
+            # under Linear and MultiProc
+            data["traceback"] = [where] + [here.text_to_controller(str(line))
+                                           for line in data["traceback"]]
             savepkl(result_file, data)
         else:
             lines = [here.text_to_controller(str(line))
                      for line in report.get("traceback") or []] or [
                 f"RemoteNodeError: job {job.job_id} did not finish ({report.get('status')}).\n"]
-            write_failure_result(job.node, lines + [where])
+            write_failure_result(job.node, [where] + lines)

@@ -151,6 +151,42 @@ def _output_targets(node) -> list[str]:
             and os.path.dirname(p) != "/" and os.path.isdir(os.path.dirname(p))]
 
 
+#: what nipype's own batch plugins read from a node's plugin_args: left alone here, so
+#: a workflow written for SGE or SLURM runs unchanged
+_OTHER_PLUGINS_ARGS = {"qsub_args", "sbatch_args", "bsub_args", "oarsub_args",
+                       "overwrite", "template", "max_jobs"}
+
+
+def check_node_args(node, known: dict) -> None:
+    """A node's own ``plugin_args`` as a remote plugin reads them: a dict whose keys it
+    knows (or nipype's batch plugins do), each of its kind; else a
+    :class:`ConfigurationError` naming the node, the key and what it takes, before
+    anything runs (a typo would otherwise be ignored: the node run elsewhere)."""
+    args = getattr(node, "plugin_args", None)
+    if args is None or args == {}:
+        return
+    if not isinstance(args, dict):
+        raise ConfigurationError(
+            f"Node {node.fullname}: plugin_args must be a dict (e.g. {{'local': True}} or "
+            f"{{'instance_type': 'r6i.large'}}), not {args!r}.")
+    for key, value in args.items():
+        if key in _OTHER_PLUGINS_ARGS:
+            continue
+        if key not in known:
+            import difflib
+
+            close = difflib.get_close_matches(str(key), list(known), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ConfigurationError(
+                f"Node {node.fullname}: plugin_args key {key!r}{hint} is not one this "
+                f"plugin reads; it reads {sorted(known)}.")
+        kind = known[key]
+        if not isinstance(value, kind) or (kind is not bool and isinstance(value, bool)):
+            raise ConfigurationError(
+                f"Node {node.fullname}: plugin_args[{key!r}] must be "
+                f"{'True or False' if kind is bool else 'text'}, not {value!r}.")
+
+
 class PlacementMixin:
     """Where each node runs (for the remote plugin: ``self.settings.local_nodes``)."""
 

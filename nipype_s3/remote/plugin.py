@@ -22,7 +22,7 @@ from ..ec2.jobs import (
     seal,
     unseal,
 )
-from ..exceptions import EC2Error
+from ..exceptions import ConfigurationError, EC2Error
 from ..s3.delete import abort_incomplete_uploads
 from ..s3.errors import translate
 from ..secrets import scrub_tree, secret_values
@@ -52,6 +52,12 @@ class RemotePlugin(PlacementMixin, StagingMixin, CollectMixin, CostMixin,
     settings_class = None
 
     def __init__(self, plugin_args=None, **kwargs):
+        name = type(self).__name__
+        if plugin_args is not None and not isinstance(plugin_args, dict):
+            raise ConfigurationError(
+                f"{name}(plugin_args=...) takes a dict, e.g. "
+                f"{name}(plugin_args={{'s3_prefix': 's3://my-bucket/nipype-runs'}}), not "
+                f"{plugin_args!r}.")
         plugin_args = dict(plugin_args or {})
         plugin_args.update(kwargs)
         self.settings = self.settings_class.from_plugin_args(plugin_args)

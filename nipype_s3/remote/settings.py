@@ -10,7 +10,7 @@ __all__ = ["_checked_arg"]
 
 _KINDS = {"int": (int, "a whole number, e.g. 4"), "float": (float, "a number, e.g. 30"),
           "bool": (bool, "True or False"), "str": (str, "text"),
-          "list": (list, "a list, e.g. ['nitime']"), "dict": (dict, "a dict")}
+          "list": (list, "a list, e.g. ['a', 'b']"), "dict": (dict, "a dict")}
 
 
 def _checked_arg(name: str, value, annotation: str):

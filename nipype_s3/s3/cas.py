@@ -154,6 +154,9 @@ class ContentStore:
         self._digests: dict[tuple, str] = {}
         #: folders and files never stored, whatever asks (real paths): see ``withhold``
         self._withheld: tuple[str, ...] = ()
+        self._withheld_names: tuple[str, ...] = ()
+        #: called with the paths a put left out (the plugin says so where users look)
+        self.on_withheld = None
         self._lock = threading.Lock()
         self.bytes_up = 0
         self.bytes_down = 0
@@ -161,10 +164,25 @@ class ContentStore:
     def key(self, digest: str) -> str:
         return join_key(self.prefix, "cas", "sha256", digest)
 
+    def withhold_names(self, *relative: str) -> None:
+        """Never store, inside a folder that is stored, what lies at one of these paths
+        relative to any folder in it (``.ssh``, ``.docker/config.json``): a home folder
+        that is not this machine's, or a copy of one inside a dataset, keeps its secrets
+        too. Folders and files, as :meth:`withhold`."""
+        self._withheld_names += tuple(r.strip("/") for r in relative if r.strip("/"))
+
     def withhold(self, *paths: str) -> None:
         """Never store ``paths`` (files, or folders and all below them), even inside a
         folder that is stored: :meth:`put` leaves them out with a warning."""
         self._withheld += tuple(os.path.realpath(os.path.expanduser(p)) for p in paths if p)
+
+    def _withheld_name(self, folder: str, path: str) -> bool:
+        """Whether ``path``, found in the stored ``folder``, is at a withheld name."""
+        if not self._withheld_names:
+            return False
+        rel = "/" + os.path.relpath(path, folder).replace(os.sep, "/")
+        return any(rel.endswith("/" + name) or f"/{name}/" in rel
+                   for name in self._withheld_names)
 
     def _withheld_path(self, path: str) -> bool:
         if not self._withheld:
@@ -316,16 +334,21 @@ class ContentStore:
         """
         files = []
         links = []
+        withheld = []
         for path in paths:
             if expand_dirs and os.path.isdir(path):
                 # links within the folder (or broken) are kept as links; others followed
                 found, kept = walk_files(path, keep_inner_links=True)
+                withheld += [p for p in found + kept if self._withheld_name(path, p)]
                 files.extend(found)
                 links.extend(kept)
             else:
                 files.append(path)
         files = list(dict.fromkeys(files))
-        withheld = [p for p in files + links if self._withheld_path(p)]
+        withheld = list(dict.fromkeys(withheld + [p for p in files + links
+                                                  if self._withheld_path(p)]))
+        if withheld and self.on_withheld is not None:
+            self.on_withheld(withheld)
         if withheld:
             logger.warning("not stored, so they do not leave this machine: %d file(s) of "
                            "credentials (SSH, cloud, registry, password files), e.g. %s; "

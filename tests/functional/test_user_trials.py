@@ -60,6 +60,9 @@ def test_a_remote_failure_leaves_what_multiproc_leaves(cloud, tmp_path):
     assert result.runtime is not None  # nipype's own result, as MultiProc leaves it
     assert "could not be found" not in text
     assert "ValueError: remote failure for input 42" in text
+    # the error is the last line, as under MultiProc (where it ran and its log come first)
+    assert text.strip().splitlines()[-1] == mp_text.strip().splitlines()[-1]
+    assert "ValueError: remote failure for input 42" in text.strip().splitlines()[-1]
     for shown in (error, text):  # the controller's paths, not the instance's
         assert "/instances/i-" not in shown
     assert str(tmp_path / "ec2" / "crashing" / "bad") in text

@@ -53,3 +53,29 @@ def test_the_deny_list_is_documented():
                             "ec2plugin.rst")).read()
     missing = [p for p in SECRET_PATHS if f"``{p}``" not in doc]
     assert missing == []
+
+
+def test_secrets_in_someone_elses_home_or_a_dataset_are_withheld_too(s3_inprocess, tmp_path):
+    """Not only below this machine's $HOME: a folder given to a node that holds another
+    home (or a copy of one inside a dataset) keeps its .ssh, .netrc ... too, and the
+    store says which it left out."""
+    from nipype_s3.secrets import withheld_names
+
+    other = tmp_path / "dataset" / "sub-01" / "home-copy"
+    (other / ".ssh").mkdir(parents=True)
+    (other / ".ssh" / "id_rsa").write_text("PRIVATE KEY")
+    (other / ".netrc").write_text("machine x password y")
+    (other / ".docker").mkdir()
+    (other / ".docker" / "config.json").write_text('{"auths": {}}')
+    (other / "notes.ssh.txt").write_text("not a secret")  # only the names themselves
+    (tmp_path / "dataset" / "sub-01" / "anat.nii").write_text("image")
+    s3_inprocess.create_bucket(Bucket="cas-bucket")
+    store = ContentStore(s3_inprocess, "cas-bucket", "p")
+    store.withhold_names(*withheld_names())
+    told = []
+    store.on_withheld = told.extend
+    entries = store.put([str(tmp_path / "dataset")])
+    assert sorted(os.path.relpath(e.path, tmp_path / "dataset") for e in entries) == [
+        "sub-01/anat.nii", "sub-01/home-copy/notes.ssh.txt"]
+    assert sorted(os.path.relpath(p, other) for p in told) == [
+        ".docker/config.json", ".netrc", ".ssh/id_rsa"]

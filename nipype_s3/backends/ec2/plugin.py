@@ -47,16 +47,21 @@ from ...ec2.jobs import (
 )
 from ...ec2.pricing import estimate_cost, smallest_fitting
 from ...exceptions import ConfigurationError
+from ...remote.placement import check_node_args
 from ...remote.plugin import RemotePlugin
 from ...s3.cas import ContentStore
 from ...s3.credentials import resolve_session
 from ...s3.errors import s3_errors
 from ...s3.session import bucket_region, make_s3_client
-from ...secrets import withheld_paths
+from ...secrets import withheld_names, withheld_paths
 from .fleet import FleetMixin, _Fleet
 from .settings import EC2Settings
 
 logger = logging.getLogger("nipype.workflow")
+
+
+#: what a node's own plugin_args may say under EC2Plugin, and of what kind
+_NODE_ARGS = {"local": bool, "instance_type": str}
 
 
 class EC2Plugin(FleetMixin, RemotePlugin):
@@ -73,6 +78,8 @@ class EC2Plugin(FleetMixin, RemotePlugin):
         4 GiB instance is killed for memory, retried, and killed again.
         """
         s = self.settings
+        for node in graph.nodes():
+            check_node_args(node, _NODE_ARGS)
         if s.max_cost_usd is not None:
             types = {s.instance_type} | {
                 (getattr(n, "plugin_args", None) or {}).get("instance_type") or s.instance_type
@@ -135,6 +142,12 @@ class EC2Plugin(FleetMixin, RemotePlugin):
         self.store = ContentStore(self.s3, bucket, prefix)
         # an input folder that holds them (a home directory, say) is staged without them
         self.store.withhold(*withheld_paths())
+        self.store.withhold_names(*withheld_names())
+        self.store.on_withheld = lambda paths: logger.warning(
+            "EC2Plugin: %d file(s) of credentials in a folder given to a node are not "
+            "staged, so they do not leave this machine: %s%s (see 'Security' in "
+            "docs/ec2plugin.rst)", len(paths), ", ".join(paths[:5]),
+            " ..." if len(paths) > 5 else "")
         self._shapes = {}
         self._leased = False
         self._shape(s.instance_type)  # a type that does not exist: said before anything is made

@@ -92,3 +92,43 @@ def test_the_run_stops_when_its_estimate_reaches_the_cap(tmp_path):
     assert isinstance(plugin._fatal, EC2Error) and job.done
     assert "reached max_cost_usd=$0.01" in str(plugin._fatal)
     assert "1 node(s) not run: waiting" in str(plugin._fatal)
+
+
+@pytest.mark.parametrize("node_args, message", [
+    ({"instance_typ": "r6i.large"}, r"key 'instance_typ' \(did you mean 'instance_type'\?\)"),
+    ("local", r"plugin_args must be a dict"),
+    ({"instance_type": 5}, r"plugin_args\['instance_type'\] must be text, not 5"),
+    ({"local": "yes"}, r"plugin_args\['local'\] must be True or False, not 'yes'"),
+])
+def test_a_nodes_own_plugin_args_are_checked_before_anything_runs(tmp_path, node_args,
+                                                                  message):
+    import networkx as nx
+    from nipype import Node
+    from nipype.interfaces.utility import Function
+
+    node = Node(Function(input_names=["x"], output_names=["y"],
+                         function=lambda x: x), "step", base_dir=str(tmp_path))
+    node.plugin_args = node_args
+    graph = nx.DiGraph()
+    graph.add_node(node)
+    with pytest.raises(ConfigurationError, match=message):
+        EC2Plugin(plugin_args=BASE)._prerun_check(graph)
+
+
+def test_other_batch_plugins_node_args_are_left_alone(tmp_path):
+    """A workflow written for SGE (qsub_args, overwrite) runs unchanged."""
+    from nipype_s3.remote.placement import check_node_args
+
+    node = type("N", (), {"plugin_args": {"qsub_args": "-l h_vmem=4G", "overwrite": True},
+                          "fullname": "wf.n"})()
+    check_node_args(node, {"local": bool})
+
+
+def test_plugin_args_that_are_not_a_dict_are_named():
+    with pytest.raises(ConfigurationError, match=r"EC2Plugin\(plugin_args=\.\.\.\) takes a dict"):
+        EC2Plugin(plugin_args="s3://my-bucket/runs")
+
+
+def test_an_s3_prefix_with_an_empty_folder_name_is_refused():
+    with pytest.raises(ConfigurationError, match="empty folder name"):
+        EC2Plugin(plugin_args={"s3_prefix": "s3://my-bucket//x"})
