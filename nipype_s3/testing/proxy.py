@@ -13,6 +13,8 @@ for the proxy's address stay valid upstream.
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import http.client
 import json
 import random
@@ -52,6 +54,28 @@ class Recorded:
     def key(self) -> str:
         """``bucket/key`` part of a path-style request."""
         return urllib.parse.unquote(self.path.lstrip("/"))
+
+
+def _bad_digest(method: str, headers, body: bytes, action: str) -> str | None:
+    """S3's error code for an upload whose body does not match the digest it carries
+    (``x-amz-checksum-sha256``, ``x-amz-content-sha256``); ``None`` when it does.
+
+    moto stores such bodies; S3 refuses them, and the content store relies on that (a
+    file changed between hashing and upload is refused, not stored under the old
+    digest). Bodies sent as ``aws-chunked`` carry their digests in trailers and are
+    not checked here.
+    """
+    if method != "PUT" or not action.startswith("S3:"):
+        return None
+    if "aws-chunked" in (headers.get("Content-Encoding") or ""):
+        return None
+    checksum = headers.get("x-amz-checksum-sha256")
+    if checksum and base64.b64encode(hashlib.sha256(body).digest()).decode() != checksum:
+        return "BadDigest"
+    content = headers.get("x-amz-content-sha256") or ""
+    if len(content) == 64 and hashlib.sha256(body).hexdigest() != content.lower():
+        return "XAmzContentSHA256Mismatch"
+    return None
 
 
 def _params(action: str, body: bytes, query: str) -> tuple:
@@ -198,6 +222,18 @@ class RecordingProxy:
                              if k.lower() not in ("authorization", "x-amz-security-token"))
                 action = _action(self.command, self.headers, body, query)
                 rec = Recorded(self.command, path, query, 0, seen, action)
+                refused = _bad_digest(self.command, self.headers, body, action)
+                if refused is not None:  # as S3 does, and moto does not
+                    proxy._record(Recorded(self.command, path, query, 400, seen, action))
+                    payload = (f'<?xml version="1.0" encoding="UTF-8"?><Error><Code>{refused}'
+                               "</Code><Message>The digest given does not match the body "
+                               "(checked by LocalCloud)</Message></Error>").encode()
+                    self.send_response(400)
+                    self.send_header("Content-Type", "application/xml")
+                    self.send_header("Content-Length", str(len(payload)))
+                    self.end_headers()
+                    self.wfile.write(payload)
+                    return
                 if proxy.responder is not None:
                     canned = proxy.responder(rec)
                     if canned is not None:
