@@ -25,7 +25,7 @@ import sqlite3
 import threading
 import time
 
-__all__ = ["cached_digest", "digest_of", "file_identity", "cache_path"]
+__all__ = ["cached_digest", "digest_of", "file_identity", "cache_path", "remember"]
 
 logger = logging.getLogger(__name__)
 
@@ -177,6 +177,20 @@ def digest_of(path, kind: str, compute) -> tuple[str, os.stat_result | None]:
         return digest, None  # the file changed while it was read: do not keep this one
     _store(ident, digest)
     return digest, before
+
+
+def remember(path, kind: str, digest: str, version: os.stat_result) -> bool:
+    """Keep ``digest`` (of ``kind``) for the file at ``path`` if it is still the
+    ``version`` it was (an upload's ETag, known from S3, for the bytes that were sent);
+    ``False`` when the file has changed since, and nothing is kept."""
+    try:
+        now = os.stat(os.fspath(path))
+    except OSError:
+        return False
+    if file_identity(now) != file_identity(version):
+        return False
+    _store(_ident(now, kind), digest)
+    return True
 
 
 def cached_digest(path, kind: str, compute) -> str:

@@ -17,10 +17,10 @@ import math
 import os
 
 from ..config import MiB
-from .digests import cached_digest
+from .digests import cached_digest, remember
 
 __all__ = ["file_md5", "multipart_etag", "etag_matches", "candidate_part_sizes",
-           "composite_sha256", "b64_sha256"]
+           "composite_sha256", "b64_sha256", "remember_etag"]
 
 _READ = 1 * MiB
 
@@ -96,6 +96,22 @@ def candidate_part_sizes(size: int, parts: int, preferred: int) -> list[int]:
         if candidate not in fits:
             fits.append(candidate)
     return fits[:4]
+
+
+def remember_etag(path: str | os.PathLike, etag: str, version: os.stat_result, *,
+                  part_size: int) -> bool:
+    """Keep an object's ETag as the digest :func:`etag_matches` would compute for the file
+    it was uploaded from, while the file is still that ``version``: the next unchanged
+    run then reads none of it (a multipart ETag costs a read of the whole file)."""
+    etag = etag.strip('"')
+    if "-" not in etag:
+        return len(etag) == 32 and remember(path, "md5", etag, version)
+    try:
+        parts = int(etag.rpartition("-")[2])
+    except ValueError:
+        return False
+    sizes = candidate_part_sizes(version.st_size, parts, part_size)
+    return bool(sizes) and remember(path, f"etag:{sizes[0]}", etag, version)
 
 
 def etag_matches(path: str | os.PathLike, etag: str, *, part_size: int) -> bool:

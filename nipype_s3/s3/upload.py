@@ -23,10 +23,10 @@ import botocore.exceptions
 
 from .. import config as cfg
 from ..config import METADATA_MD5_KEY
-from ..exceptions import ConfigurationError, InputFileNotFound, TransferFailed
+from ..exceptions import ConfigurationError, InputFileNotFound, NipypeS3Error, TransferFailed
 from .digests import cached_digest
 from .errors import s3_errors, translate
-from .hashing import b64_sha256, etag_matches, file_md5
+from .hashing import b64_sha256, etag_matches, file_md5, remember_etag
 from .listing import ObjectInfo, common_prefix, list_objects
 from .native import native_engine
 from .session import endpoint_of
@@ -105,6 +105,32 @@ def _check_sources(items) -> list[int]:
                 f"Cannot upload {item.source!r} as key {item.key!r}: it is not a regular file.")
         sizes.append(st.st_size)
     return sizes
+
+
+def _version(path: str):
+    try:
+        return os.stat(path)
+    except OSError:
+        return None
+
+
+def _remember_etags(client, bucket: str, items, done: list[str], versions: dict,
+                    settings: TransferSettings) -> None:
+    """One LIST of what was just written: each uploaded file's ETag kept for the version
+    of it that was sent (best effort: without it the next run reads the files)."""
+    try:
+        listed = list_objects(client, bucket, common_prefix(done))
+    except (NipypeS3Error, botocore.exceptions.BotoCoreError,
+            botocore.exceptions.ClientError) as exc:
+        logger.debug("the ETags of the uploads are not kept: %s", exc)
+        return
+    sent = set(done)
+    for item in items:
+        info, version = listed.get(item.key), versions.get(item.source)
+        if item.key in sent and info is not None and version is not None and \
+                info.size == version.st_size:
+            remember_etag(item.source, info.etag, version,
+                          part_size=settings.multipart_chunksize)
 
 
 def _unchanged(client, bucket: str, item: UploadItem, size: int, remote: ObjectInfo | None,
@@ -240,6 +266,10 @@ def upload_files(client, bucket: str, items, *, settings: TransferSettings | Non
             todo = keep
 
         failures = []
+        # each file's version as it is sent: once S3 holds it, its ETag is kept for that
+        # version, so the next unchanged run compares it without reading the file
+        versions = {item.source: _version(item.source) for item, _ in todo} \
+            if skip_unchanged and not kms else {}
         if todo:
             progress = Progress(sum(s for _, s in todo), "upload", settings.progress)
 
@@ -287,6 +317,8 @@ def upload_files(client, bucket: str, items, *, settings: TransferSettings | Non
                 failures.append((item.source, exc))
                 logger.debug("upload failed: %s -> s3://%s/%s: %s", item.source, bucket,
                              item.key, exc)
+        if versions and summary.done:
+            _remember_etags(client, bucket, items, summary.done, versions, settings)
     summary.seconds = timer.seconds
     if failures:
         first_src, first_err = failures[0]
