@@ -4,6 +4,7 @@ with API access to the account, and capped at 16 KB)."""
 from __future__ import annotations
 
 import shlex
+import sys
 
 from ..exceptions import ConfigurationError
 
@@ -25,10 +26,44 @@ export NIPYPE_S3_AGENT_CONFIG
 export NIPYPE_S3_WORKER_ROOT={worker_root}
 export AWS_DEFAULT_REGION={region}
 VENV=/opt/nipype-s3
+# the controller's Python (its pinned packages need it): on the image, from the
+# distribution's packages (Amazon Linux 2023: python3.11, python3.12), or a standalone
+# build through uv; the image's own python3 (3.9 on Amazon Linux 2023) is not enough
+PYV={python_version}
+pick_python() {{
+  local cand
+  for cand in "python$PYV" /usr/bin/python$PYV /usr/local/bin/python$PYV; do
+    if command -v "$cand" >/dev/null 2>&1 && "$cand" -c \
+        'import sys, venv; print("%d.%d" % sys.version_info[:2])' 2>/dev/null \
+        | grep -qx "$PYV"; then
+      command -v "$cand"; return 0
+    fi
+  done
+  return 1
+}}
 if [ ! -x "$VENV/bin/python" ]; then
-  python3 -m venv "$VENV"
+  PY=$(pick_python)
+  if [ -z "$PY" ] && command -v dnf >/dev/null 2>&1; then
+    dnf install -y -q "python$PYV" "python$PYV-pip" && PY=$(pick_python)
+  fi
+  if [ -z "$PY" ] && command -v python3 >/dev/null 2>&1; then
+    UV="env PYTHONPATH=/opt/nipype-s3-uv python3 -m uv"
+    python3 -m pip install --quiet --target /opt/nipype-s3-uv uv \
+      && $UV python install "$PYV" && PY=$($UV python find "$PYV")
+  fi
+  if [ -z "$PY" ]; then
+    echo "nipype-s3: no Python $PYV on this instance (the controller runs $PYV, and its" \
+      "packages are pinned for it): not on the image, not from dnf, and uv could not" \
+      "install one. Use an AMI with python$PYV, or run the controller with the" \
+      "image's Python." >&2
+    exit 1
+  fi
+  "$PY" -m venv "$VENV" || {{
+    echo "nipype-s3: could not make a virtual environment with $PY" >&2; exit 1; }}
   "$VENV/bin/python" -m pip install --quiet --upgrade pip
-  "$VENV/bin/python" -m pip install --quiet {requirements}
+  "$VENV/bin/python" -m pip install --quiet {requirements} || {{
+    echo "nipype-s3: pip could not install the agent's packages (see above): check" \
+      "that the subnet reaches the package index" >&2; exit 1; }}
   {install_self}
 fi
 {setup}
@@ -39,7 +74,8 @@ OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 MKL_NUM_THREADS=1 "$VENV/bin/python" -m
 
 def render_user_data(*, run_id: str, config_json: str, region: str, worker_root: str,
                      requirements: list[str], package_s3_uri: str | None = None,
-                     package_sha256: str | None = None, setup_commands: str = "") -> str:
+                     package_sha256: str | None = None, setup_commands: str = "",
+                     python_version: str | None = None) -> str:
     """The bootstrap script for an agent instance.
 
     Parameters
@@ -56,6 +92,10 @@ def render_user_data(*, run_id: str, config_json: str, region: str, worker_root:
         nothing whose digest differs (an object planted at the package's key).
     setup_commands : str
         Extra shell lines run before the agent starts (e.g. ``docker pull``).
+    python_version : str
+        ``"3.12"``: the Python the agent's environment is made with (default: this
+        controller's), found on the image, installed with ``dnf``, or as a standalone
+        build through ``uv``; the bootstrap stops with a clear message when none can be.
 
     Raises
     ------
@@ -80,6 +120,7 @@ def render_user_data(*, run_id: str, config_json: str, region: str, worker_root:
     else:
         install_self = ":"
     script = _TEMPLATE.format(
+        python_version=python_version or "{}.{}".format(*sys.version_info[:2]),
         run_id=run_id, mark=_MARK, config=shlex.quote(config_json),
         worker_root=shlex.quote(worker_root), region=shlex.quote(region),
         requirements=" ".join(shlex.quote(r) for r in requirements),

@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import math
 import statistics
+import sys
 import time
 from dataclasses import dataclass
 
@@ -261,8 +262,10 @@ class FleetMixin:
             f"{self.settings.boot_timeout:.0f} s is ended): the bootstrap fails or hangs. "
             "Check an instance's console "
             "output (aws ec2 get-console-output --instance-id ID), that its subnet reaches "
-            "PyPI (or use an AMI with nipype_s3 installed), and that the instance profile "
-            "allows S3, SQS and SSM.")
+            "PyPI (or use an AMI with nipype_s3 installed), that the AMI has, or can install, "
+            f"Python {sys.version_info[0]}.{sys.version_info[1]} (the controller's: "
+            "/var/log/nipype-s3-agent.log on the instance says 'no Python' otherwise), "
+            "and that the instance profile allows S3, SQS and SSM.")
         logger.error("EC2Plugin: %s", self._fatal)
         self._fail_outstanding("its instances ended before their agent started")
         return True
