@@ -69,10 +69,9 @@ def _classify(requests) -> dict:
     return out
 
 
-def one_repeat(cloud, nodes: int, agents: int, work: str) -> dict:
+def _runs_bucket(cloud) -> str:
+    """The bucket the benchmark's runs keep their files in (made once)."""
     import boto3
-
-    from nipype_s3 import EC2Plugin
 
     bucket = "plugin-bench-runs"
     client = boto3.client("s3", region_name=cloud.region)
@@ -80,6 +79,14 @@ def one_repeat(cloud, nodes: int, agents: int, work: str) -> dict:
         client.create_bucket(Bucket=bucket)
     except client.exceptions.BucketAlreadyOwnedByYou:
         pass
+    return bucket
+
+
+def one_repeat(cloud, nodes: int, agents: int, work: str) -> dict:
+
+    from nipype_s3 import EC2Plugin
+
+    bucket = _runs_bucket(cloud)
     plugin = EC2Plugin(plugin_args={
         "s3_prefix": f"s3://{bucket}", "max_instances": agents, "instance_type": "c6i.large",
         "idle_timeout": 20, "lease_timeout": 20, "poll_wait": 1, "scale_interval": 0.5,
@@ -141,17 +148,11 @@ def large_array(n):
 
 def large_result(cloud, work: str, n: int = 3_000_000) -> dict:
     """Wall time of one node returning ``n`` floats, ``Linear`` against EC2Plugin."""
-    import boto3
     from nipype import Function, Node, Workflow
 
     from nipype_s3 import EC2Plugin
 
-    bucket = "plugin-bench-runs"
-    client = boto3.client("s3", region_name=cloud.region)
-    try:
-        client.create_bucket(Bucket=bucket)
-    except client.exceptions.BucketAlreadyOwnedByYou:
-        pass
+    bucket = _runs_bucket(cloud)
     walls = {}
     for name in ("Linear", "EC2"):
         wf = Workflow("large_result", base_dir=os.path.join(work, name))

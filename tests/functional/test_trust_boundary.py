@@ -123,19 +123,25 @@ def test_a_job_no_agent_may_read_ends_the_run_clearly(tmp_path):
         assert cloud.live_instances() == []
 
 
+def _refused_everything(cloud, tmp_path, name, node_name):
+    """A one-node workflow on a cloud whose agents may read no spec and write no report."""
+    boto3.client("s3").create_bucket(Bucket="my-bucket")
+    cloud.deny_agents("/spec.json")
+    cloud.deny_agents("/done/")
+    wf = Workflow(name, base_dir=str(tmp_path / "wf"))
+    wf.config["execution"]["poll_sleep_duration"] = 0.3
+    node = Node(Function(input_names=["x"], output_names=["y"],
+                         function=_sleep_then_double), name=node_name)
+    node.inputs.x = 1
+    wf.add_nodes([node])
+    return wf
+
+
 def test_launches_are_bounded_when_instances_keep_ending(tmp_path):
     """Agents that start, take nothing and end (here: every spec read refused and the
     report refused too) cannot make the controller launch forever."""
     with LocalCloud(agents_via_proxy=True) as cloud:
-        boto3.client("s3").create_bucket(Bucket="my-bucket")
-        cloud.deny_agents("/spec.json")
-        cloud.deny_agents("/done/")
-        wf = Workflow("bounded", base_dir=str(tmp_path / "wf"))
-        wf.config["execution"]["poll_sleep_duration"] = 0.3
-        node = Node(Function(input_names=["x"], output_names=["y"],
-                             function=_sleep_then_double), name="never")
-        node.inputs.x = 1
-        wf.add_nodes([node])
+        wf = _refused_everything(cloud, tmp_path, "bounded", "never")
         started = time.time()
         from nipype_s3.exceptions import InstanceLaunchError
 
@@ -151,15 +157,7 @@ def test_jobs_no_agent_starts_end_the_run_after_stall_timeout(tmp_path):
     either): after ``stall_timeout`` the run stops, naming the job, instead of paying
     for idle instances until max_lifetime."""
     with LocalCloud(agents_via_proxy=True) as cloud:
-        boto3.client("s3").create_bucket(Bucket="my-bucket")
-        cloud.deny_agents("/spec.json")
-        cloud.deny_agents("/done/")
-        wf = Workflow("stalled", base_dir=str(tmp_path / "wf"))
-        wf.config["execution"]["poll_sleep_duration"] = 0.3
-        node = Node(Function(input_names=["x"], output_names=["y"],
-                             function=_sleep_then_double), name="waiting")
-        node.inputs.x = 1
-        wf.add_nodes([node])
+        wf = _refused_everything(cloud, tmp_path, "stalled", "waiting")
         from nipype_s3.exceptions import EC2Error
 
         with pytest.raises(EC2Error, match=r"stalled\.waiting.*never started.*stall_timeout"):

@@ -10,17 +10,13 @@ import json
 import logging
 import time
 
-import boto3
 import botocore.exceptions
 import pytest
 
-from nipype_s3.agent import Agent, AgentConfig
+from nipype_s3.agent import Agent
 from nipype_s3.ec2.jobs import (
     MAX_SPEC_BYTES,
-    RunLayout,
-    job_key_parameter,
     make_message,
-    new_run_id,
     seal,
     sign,
     unseal,
@@ -32,22 +28,8 @@ KEY = b"q" * 32
 
 
 @pytest.fixture
-def run(s3_inprocess, tmp_path):
-    run_id = new_run_id()
-    layout = RunLayout("runs-bucket", "p", run_id)
-    s3_inprocess.create_bucket(Bucket="runs-bucket")
-    sqs = boto3.client("sqs", region_name="us-east-1")
-    jobs = sqs.create_queue(QueueName=layout.queue_name("jobs"))["QueueUrl"]
-    events = sqs.create_queue(QueueName=layout.queue_name("events"))["QueueUrl"]
-    boto3.client("ssm", region_name="us-east-1").put_parameter(
-        Name=job_key_parameter(run_id), Value=KEY.hex(), Type="SecureString")
-    cfg = AgentConfig(bucket="runs-bucket", prefix="p", run_id=run_id, region="us-east-1",
-                      jobs_queue_url=jobs, events_queue_url=events,
-                      job_key_parameter=job_key_parameter(run_id), idle_timeout=0.5,
-                      poll_wait=0, lease_check=0.2, worker_root=str(tmp_path / "root"),
-                      vcpus=4, mem_gb=8)
-    s3_inprocess.put_object(Bucket=layout.bucket, Key=layout.lease_key, Body=seal(
-        KEY, "lease", {"run_id": run_id, "expires": time.time() + 600}))
+def run(make_run, s3_inprocess):
+    layout, cfg, sqs = make_run(KEY, lease=600, idle_timeout=0.5, vcpus=4, mem_gb=8)
     return layout, cfg, sqs, s3_inprocess
 
 

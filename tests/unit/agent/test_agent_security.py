@@ -3,28 +3,16 @@
 import json
 import time
 
-import boto3
 import pytest
 
-from nipype_s3.agent import Agent, AgentConfig
-from nipype_s3.ec2.jobs import RunLayout, job_key_parameter, make_message, new_run_id, seal
+from nipype_s3.agent import Agent
+from nipype_s3.ec2.jobs import make_message, seal
 
 
 @pytest.fixture
-def run(s3_inprocess, tmp_path):
-    run_id = new_run_id()
-    layout = RunLayout("runs-bucket", "p", run_id)
-    s3_inprocess.create_bucket(Bucket="runs-bucket")
-    sqs = boto3.client("sqs", region_name="us-east-1")
-    jobs = sqs.create_queue(QueueName=layout.queue_name("jobs"))["QueueUrl"]
-    events = sqs.create_queue(QueueName=layout.queue_name("events"))["QueueUrl"]
+def run(make_run, s3_inprocess):
     key = b"s" * 32
-    boto3.client("ssm", region_name="us-east-1").put_parameter(
-        Name=job_key_parameter(run_id), Value=key.hex(), Type="SecureString")
-    cfg = AgentConfig(bucket="runs-bucket", prefix="p", run_id=run_id, region="us-east-1",
-                      jobs_queue_url=jobs, events_queue_url=events,
-                      job_key_parameter=job_key_parameter(run_id), idle_timeout=1,
-                      poll_wait=0, lease_check=0.2, worker_root=str(tmp_path / "root"))
+    layout, cfg, sqs = make_run(key)
     return layout, cfg, key, sqs, s3_inprocess
 
 
