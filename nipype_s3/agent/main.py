@@ -47,6 +47,7 @@ from ..ec2.jobs import (
 from ..s3.session import make_s3_client
 from .config import AgentConfig
 from .forked import _THREAD_VARS, ForkedWorker, can_fork, preload
+from .metadata import Metadata
 
 __all__ = ["Agent", "main"]
 
@@ -55,6 +56,9 @@ logger = logging.getLogger("nipype_s3.agent")
 _LOG_TAIL = 40
 #: At most this much of a job's log is read for its tail (a 300 MB log stays on disk).
 _TAIL_BYTES = 64 * 1024
+#: The metadata service is asked for a spot interruption notice this often (seconds):
+#: EC2 gives two minutes.
+_NOTICE_EVERY = 5.0
 #: While jobs run and there is room for more, the queue is asked this often (seconds).
 _BUSY_RECEIVE_EVERY = 2.0
 
@@ -117,8 +121,9 @@ class Agent:
     def __init__(self, config: AgentConfig, *, instance_id: str | None = None) -> None:
         self.cfg = config
         self.layout = config.layout
+        self.metadata = Metadata()
         self.instance_id = instance_id or os.environ.get("NIPYPE_S3_INSTANCE_ID") \
-            or _imds_instance_id() or "local"
+            or self.metadata.instance_id() or "local"
         session = boto3.Session(region_name=config.region)
         self.s3 = make_s3_client(session, endpoint_url=config.endpoint_url,
                                  region=config.region)
@@ -529,6 +534,24 @@ class Agent:
         outage.delay = min(_RETRY_MAX, outage.delay * 2)
         return outage
 
+    def _hand_back(self, why: str) -> None:
+        """Stop every job running here and make its message visible again at once, so
+        another agent starts it now (not after its visibility timeout): this instance
+        is about to go."""
+        for run in list(self.running.values()):
+            if run.proc.poll() is None:
+                run.proc.kill()
+                run.proc.wait()
+            try:
+                self.sqs.change_message_visibility(
+                    QueueUrl=self.cfg.jobs_queue_url, ReceiptHandle=run.receipt,
+                    VisibilityTimeout=0)
+            except _AWS_ERRORS as exc:  # it comes back after its visibility timeout
+                logger.warning("could not hand job %s back at once: %s", run.job_id, exc)
+            self._send_event(run.job_id, "handed-back")
+            logger.warning("job %s handed back to the queue: %s", run.job_id, why)
+        self.running.clear()
+
     def _kill_all(self) -> None:
         for run in self.running.values():
             if run.proc.poll() is None:
@@ -591,6 +614,7 @@ class Agent:
         start = time.monotonic()
         last_work = time.monotonic()
         last_lease = 0.0
+        last_notice = 0.0
         last_receive = 0.0
         logger.info("agent on %s serving run %s (%d vCPU, %.1f GiB)", self.instance_id,
                     cfg.run_id, self.vcpus, self.mem_gb)
@@ -604,6 +628,14 @@ class Agent:
                 if now - start > cfg.max_lifetime:
                     self.stop_reason = "max lifetime reached"
                     break
+                if now - last_notice >= _NOTICE_EVERY:
+                    last_notice = now
+                    notice = self.metadata.interruption()
+                    if notice is not None:
+                        self.stop_reason = (f"spot interruption notice ({notice.get('action')} "
+                                            f"at {notice.get('time')})")
+                        self._hand_back(self.stop_reason)
+                        break
                 try:
                     if now - last_lease >= cfg.lease_check:
                         last_lease = now
@@ -688,20 +720,6 @@ def _refused(exc: botocore.exceptions.ClientError) -> bool:
     code = exc.response.get("Error", {}).get("Code", "")
     return status == 403 or code in ("AccessDenied", "AccessDeniedException",
                                      "KMS.AccessDeniedException", "KMSAccessDenied")
-
-
-def _imds_instance_id() -> str | None:
-    if os.environ.get("AWS_EC2_METADATA_DISABLED", "").lower() == "true":
-        return None
-    try:
-        from botocore.utils import IMDSFetcher
-
-        fetcher = IMDSFetcher(timeout=1, num_attempts=1)
-        token = fetcher._fetch_metadata_token()
-        resp = fetcher._get_request("/latest/meta-data/instance-id", None, token)
-        return resp.text.strip() or None
-    except Exception:
-        return None
 
 
 def main(argv=None) -> int:

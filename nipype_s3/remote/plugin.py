@@ -333,6 +333,8 @@ class RemotePlugin(PlacementMixin, StagingMixin, CollectMixin, CostMixin,
                 self._progress = time.time()
                 if status == "started":
                     job.started = job.started or time.time()
+                elif status == "handed-back":  # its instance is going: it runs again
+                    job.started = None
                 elif job not in finished:
                     job.reported = True
                     finished.append(job)

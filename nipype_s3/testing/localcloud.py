@@ -117,6 +117,8 @@ class LocalCloud:
         self._boot_faults = 0
         self._boot_hangs = 0
         self._denied: list[str] = []
+        self._notices: dict[str, str] = {}
+        self._metadata = None
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -143,6 +145,7 @@ class LocalCloud:
                               AWS_DEFAULT_REGION=self.region,
                               AWS_EC2_METADATA_DISABLED="true")
             self._create_defaults()
+            self._serve_metadata()
             self._thread = threading.Thread(target=self._watch, daemon=True,
                                             name="nipype-s3-localcloud")
             self._thread.start()
@@ -159,6 +162,9 @@ class LocalCloud:
             self._kill(inst)
         if self.proxy is not None:
             self.proxy.stop()
+        if self._metadata is not None:
+            self._metadata.shutdown()
+            self._metadata.server_close()
         self.server.stop()
         for key, value in self._saved_env.items():
             if value is None:
@@ -254,6 +260,69 @@ class LocalCloud:
                 return inst.instance_id
             time.sleep(0.1)
         raise TimeoutError("no (busy) agent to kill within 60 s")
+
+    def spot_notice(self, instance_id: str | None = None, *, busy: bool = True,
+                    action: str = "terminate") -> str:
+        """Post a spot interruption notice to one instance's metadata service, as EC2
+        does two minutes before it reclaims the instance; return its id. The agent
+        hands its jobs back and stops; its instance then ends.
+
+        Without ``instance_id``, an instance whose agent runs a job is chosen (``busy``).
+        """
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            with self._lock:
+                candidates = [i for i in self.instances.values() if i.alive and (
+                    instance_id is None or i.instance_id == instance_id)]
+            if busy and instance_id is None:
+                candidates = [i for i in candidates if _running_jobs(i)]
+            if candidates:
+                iid = candidates[0].instance_id
+                when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() + 120))
+                self._notices[iid] = json.dumps({"action": action, "time": when})
+                return iid
+            time.sleep(0.1)
+        raise TimeoutError("no (busy) instance to send a spot notice to within 60 s")
+
+    def _serve_metadata(self) -> None:
+        """One metadata service for every instance: ``<url>/<instance id>/latest/...``
+        (IMDSv2: a token first), with its instance id and any spot notice."""
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        cloud = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):  # quiet
+                pass
+
+            def _answer(self, code: int, text: str = "") -> None:
+                body = text.encode()
+                self.send_response(code)
+                self.send_header("Content-Type", "text/plain")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def do_PUT(self):  # noqa: N802 - the token
+                self._answer(200, "localcloud-token")
+
+            def do_GET(self):  # noqa: N802
+                iid, _, path = self.path.lstrip("/").partition("/")
+                path = path.lstrip("/")
+                if self.headers.get("x-aws-ec2-metadata-token") != "localcloud-token":
+                    self._answer(401)
+                elif path == "latest/meta-data/instance-id":
+                    self._answer(200, iid)
+                elif path == "latest/meta-data/spot/instance-action" and \
+                        iid in cloud._notices:
+                    self._answer(200, cloud._notices[iid])
+                else:
+                    self._answer(404)
+
+        self._metadata = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._metadata.daemon_threads = True
+        threading.Thread(target=self._metadata.serve_forever, daemon=True,
+                         name="nipype-s3-localcloud-imds").start()
 
     # -- what a test looks at -----------------------------------------------------------
     def live_instances(self) -> list[str]:
@@ -383,7 +452,8 @@ class LocalCloud:
                    # whose one-CPU jobs are forks of it
                    OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", MKL_NUM_THREADS="1",
                    AWS_EC2_METADATA_DISABLED="true", NIPYPE_NO_ET="1",
-                   NIPYPE_S3_INSTANCE_ID=iid, NIPYPE_S3_WORKER_ROOT=config["worker_root"])
+                   NIPYPE_S3_INSTANCE_ID=iid, NIPYPE_S3_WORKER_ROOT=config["worker_root"],
+                   NIPYPE_S3_IMDS_URL=f"http://127.0.0.1:{self._metadata.server_port}/{iid}")
         argv = [sys.executable, "-m", "nipype_s3.agent", "--config", config_path]
         with self._lock:
             if self._boot_faults and not via_ssm:

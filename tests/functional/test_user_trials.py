@@ -169,3 +169,38 @@ def test_an_unpriced_type_with_a_cost_cap_is_named(cloud, tmp_path):
     with pytest.raises(ConfigurationError, match="'c1.medium' is not in nipype_s3's price"):
         _sleepy_workflow(str(tmp_path), 1).run(plugin=EC2Plugin(plugin_args=_plugin_args(
             max_cost_usd=1.0, instance_type="c1.medium")))
+
+
+def _slow_double(x):
+    import time
+
+    time.sleep(5)
+    return 2 * x
+
+
+def test_a_spot_notice_mid_job_runs_the_job_again_elsewhere_at_once(cloud, tmp_path):
+    """EC2's two-minute notice: the agent hands its job back (visible again at once, not
+    after the visibility timeout) and stops; the job runs again on another instance,
+    once, and the workflow's result is unchanged."""
+    import threading
+    import time
+
+    wf = Workflow("spot", base_dir=str(tmp_path))
+    wf.config["execution"]["poll_sleep_duration"] = 0.3
+    node = Node(Function(input_names=["x"], output_names=["y"], function=_slow_double),
+                "slow")
+    node.inputs.x = 21
+    wf.add_nodes([node])
+    noticed = []
+    threading.Thread(target=lambda: noticed.append(cloud.spot_notice()), daemon=True).start()
+    started = time.time()
+    (done,) = wf.run(plugin=EC2Plugin(plugin_args=_plugin_args(
+        max_instances=2, visibility_timeout=120, heartbeat=5))).nodes()
+    assert done.result.outputs.y == 42
+    assert time.time() - started < 90  # not the 120 s visibility timeout
+    (reclaimed,) = noticed
+    logs = {i.instance_id: i.log() for i in cloud.instance_list()}
+    assert "handed back to the queue: spot interruption notice" in logs[reclaimed]
+    assert "agent stops: spot interruption notice (terminate" in logs[reclaimed]
+    finished = [iid for iid, text in logs.items() if "finished: ok" in text]
+    assert finished and reclaimed not in finished
