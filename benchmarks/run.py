@@ -221,9 +221,35 @@ class Bench:
         self.client.create_bucket(Bucket="bench")
         self.s5cmd = shutil.which("s5cmd")
         self.aws = shutil.which("aws")
+        #: where the tools of a case send their requests: the server, or a delay proxy
+        #: in front of it (:meth:`at_distance`)
+        self.endpoint = self.server.url
 
     def close(self) -> None:
         self.server.stop()
+
+    def at_distance(self, rtt_ms: int):
+        """A context in which every tool reaches the server ``rtt_ms`` away (one round
+        trip more per connection and per request: :class:`latency.DelayProxy`)."""
+        import contextlib
+
+        from latency import DelayProxy
+
+        @contextlib.contextmanager
+        def distance():
+            if not rtt_ms:
+                yield
+                return
+            saved = self.endpoint, self.env
+            with DelayProxy(self.server.url, rtt_ms / 1000.0) as proxy:
+                self.endpoint = proxy.url
+                self.env = dict(self.env, AWS_ENDPOINT_URL=proxy.url)
+                try:
+                    yield
+                finally:
+                    self.endpoint, self.env = saved
+
+        return distance()
 
     def prefix(self, *parts) -> str:
         return "/".join(parts)
@@ -270,10 +296,10 @@ class Bench:
 
     def count_requests(self, tool, make_argv, prepare, output, files, nbytes) -> int:
         """Requests of one more (untimed) run, counted by a recording proxy."""
-        with RecordingProxy(self.server.url) as proxy:
+        with RecordingProxy(self.endpoint) as proxy:
             if prepare:
                 prepare("counted")
-            argv = [a.replace(self.server.url, proxy.url) for a in make_argv("counted")]
+            argv = [a.replace(self.endpoint, proxy.url) for a in make_argv("counted")]
             run_timed(argv, dict(self.env, AWS_ENDPOINT_URL=proxy.url))
             if output:
                 check_and_remove(output("counted"), files, nbytes, tool)
@@ -311,9 +337,15 @@ class Bench:
         print(f"  {case:<10} {direction:<8} {tool:<22} not run: {why}", flush=True)
 
     # -- the cases --------------------------------------------------------------------
-    def transfer_case(self, case: str, count: int, size: int) -> None:
-        src = os.path.join(self.work, "data", case)
-        make_files(src, count, size)
+    def transfer_case(self, case: str, count: int, size: int, rtt_ms: int = 0) -> None:
+        """Download, then upload, ``count`` files of ``size`` bytes (``rtt_ms`` away:
+        the case is named ``<case>@<rtt_ms>ms``)."""
+        src = os.path.join(self.work, "data", case.split("@")[0])
+        if not os.path.isdir(src):
+            make_files(src, count, size)
+        if rtt_ms:
+            with self.at_distance(rtt_ms):
+                return self.transfer_case(f"{case}@{rtt_ms}ms", count, size)
         nbytes = count * size
         py = sys.executable
         up = lambda tool, rep: f"s3://bench/{case}/{tool}/{rep}"  # noqa: E731
@@ -334,12 +366,12 @@ class Bench:
             lambda r: dest("ours", r))]
         if self.s5cmd:
             downs.append(("s5cmd", lambda r: [
-                self.s5cmd, "--endpoint-url", self.server.url, "cp",
+                self.s5cmd, "--endpoint-url", self.endpoint, "cp",
                 f"s3://bench/{key_prefix}*", dest("s5cmd", r) + "/"], None,
                 lambda r: dest("s5cmd", r)))
         if self.aws:
             downs.append(("aws s3 cp", lambda r: [
-                self.aws, "--endpoint-url", self.server.url, "s3", "cp", "--recursive",
+                self.aws, "--endpoint-url", self.endpoint, "s3", "cp", "--recursive",
                 "--only-show-errors", f"s3://bench/{key_prefix}", dest("awscli", r)], None,
                 lambda r: dest("awscli", r)))
         downs.append(("cp -r (local disk)", lambda r: ["cp", "-r", src, dest("cp", r)],
@@ -357,11 +389,11 @@ class Bench:
                 os.path.join(self.work, "n", case, f"n{r}")], None, None)]
         if self.s5cmd:
             ups.append(("s5cmd", lambda r: [
-                self.s5cmd, "--endpoint-url", self.server.url, "cp", src + "/*",
+                self.s5cmd, "--endpoint-url", self.endpoint, "cp", src + "/*",
                 up("s5cmd", r) + "/"], None, None))
         if self.aws:
             ups.append(("aws s3 cp", lambda r: [
-                self.aws, "--endpoint-url", self.server.url, "s3", "cp", "--recursive",
+                self.aws, "--endpoint-url", self.endpoint, "s3", "cp", "--recursive",
                 "--only-show-errors", src, up("awscli", r) + "/"], None, None))
         copied = lambda r: os.path.join(self.work, "cp", case, f"u{r}")  # noqa: E731
         ups.append(("cp -r (local disk)", lambda r: ["cp", "-r", src, copied(r)],
@@ -477,22 +509,62 @@ def write_report(bench: Bench, path_md: str, args, plugin_rows: dict | None = No
     with open(path_md.replace(".md", ".json"), "w") as fobj:
         json.dump({"transfers": bench.rows, "plugin": plugin_rows}, fobj, indent=1)
     try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        timed = [r for r in bench.rows if r["seconds"] and r["case"] != "rerun"]
-        labels = [f"{r['case']} {r['direction']}\n{r['tool']}" for r in timed]
-        fig, ax = plt.subplots(figsize=(10, 0.35 * len(timed) + 1))
-        ax.barh(labels, [r["mib_s"] for r in timed])
-        ax.set_xlabel("MiB/s (higher is better)")
-        ax.invert_yaxis()
-        fig.tight_layout()
-        fig.savefig(path_md.replace(".md", ".png"), dpi=90)
+        _chart(bench.rows, path_md.replace(".md", ".png"))
     except ImportError:
         pass
     return text
+
+
+def _split_case(case: str) -> tuple[str, int]:
+    """``"small@20ms"`` -> ``("small", 20)``; ``"small"`` -> ``("small", 0)``."""
+    base, _, rest = case.partition("@")
+    return base, int(rest[:-2]) if rest.endswith("ms") else 0
+
+
+def _chart(rows: list[dict], path: str) -> None:
+    """One panel per case and direction; in each, bars grouped by round trip, each tool
+    as its speed relative to s5cmd (above 1: faster), s5cmd itself the line at 1 and
+    ``cp -r`` a dashed reference line (a bar of it flattened all the others)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    timed = [r for r in rows if r["seconds"] and r["case"] != "rerun"]
+    s5 = {(r["case"], r["direction"]): r["seconds"] for r in timed if r["tool"] == "s5cmd"}
+    panels = sorted({(_split_case(r["case"])[0], r["direction"]) for r in timed},
+                    key=lambda p: (["small", "medium", "large"].index(p[0])
+                                   if p[0] in ("small", "medium", "large") else 9, p[1]))
+    tools = [t for t in dict.fromkeys(r["tool"] for r in timed)
+             if t != "s5cmd" and not t.startswith("cp -r")]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6), squeeze=False)
+    for ax, (base, direction) in zip(axes[0], panels, strict=True):
+        cases = sorted({r["case"] for r in timed if _split_case(r["case"])[0] == base
+                        and r["direction"] == direction}, key=lambda c: _split_case(c)[1])
+        width = 0.8 / max(1, len(tools))
+        for t_index, tool in enumerate(tools):
+            ratios = []
+            for case in cases:
+                row = next((r for r in timed if r["case"] == case and r["tool"] == tool
+                            and r["direction"] == direction), None)
+                ref = s5.get((case, direction))
+                ratios.append(ref / row["seconds"] if row and ref else 0.0)
+            ax.bar([i + t_index * width for i in range(len(cases))], ratios, width,
+                   label=tool)
+        ax.axhline(1.0, color="black", linewidth=1, label="s5cmd")
+        cp = next((r for r in timed if r["case"] == base and r["direction"] == direction
+                   and r["tool"].startswith("cp -r")), None)
+        if cp and s5.get((base, direction)):
+            ax.axhline(s5[(base, direction)] / cp["seconds"], color="grey", linestyle="--",
+                       linewidth=1, label="cp -r (local disk)")
+        ax.set_xticks([i + 0.4 - width / 2 for i in range(len(cases))],
+                      [f"{_split_case(c)[1]} ms" for c in cases])
+        ax.set_title(f"{base} {direction}")
+        ax.set_ylabel("speed / s5cmd's")
+    axes[0][0].legend(fontsize=7, loc="upper left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
 
 
 def main(argv=None) -> int:
@@ -501,11 +573,20 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=None,
                         help="runs of each contender (default 5, or 3 with --quick)")
     parser.add_argument("--out", default=os.path.join(HERE, "results", "latest.md"))
+    parser.add_argument("--latency-ms", default=None,
+                        help="round trips to time the cases at, e.g. 0,20,50 (default: "
+                             "0,20,50; with --quick the small case at 0 and 20)")
     parser.add_argument("--no-plugin", action="store_true",
                         help="transfers only (skip the EC2Plugin overhead case)")
     args = parser.parse_args(argv)
     cases = [("small", 60, 256 * KiB), ("large", 2, 24 * MiB)] if args.quick else \
-        [("small", 500, 256 * KiB), ("large", 4, 200 * MiB)]
+        [("small", 500, 256 * KiB), ("medium", 40, 24 * MiB), ("large", 4, 200 * MiB)]
+    latencies = [int(v) for v in args.latency_ms.split(",")] if args.latency_ms else \
+        ([0, 20] if args.quick else [0, 20, 50])
+    # at a distance: every case, or with --quick the small one (the large ones would
+    # mostly time the bytes, which the proxy passes at full speed)
+    distant = [(case, count, size, ms) for ms in latencies if ms
+               for case, count, size in cases if not args.quick or case == "small"]
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     work = tempfile.mkdtemp(prefix="nipype-s3-bench-")
     repeats = args.repeats or (3 if args.quick else 5)
@@ -514,6 +595,10 @@ def main(argv=None) -> int:
         for case, count, size in cases:
             print(f"case {case}: {count} x {size // KiB} KiB", flush=True)
             bench.transfer_case(case, count, size)
+        for case, count, size, ms in distant:
+            print(f"case {case}@{ms}ms: {count} x {size // KiB} KiB, {ms} ms a round trip",
+                  flush=True)
+            bench.transfer_case(case, count, size, rtt_ms=ms)
         print("case rerun: nothing changed", flush=True)
         bench.rerun_case(cases)
         plugin_rows = None

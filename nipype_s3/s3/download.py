@@ -26,9 +26,17 @@ from ..exceptions import ConfigurationError, NipypeS3Error, TransferFailed
 from ..localfs import make_folder
 from .errors import translate
 from .hashing import etag_matches
+from .listing import observed_rtt
 from .native import native_engine, open_empty
 from .session import endpoint_of
-from .transfer import Progress, Timer, TransferSettings, TransferSummary, run_transfers
+from .transfer import (
+    Progress,
+    Timer,
+    TransferSettings,
+    TransferSummary,
+    fit_concurrency,
+    run_transfers,
+)
 
 __all__ = ["DownloadItem", "download_files", "is_partial"]
 
@@ -379,11 +387,16 @@ def download_files(client, bucket: str, items, *, settings: TransferSettings | N
                 return manager.download(bucket, item.key, tmp, extra_args=extra,
                                         subscribers=subs)
 
+            # at a distance, more small files in flight (a large one's parts stay as
+            # many as they were: each in flight holds a part's memory)
+            fitted = settings if any(
+                (item.size or 0) >= settings.multipart_threshold for item in todo) else \
+                fit_concurrency(settings, observed_rtt(client), len(todo))
             try:
-                outcomes, small, large = _native_first(client, bucket, settings, todo,
+                outcomes, small, large = _native_first(client, bucket, fitted, todo,
                                                        request_payer, progress)
                 outcomes += run_transfers(client, settings, small, get_small, large,
-                                          submit_large)
+                                          submit_large, small_settings=fitted)
             except BaseException:
                 for tmp in large_temps.values():
                     _remove(tmp)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import logging
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -47,11 +48,13 @@ def iter_objects(client, bucket: str, prefix: str = "", *,
     if request_payer:
         kwargs["RequestPayer"] = "requester"
     engine = _engine(client, bucket)
-    with s3_errors(bucket=bucket, key=prefix or None, action="list",
-                   endpoint=endpoint_of(client)):
+    endpoint = endpoint_of(client)
+    first = True
+    with s3_errors(bucket=bucket, key=prefix or None, action="list", endpoint=endpoint):
         while True:
             token = kwargs.get("ContinuationToken")
             page = None
+            asked = time.monotonic()
             if engine is not None:
                 try:
                     page = engine.list_page(prefix, token, request_payer=request_payer,
@@ -72,6 +75,9 @@ def iter_objects(client, bucket: str, prefix: str = "", *,
                                      item.get("LastModified"))
                 truncated = answer.get("IsTruncated")
                 token = answer.get("NextContinuationToken")
+            if first:  # how far the server is: what a request costs, at least
+                _SEEN_RTT[endpoint] = time.monotonic() - asked
+                first = False
             if not truncated or not token:
                 return
             if token == kwargs.get("ContinuationToken"):
@@ -80,6 +86,17 @@ def iter_objects(client, bucket: str, prefix: str = "", *,
                     "same continuation token twice. Check the S3 server (a proxy "
                     "caching its answers?) and try again.")
             kwargs["ContinuationToken"] = token
+
+
+#: endpoint -> seconds the latest LIST's first page took: a request's round trip at
+#: most (the transfers after it choose how many requests to keep in flight from it)
+_SEEN_RTT: dict[str, float] = {}
+
+
+def observed_rtt(client) -> float | None:
+    """Seconds a request to ``client``'s endpoint took lately (a LIST's first page), or
+    ``None`` before any."""
+    return _SEEN_RTT.get(endpoint_of(client))
 
 
 def _engine(client, bucket: str):

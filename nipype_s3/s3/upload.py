@@ -27,10 +27,17 @@ from ..exceptions import ConfigurationError, InputFileNotFound, NipypeS3Error, T
 from .digests import cached_digest
 from .errors import s3_errors, translate
 from .hashing import b64_sha256, etag_matches, file_md5, remember_etag
-from .listing import ObjectInfo, common_prefix, list_objects
+from .listing import ObjectInfo, common_prefix, list_objects, observed_rtt
 from .native import native_engine
 from .session import endpoint_of
-from .transfer import Progress, Timer, TransferSettings, TransferSummary, run_transfers
+from .transfer import (
+    Progress,
+    Timer,
+    TransferSettings,
+    TransferSummary,
+    fit_concurrency,
+    run_transfers,
+)
 
 __all__ = ["UploadItem", "upload_files", "sse_args", "checksum_args"]
 
@@ -296,11 +303,13 @@ def upload_files(client, bucket: str, items, *, settings: TransferSettings | Non
 
             small = [p for p in todo if p[1] < settings.multipart_threshold]
             large = [p for p in todo if p[1] >= settings.multipart_threshold]
+            # at a distance, more small files in flight
+            fitted = fit_concurrency(settings, observed_rtt(client), len(small))
             try:
-                outcomes, small = _native_first(client, bucket, settings, small, args, kms,
+                outcomes, small = _native_first(client, bucket, fitted, small, args, kms,
                                                 progress)
                 outcomes += run_transfers(client, settings, small, put_small, large,
-                                          submit_large)
+                                          submit_large, small_settings=fitted)
             finally:
                 progress.close()
             for (item, size), exc in outcomes:
