@@ -90,7 +90,8 @@ def _connection():
     path = cache_path()
     if path is None:
         return None
-    if _state["pid"] == os.getpid() and _state["path"] == path:
+    if _state["pid"] == os.getpid() and _state["path"] == path and (
+            _state["conn"] is not None or time.monotonic() < _state.get("retry_at", 0.0)):
         return _state["conn"]
     _state.update(pid=os.getpid(), path=path, conn=None)
     try:
@@ -113,7 +114,10 @@ def _connection():
         _make_private(path)  # the -wal and -shm files SQLite has made by now
         _state["conn"] = conn
     except (sqlite3.Error, OSError) as exc:
-        logger.debug("digest cache %s unavailable (%s): digests are computed each time",
+        # tried again a little later (a file locked for a moment is no reason to hash
+        # everything again for the rest of the process)
+        _state["retry_at"] = time.monotonic() + 5.0
+        logger.debug("digest cache %s unavailable (%s): digests are computed meanwhile",
                      path, exc)
     return _state["conn"]
 

@@ -23,7 +23,9 @@ def reads(monkeypatch):
     return seen
 
 
-def test_the_first_unchanged_rerun_reads_no_file(s3_inprocess, tmp_path, reads):
+def test_the_first_unchanged_rerun_reads_no_file(s3_inprocess, tmp_path, reads,
+                                                 monkeypatch):
+    monkeypatch.setenv("NIPYPE_S3_DIGEST_CACHE", str(tmp_path / "cache" / "d.sqlite"))
     s3_inprocess.create_bucket(Bucket="out-bucket")
     settings = TransferSettings(multipart_threshold=5 * MiB, multipart_chunksize=5 * MiB)
     files = {"big.nii.gz": os.urandom(12 * MiB), "small.json": b'{"a": 1}'}
