@@ -243,6 +243,17 @@ class LocalCloud:
 
         Without ``instance_id``, an agent with a running job is chosen (``busy``).
         """
+        inst = self._pick_instance(instance_id, busy, "agent to kill")
+        inst.killed = True
+        self._kill(inst)
+        if not inst.via_ssm:  # the instance is lost with its agent
+            self.client("ec2", direct=True).terminate_instances(
+                InstanceIds=[inst.instance_id])
+        return inst.instance_id
+
+    def _pick_instance(self, instance_id: str | None, busy: bool, what: str) -> LocalInstance:
+        """A live instance: ``instance_id``, or one whose agent runs a job (``busy``),
+        waited for up to 60 s."""
         deadline = time.time() + 60
         while time.time() < deadline:
             with self._lock:
@@ -251,15 +262,9 @@ class LocalCloud:
             if busy and instance_id is None:
                 candidates = [i for i in candidates if _running_jobs(i)]
             if candidates:
-                inst = candidates[0]
-                inst.killed = True
-                self._kill(inst)
-                if not inst.via_ssm:  # the instance is lost with its agent
-                    self.client("ec2", direct=True).terminate_instances(
-                        InstanceIds=[inst.instance_id])
-                return inst.instance_id
+                return candidates[0]
             time.sleep(0.1)
-        raise TimeoutError("no (busy) agent to kill within 60 s")
+        raise TimeoutError(f"no (busy) {what} within 60 s")
 
     def spot_notice(self, instance_id: str | None = None, *, busy: bool = True,
                     action: str = "terminate") -> str:
@@ -269,20 +274,11 @@ class LocalCloud:
 
         Without ``instance_id``, an instance whose agent runs a job is chosen (``busy``).
         """
-        deadline = time.time() + 60
-        while time.time() < deadline:
-            with self._lock:
-                candidates = [i for i in self.instances.values() if i.alive and (
-                    instance_id is None or i.instance_id == instance_id)]
-            if busy and instance_id is None:
-                candidates = [i for i in candidates if _running_jobs(i)]
-            if candidates:
-                iid = candidates[0].instance_id
-                when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() + 120))
-                self._notices[iid] = json.dumps({"action": action, "time": when})
-                return iid
-            time.sleep(0.1)
-        raise TimeoutError("no (busy) instance to send a spot notice to within 60 s")
+        iid = self._pick_instance(instance_id, busy, "instance to send a spot notice to")\
+            .instance_id
+        when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() + 120))
+        self._notices[iid] = json.dumps({"action": action, "time": when})
+        return iid
 
     def _serve_metadata(self) -> None:
         """One metadata service for every instance: ``<url>/<instance id>/latest/...``
