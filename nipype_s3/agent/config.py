@@ -50,6 +50,9 @@ class AgentConfig:
     worker_root: str = DEFAULT_WORKER_ROOT
     vcpus: int | None = None
     mem_gb: float | None = None
+    #: the controller's Python, nipype and nibabel versions: an agent that cannot match
+    #: them (another image) refuses to run its nodes (see nipype_s3.remote.versions)
+    versions: dict = field(default_factory=dict)
     extra: dict = field(default_factory=dict)
 
     @property

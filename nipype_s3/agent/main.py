@@ -44,6 +44,7 @@ from ..ec2.jobs import (
     valid_job_id,
     verify,
 )
+from ..remote.versions import mismatch, runtime_versions
 from ..s3.session import make_s3_client
 from .config import AgentConfig
 from .forked import _THREAD_VARS, ForkedWorker, can_fork, preload
@@ -191,12 +192,12 @@ class Agent:
         mem = self.mem_gb - sum(r.mem_gb for r in self.running.values())
         return cpus, mem
 
-    def _send_event(self, job_id: str, status: str) -> None:
+    def _send_event(self, job_id: str, status: str, **more) -> None:
         """Tell the controller (signed: it ignores events it cannot verify)."""
         try:
-            body = seal(self._job_key(), "event", {
+            body = seal(self._job_key(), "event", dict(more, **{
                 "run_id": self.cfg.run_id, "job_id": job_id, "status": status,
-                "instance_id": self.instance_id, "sent": time.time()})
+                "instance_id": self.instance_id, "sent": time.time()}))
             self.sqs.send_message(QueueUrl=self.cfg.events_queue_url,
                                   MessageBody=body.decode())
         except _AWS_ERRORS as exc:  # the controller also LISTs done/
@@ -618,7 +619,15 @@ class Agent:
         last_receive = 0.0
         logger.info("agent on %s serving run %s (%d vCPU, %.1f GiB)", self.instance_id,
                     cfg.run_id, self.vcpus, self.mem_gb)
-        self._send_event("", "agent-up")  # the controller counts instances that booted
+        versions = runtime_versions()
+        refused = mismatch(cfg.versions, versions, "this agent") if cfg.versions else None
+        if refused:  # its nodes would not load here: said to the controller, not tried
+            logger.error("not serving run %s: %s", cfg.run_id, refused)
+            self._send_event("", "agent-refused", versions=versions, why=refused)
+            self.stop_reason = "versions differ from the controller's"
+            return 1
+        # the controller counts instances that booted
+        self._send_event("", "agent-up", versions=versions)
         if os.environ.get("NIPYPE_S3_AGENT_FORK", "1") != "0":
             preload()  # one-CPU jobs then start as forks of this process, imports done
         outage: _Outage | None = None

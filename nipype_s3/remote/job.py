@@ -22,6 +22,8 @@ class _Job:
     done: bool = False
     report: dict | None = None
     instance_type: str = ""
+    #: the backend's key of where it runs (instance type and image on EC2)
+    fleet: str = ""
     #: the upload of its inputs, pickle and spec and the queue message, while under way
     sending: object = None
     #: the folders among its inputs and the paths it is told to write: what it writes

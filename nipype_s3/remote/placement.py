@@ -185,6 +185,10 @@ def check_node_args(node, known: dict) -> None:
             raise ConfigurationError(
                 f"Node {node.fullname}: plugin_args[{key!r}] must be "
                 f"{'True or False' if kind is bool else 'text'}, not {value!r}.")
+        if key == "image":
+            from .settings import checked_image
+
+            checked_image(value, f"Node {node.fullname}: plugin_args['image']")
 
 
 class PlacementMixin:

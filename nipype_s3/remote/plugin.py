@@ -31,6 +31,7 @@ from .costs import CostMixin
 from .job import _Job
 from .placement import PlacementMixin
 from .staging import StagingMixin
+from .versions import mismatch, runtime_versions
 
 logger = logging.getLogger("nipype.workflow")
 
@@ -45,7 +46,7 @@ class RemotePlugin(PlacementMixin, StagingMixin, CollectMixin, CostMixin,
     """Run a workflow's nodes remote (see the module docstring).
 
     A backend subclasses it with ``settings_class`` (its ``plugin_args``) and what
-    differs: ``_start_run`` (its resources), ``_fleet(instance_type)`` (where a job
+    differs: ``_start_run`` (its resources), ``_fleet(instance_type, image)`` (where a job
     goes), ``_scale`` (capacity), ``_end_steps`` (what it ends).
     """
 
@@ -67,6 +68,8 @@ class RemotePlugin(PlacementMixin, StagingMixin, CollectMixin, CostMixin,
         self._write_back_lock = threading.Lock()
         self._next_taskid = 0
         self._fatal: BaseException | None = None
+        #: what this controller runs: an agent that cannot match it refuses its nodes
+        self._versions = runtime_versions()
         self.run_id: str | None = None
         self.layout: RunLayout | None = None
         self.stats = {"submitted": 0, "local": 0, "remote_done": 0, "polls": 0}
@@ -319,6 +322,14 @@ class RemotePlugin(PlacementMixin, StagingMixin, CollectMixin, CostMixin,
                                    exc)
                     continue
                 status, iid = event.get("status"), event.get("instance_id")
+                if status in ("agent-up", "agent-refused") and self._fatal is None:
+                    why = mismatch(self._versions, event.get("versions"),
+                                   f"the agent on {iid}")
+                    if why or status == "agent-refused":
+                        self._stop_run(ConfigurationError(
+                            why or str(event.get("why"))[:2000]),
+                            "its agents cannot run this controller's nodes")
+                        continue
                 if status == "agent-up":
                     # once per agent of this run (a replayed event changes nothing)
                     if isinstance(iid, str) and iid not in self._booted and \

@@ -4,9 +4,26 @@ value and what it takes."""
 
 from __future__ import annotations
 
+import re
+
 from ..exceptions import ConfigurationError
 
-__all__ = ["_checked_arg"]
+__all__ = ["_checked_arg", "checked_image"]
+
+#: a container image reference: [registry[:port]/]name[:tag][@digest]
+_IMAGE_REF = re.compile(r"[a-z0-9][a-z0-9._-]*(:[0-9]+)?(/[a-z0-9][a-z0-9._-]*)*"
+                        r"(:[A-Za-z0-9_][A-Za-z0-9_.-]{0,127})?(@sha256:[0-9a-f]{64})?")
+
+
+def checked_image(value, where: str):
+    """``value`` when it is a container image reference, else a
+    :class:`ConfigurationError` naming ``where`` it was given and the value."""
+    if value is None or (isinstance(value, str) and _IMAGE_REF.fullmatch(value)):
+        return value
+    raise ConfigurationError(
+        f"{where} must be a container image reference such as 'nipype/nipype:py311' or "
+        f"'123456789012.dkr.ecr.us-east-1.amazonaws.com/fsl:6.0.7' (lower-case name, "
+        f"optional :tag and @sha256:digest), not {value!r}.")
 
 _KINDS = {"int": (int, "a whole number, e.g. 4"), "float": (float, "a number, e.g. 30"),
           "bool": (bool, "True or False"), "str": (str, "text"),

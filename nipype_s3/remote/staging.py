@@ -89,8 +89,8 @@ def _requirements(extra: list, with_self: bool) -> list[str]:
 
 
 class StagingMixin:
-    """Preparing and sending jobs (the backend's ``_fleet(instance_type)`` says where a
-    job goes)."""
+    """Preparing and sending jobs (the backend's ``_fleet(instance_type, image)`` says
+    where a job goes)."""
 
     def _send(self, taskid, node, node_dir, updatehash) -> _Job:
         """Prepare a node's job here (nipype's objects stay in this thread), and send it in
@@ -108,10 +108,10 @@ class StagingMixin:
         n_procs = max(1, int(getattr(node, "n_procs", 1) or 1))
         mem_gb = float(getattr(node, "mem_gb", 0) or 0)
         node_args = getattr(node, "plugin_args", None) or {}
-        instance_type = node_args.get("instance_type") if isinstance(node_args, dict) \
-            else None
+        node_args = node_args if isinstance(node_args, dict) else {}
         try:
-            fleet = self._fleet(instance_type or self.settings.instance_type)
+            fleet = self._fleet(node_args.get("instance_type") or self.settings.instance_type,
+                                node_args.get("image") or self.settings.image)
         except ConfigurationError as exc:
             raise ConfigurationError(f"Node {node.fullname}: {exc}") from exc
         spec = {
@@ -132,7 +132,7 @@ class StagingMixin:
         sending = self._senders.submit(self._deliver, node.fullname, inputs, raw, spec,
                                        fleet.queue_url)
         return _Job(taskid, job_id, node, node_dir, time.time(), n_procs, mem_gb,
-                    instance_type=fleet.instance_type, sending=sending,
+                    instance_type=fleet.instance_type, fleet=fleet.key, sending=sending,
                     writable=tuple(spec["folders"]) + tuple(targets))
 
     def _deliver(self, name, inputs, raw, spec, queue_url) -> None:

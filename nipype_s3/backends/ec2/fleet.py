@@ -5,6 +5,7 @@ detected, all terminated at the end.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import statistics
@@ -29,6 +30,9 @@ from ...remote.staging import _requirements
 logger = logging.getLogger("nipype.workflow")
 
 
+#: what an agent in a user's image needs besides the image's own nipype
+_AGENT_NEEDS = ("boto3", "botocore", "s3transfer", "nipype_s3")
+
 #: seconds from launch to a working agent on AWS, until this run has measured one
 _TYPICAL_BOOT = 60.0
 
@@ -40,20 +44,37 @@ class _Fleet:
     pool: InstancePool
     vcpus: int
     mem_gb: float
+    image: str | None = None
+
+    @property
+    def key(self) -> str:
+        return _fleet_key(self.instance_type, self.image)
+
+
+def _fleet_key(instance_type: str, image: str | None) -> str:
+    return f"{instance_type} {image}" if image else instance_type
+
+
+def _has_gpus(instance_type: str) -> bool:
+    """GPU instance families (g4dn, g5, g6e, gr6, p3, p4d, p5, ...)."""
+    family = instance_type.split(".")[0]
+    return family.startswith("gr") or (family[:1] in ("g", "p") and family[1:2].isdigit())
 
 
 class FleetMixin:
     """Instances and queues per instance type."""
 
-    def _fleet(self, instance_type: str) -> _Fleet:
-        """The queue and instances for one instance type (made on first use)."""
-        fleet = self._fleets.get(instance_type)
+    def _fleet(self, instance_type: str, image: str | None = None) -> _Fleet:
+        """The queue and instances for one instance type and image (made on first use)."""
+        fleet = self._fleets.get(_fleet_key(instance_type, image))
         if fleet is not None:
             return fleet
         s = self.settings
-        default = instance_type == s.instance_type
+        default = instance_type == s.instance_type and image == s.image
         vcpus, mem_gb = self._shape(instance_type)  # a type that does not exist: nothing made
         kind = "jobs" if default else f"jobs-{_slug(instance_type).replace('.', '-')}"
+        if image and not default:
+            kind += "-" + hashlib.sha256(image.encode()).hexdigest()[:10]
         queue = self.sqs.create_queue(
             QueueName=self.layout.queue_name(kind),
             Attributes={"VisibilityTimeout": str(int(s.visibility_timeout)),
@@ -71,21 +92,24 @@ class FleetMixin:
             heartbeat=s.heartbeat, poll_wait=int(s.poll_wait),
             lease_check=max(1.0, min(15.0, s.lease_timeout / 4)),
             max_attempts=int(s.max_attempts), worker_root=s.worker_root,
-            vcpus=s.agent_vcpus, mem_gb=s.agent_mem_gb)
+            vcpus=s.agent_vcpus, mem_gb=s.agent_mem_gb, versions=self._versions)
+        requirements = _requirements(s.requirements, self._package_uri is None)
+        if image:  # the image has nipype and the node's tools: only the agent's own needs
+            requirements = [r for r in requirements if r.split("==")[0] in _AGENT_NEEDS]
         user_data = render_user_data(
             run_id=self.run_id, config_json=agent_cfg.to_json(), region=self.region,
-            worker_root=s.worker_root,
-            requirements=_requirements(s.requirements, self._package_uri is None),
+            worker_root=s.worker_root, requirements=requirements,
             package_s3_uri=self._package_uri, package_sha256=self._package_sha256,
-            setup_commands=s.setup_commands)
+            setup_commands=s.setup_commands, image=image,
+            gpus=bool(image) and _has_gpus(instance_type))
         pool = InstancePool(self.ec2, self.run_id, LaunchSpec(
             ami=self._ami, instance_type=instance_type, user_data=user_data,
             iam_instance_profile=s.iam_instance_profile, subnet_id=s.subnet_id,
             security_group_ids=list(s.security_group_ids), key_name=s.key_name,
             volume_gb=s.volume_gb, extra_tags=dict(s.tags)), spot=s.spot,
             spot_retries=s.spot_retries)
-        fleet = _Fleet(instance_type, queue, pool, vcpus, mem_gb)
-        self._fleets[instance_type] = fleet
+        fleet = _Fleet(instance_type, queue, pool, vcpus, mem_gb, image)
+        self._fleets[fleet.key] = fleet
         return fleet
 
     def _shape(self, instance_type: str) -> tuple[int, float]:
@@ -97,7 +121,8 @@ class FleetMixin:
     @property
     def pool(self) -> InstancePool | None:
         """The default instance type's pool (for inspection)."""
-        fleet = (getattr(self, "_fleets", None) or {}).get(self.settings.instance_type)
+        fleet = (getattr(self, "_fleets", None) or {}).get(
+            _fleet_key(self.settings.instance_type, self.settings.image))
         return fleet.pool if fleet is not None else None
 
     def _agent_up(self, instance_id: str) -> bool:
@@ -139,14 +164,14 @@ class FleetMixin:
             return
         total = sum(live.values())
         self.peak = max(self.peak, total)
-        for itype, fleet in self._fleets.items():
-            cpus = sum(j.n_procs for j in waiting if j.instance_type == itype)
-            if not cpus:
+        for key, fleet in self._fleets.items():
+            itype = fleet.instance_type
+            mine = [j for j in waiting if (j.fleet or j.instance_type) == key]
+            if not mine:
                 continue
-            wanted = self._wanted(fleet, [j for j in waiting if j.instance_type == itype],
-                                  live[itype])
+            wanted = self._wanted(fleet, mine, live[key])
             room = int(self.settings.max_instances) - total
-            missing = min(wanted - live[itype], room, self._launches_left(),
+            missing = min(wanted - live[key], room, self._launches_left(),
                           self._affordable(itype))
             if missing <= 0 and total == 0 and self._affordable(itype) <= 0:
                 self._stop_run(EC2Error(self._cost_message(waiting, launching=itype)),

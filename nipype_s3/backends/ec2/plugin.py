@@ -61,7 +61,7 @@ logger = logging.getLogger("nipype.workflow")
 
 
 #: what a node's own plugin_args may say under EC2Plugin, and of what kind
-_NODE_ARGS = {"local": bool, "instance_type": str}
+_NODE_ARGS = {"local": bool, "instance_type": str, "image": str}
 
 
 class EC2Plugin(FleetMixin, RemotePlugin):
@@ -168,7 +168,7 @@ class EC2Plugin(FleetMixin, RemotePlugin):
         self._package_uri, self._package_sha256 = (
             self._ship_package() if s.ship_package else (None, None))
         self._fleets: dict[str, _Fleet] = {}
-        self._fleet(s.instance_type).pool.check_image()
+        self._fleet(s.instance_type, s.image).pool.check_image()
         self._lease_stop.clear()
         self._lease_thread = threading.Thread(target=self._lease_loop, daemon=True,
                                               name="nipype-s3-lease")

@@ -9,7 +9,7 @@ from ...ec2.jobs import (
     parse_s3_prefix,
 )
 from ...exceptions import ConfigurationError
-from ...remote.settings import _checked_arg
+from ...remote.settings import _checked_arg, checked_image
 
 
 @dataclass
@@ -55,6 +55,15 @@ class EC2Settings:
     max_launches : int
         Instances one run may launch in all (default: 10 x ``max_instances``); a run
         that would need more stops with an error instead of launching forever.
+    image : str
+        A container image (Docker) to run the nodes in, e.g. one of nipype's or an ECR
+        image with FSL: the instance starts Docker, pulls it (logging in to ECR when it
+        is there) and runs the agent inside it, so each node runs where the image's
+        tools are. It must hold ``python3`` >= 3.10 with the controller's minor versions
+        of Python and nipype (an agent that differs refuses, and the run stops naming
+        both); check one with ``nipype-s3 check-image IMAGE``. A node can name its own
+        (``node.plugin_args = {"image": ...}``). GPU instance types (g*, p*) give the
+        container their GPUs. Default: no image (a virtual environment on the AMI).
     max_cost_usd : float
         A cap on the run's estimated cost (on-demand list prices, 60 s minimum per
         instance): no instance is launched that would take the estimate past it, and
@@ -99,6 +108,7 @@ class EC2Settings:
     stall_timeout: float = 900.0
     max_launches: int | None = None
     max_cost_usd: float | None = None
+    image: str | None = None
 
     _NIPYPE_KEYS = {"max_jobs", "status_callback", "template", "qsub_args"}
 
@@ -128,6 +138,7 @@ class EC2Settings:
         settings = cls(**{k: _checked_arg(k, v, cls.__dataclass_fields__[k].type)
                           for k, v in args.items() if k in known})
         parse_s3_prefix(settings.s3_prefix)
+        checked_image(settings.image, "EC2Plugin plugin_args['image']")
         for name, low in _AT_LEAST.items():
             value = getattr(settings, name)
             if value is not None and value < low:
