@@ -202,6 +202,12 @@ def render_user_data(*, run_id: str, config_json: str, region: str, worker_root:
     return script
 
 
+def with_agent_config(user_data: str, config_json: str) -> str:
+    """The bootstrap script with another agent configuration in it."""
+    return "\n".join(_MARK + shlex.quote(config_json) if line.startswith(_MARK) else line
+                     for line in user_data.split("\n"))
+
+
 def agent_config_from_user_data(user_data: str) -> str | None:
     """The agent configuration JSON embedded in a bootstrap script (None if absent)."""
     for line in user_data.splitlines():

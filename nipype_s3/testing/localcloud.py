@@ -38,10 +38,12 @@ import sys
 import tempfile
 import threading
 import time
+import warnings
 from dataclasses import dataclass
 
 from ..ec2.userdata import agent_config_from_user_data
 from .proxy import RecordingProxy
+from .sandbox import Sandbox, sandbox_available
 from .servers import FAKE_ACCESS_KEY, FAKE_SECRET_KEY, MotoServer
 
 __all__ = ["LocalCloud", "LocalInstance"]
@@ -68,6 +70,9 @@ class LocalInstance:
     ended: float | None = None
     killed: bool = False
     via_ssm: bool = False
+    #: booted from its user-data (LocalCloud(boot="user-data"))
+    sandbox: object = None
+    env_kept: bool = False
 
     @property
     def alive(self) -> bool:
@@ -95,13 +100,34 @@ class LocalCloud:
         Put the recording proxy between the controller and moto.
     agents_via_proxy : bool
         Send the agents' requests through the proxy too (to count every call of a run).
+    boot : {"user-data", "direct"}
+        ``"user-data"`` (the default where it can work: Linux, root, ``unshare``): each
+        instance runs the exact user-data EC2 would run, in a sandbox that plays Amazon
+        Linux (see :mod:`nipype_s3.testing.sandbox`): an older ``python3``, the
+        controller's files and packages out of reach, ``pip`` from the package index.
+        ``"direct"``: the agent starts at once as a process of this machine's Python
+        (faster; for tests of the agent itself). Where the sandbox cannot work, the
+        default is ``"direct"``, with a warning saying why.
     """
 
     INSTANCE_PROFILE = "nipype-s3-agent"
 
     def __init__(self, region: str = "us-east-1", directory: str | None = None,
                  record: bool = True, keep: bool = False,
-                 agents_via_proxy: bool = False) -> None:
+                 agents_via_proxy: bool = False, boot: str | None = None) -> None:
+        if boot not in (None, "user-data", "direct"):
+            raise ValueError(f"LocalCloud boot must be 'user-data' or 'direct', not {boot!r}")
+        if boot is None:
+            why = sandbox_available()
+            if why:
+                warnings.warn(f"LocalCloud: instances start their agent directly, not from "
+                              f"their user-data: {why}", stacklevel=2)
+            boot = "direct" if why else "user-data"
+        elif boot == "user-data":
+            why = sandbox_available()
+            if why:
+                raise RuntimeError(f"LocalCloud(boot='user-data') cannot work here: {why}")
+        self.boot = boot
         self.region = region
         self.agents_via_proxy = agents_via_proxy
         self._own_dir = directory is None
@@ -364,6 +390,7 @@ class LocalCloud:
             try:
                 self._step(ec2)
                 self._ssm_step(ec2, ssm)
+                self._keep_environments()
             except Exception as exc:  # keep watching; record for tests
                 self.errors.append(repr(exc))
             self._stop.wait(0.2)
@@ -436,6 +463,10 @@ class LocalCloud:
         agent_url = self.proxy.url if self.agents_via_proxy and self.proxy else \
             self.server.url
         config["endpoint_url"] = agent_url
+        imds = f"http://127.0.0.1:{self._metadata.server_port}/{iid}"
+        if self.boot == "user-data":
+            self._boot_sandbox(iid, root, script, config, agent_url, imds, via_ssm=via_ssm)
+            return
         config["worker_root"] = os.path.join(root, "work")
         config_path = os.path.join(root, "agent.json")
         with open(config_path, "w") as fobj:
@@ -449,7 +480,7 @@ class LocalCloud:
                    OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", MKL_NUM_THREADS="1",
                    AWS_EC2_METADATA_DISABLED="true", NIPYPE_NO_ET="1",
                    NIPYPE_S3_INSTANCE_ID=iid, NIPYPE_S3_WORKER_ROOT=config["worker_root"],
-                   NIPYPE_S3_IMDS_URL=f"http://127.0.0.1:{self._metadata.server_port}/{iid}")
+                   NIPYPE_S3_IMDS_URL=imds)
         argv = [sys.executable, "-m", "nipype_s3.agent", "--config", config_path]
         with self._lock:
             if self._boot_faults and not via_ssm:
@@ -468,7 +499,62 @@ class LocalCloud:
             self.instances[iid] = LocalInstance(iid, root, proc, log_path, time.time(),
                                                 via_ssm=via_ssm)
 
+    def _boot_sandbox(self, iid: str, root: str, script: str, config: dict, agent_url: str,
+                      imds: str, *, via_ssm: bool) -> None:
+        """Run the instance's user-data itself, in a sandbox that plays Amazon Linux."""
+        from ..ec2.userdata import with_agent_config
+
+        script = with_agent_config(script, json.dumps(config, sort_keys=True))
+        with self._lock:
+            if self._boot_faults and not via_ssm:
+                self._boot_faults -= 1
+                script = ("#!/bin/bash\nexec >>/var/log/nipype-s3-agent.log 2>&1\n"
+                          "echo 'bootstrap failed: pip could not reach the package index'\n"
+                          "exit 1\n")
+            elif self._boot_hangs and not via_ssm:
+                self._boot_hangs -= 1
+                script = ("#!/bin/bash\nexec >>/var/log/nipype-s3-agent.log 2>&1\n"
+                          "echo 'bootstrap: waiting for the package index'\nsleep 3600\n")
+        env = {"AWS_ACCESS_KEY_ID": FAKE_ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": FAKE_SECRET_KEY,
+               "AWS_DEFAULT_REGION": self.region, "AWS_ENDPOINT_URL": agent_url,
+               "AWS_SDK_UA_APP_ID": AGENT_APP_ID, "AWS_EC2_METADATA_DISABLED": "true",
+               "NIPYPE_S3_IMDS_URL": imds, "NIPYPE_NO_ET": "1"}
+        box = Sandbox(root, iid, env)
+        argv = box.prepare(script)
+        log_path = os.path.join(root, "log", "nipype-s3-agent.log")
+        os.makedirs(os.path.dirname(log_path), exist_ok=True)
+        with open(os.path.join(root, "sandbox.log"), "ab") as log:
+            proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT,
+                                    stdin=subprocess.DEVNULL, cwd=root,
+                                    start_new_session=True)
+        inst = LocalInstance(iid, root, proc, log_path, time.time(), via_ssm=via_ssm)
+        inst.sandbox = box
+        with self._lock:
+            self.instances[iid] = inst
+
+    def _keep_environments(self) -> None:
+        """An instance whose agent runs built a working environment: kept for later
+        instances (see :mod:`nipype_s3.testing.sandbox`)."""
+        for inst in self.instance_list():
+            box = inst.sandbox
+            if box is None or inst.env_kept or not inst.alive:
+                continue
+            if "serving run" in inst.log():
+                inst.env_kept = True
+                try:
+                    box.save_environment()
+                except (OSError, subprocess.CalledProcessError) as exc:
+                    self.errors.append(f"keeping {inst.instance_id}'s environment: {exc!r}")
+
     def _kill(self, inst: LocalInstance) -> None:
+        if inst.sandbox is not None and shutil.which("docker"):
+            # containers the instance started (the engine is not in its namespaces)
+            found = subprocess.run(["docker", "ps", "-aq", "--filter",
+                                    f"label=nipype-s3-localcloud={inst.instance_id}"],
+                                   capture_output=True, text=True, timeout=60)
+            ids = found.stdout.split()
+            if ids:
+                subprocess.run(["docker", "rm", "-f", *ids], capture_output=True, timeout=60)
         if inst.proc is None or inst.proc.poll() is not None:
             return
         try:
