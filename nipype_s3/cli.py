@@ -72,6 +72,17 @@ def build_parser() -> argparse.ArgumentParser:
     cost.add_argument("--json", action="store_true", help="print the raw JSON")
     cost.set_defaults(func=_cmd_cost)
 
+    check = sub.add_parser(
+        "check-image", help="check that a container image can run this controller's nodes",
+        description="Pull IMAGE (unless it is here), print its Python, nipype, nibabel and "
+                    "boto3 versions beside this controller's, and start the agent's "
+                    "self-test in it as an instance would (EC2Plugin image=). Exit status "
+                    "1 when the image cannot run this controller's nodes, saying why.")
+    check.add_argument("image")
+    check.add_argument("--no-pull", action="store_true",
+                       help="only use an image already on this machine")
+    check.set_defaults(func=_cmd_check_image)
+
     policy = sub.add_parser(
         "policy", help="print the IAM policy the agents or the controller need",
         description="Print, as JSON, the least-privilege IAM policy of the agents' instance "
@@ -87,6 +98,28 @@ def build_parser() -> argparse.ArgumentParser:
                         help="(controller) the only role it may pass to instances")
     policy.set_defaults(func=_cmd_policy)
     return parser
+
+
+def _cmd_check_image(args) -> int:
+    from .images import check_image
+
+    report = check_image(args.image, pull=not args.no_pull)
+    theirs, ours = report["versions"], report["controller"]
+    print(f"image {report['image']}")
+    for name in ("python", "nipype", "nibabel", "boto3"):
+        if name in theirs:
+            here = f"   (controller: {ours[name]})" if name in ours else ""
+            print(f"  {name:<8} {theirs[name]}{here}")
+    if report["agent"]:
+        print(f"  agent    {report['agent']}")
+    for problem in report["problems"]:
+        print(f"problem: {problem}")
+    if report["problems"]:
+        print("nipype-s3 check-image: this image cannot run this controller's nodes",
+              file=sys.stderr)
+        return 1
+    print("nipype-s3 check-image: the image can run this controller's nodes")
+    return 0
 
 
 def _cmd_policy(args) -> int:

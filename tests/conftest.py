@@ -53,7 +53,55 @@ from nipype_s3.testing.servers import FAKE_ACCESS_KEY, FAKE_SECRET_KEY  # noqa: 
 PUBLIC_BUCKET = "nipype-s3-public"
 
 _FIXTURE_MARKERS = {"moto_server": "moto_server", "moto_endpoint": "moto_server",
-                    "seaweedfs": "seaweedfs", "weed_bucket": "seaweedfs"}
+                    "seaweedfs": "seaweedfs", "weed_bucket": "seaweedfs",
+                    "docker_images": "docker"}
+
+#: the images tests/docker/build-images.sh builds (.ci/run does, with a Docker engine)
+TEST_IMAGE = "nipype-s3-test/nipype:local"
+OLDER_NIPYPE_IMAGE = "nipype-s3-test/nipype-older:local"
+BASE_IMAGE = "nipype-s3-test/debian:bookworm"
+
+
+def _docker_problem() -> str | None:
+    """Why the tests marked ``docker`` cannot run here (None when they can)."""
+    import subprocess
+
+    from nipype_s3.remote.versions import mismatch, runtime_versions
+    from nipype_s3.testing.sandbox import sandbox_available
+
+    if not shutil.which("docker"):
+        return "no docker command (.ci/run installs docker.io and starts dockerd)"
+    if subprocess.run(["docker", "info"], capture_output=True).returncode != 0:
+        return "no Docker engine answers 'docker info' (.ci/run starts dockerd)"
+    for image in (BASE_IMAGE, TEST_IMAGE, OLDER_NIPYPE_IMAGE):
+        if subprocess.run(["docker", "image", "inspect", image],
+                          capture_output=True).returncode != 0:
+            return f"no image {image}: run tests/docker/build-images.sh"
+    why = sandbox_available()
+    if why:
+        return f"LocalCloud cannot boot instances from their user-data here: {why}"
+    probe = subprocess.run(
+        ["docker", "run", "--rm", "--entrypoint", "python3", TEST_IMAGE, "-c",
+         "import json, platform, nipype, nibabel; print(json.dumps({'python': "
+         "platform.python_version(), 'nipype': nipype.__version__, "
+         "'nibabel': nibabel.__version__}))"], capture_output=True, text=True)
+    if probe.returncode != 0:
+        return f"{TEST_IMAGE} does not start: {probe.stderr.strip()[-300:]}"
+    import json
+
+    why = mismatch(runtime_versions(), json.loads(probe.stdout), TEST_IMAGE)
+    if why:
+        return f"rebuild the test images for this Python (tests/docker/build-images.sh): {why}"
+    return None
+
+
+@pytest.fixture(scope="session")
+def docker_images():
+    """The test images (see TEST_IMAGE), or a skip saying what is missing."""
+    why = _docker_problem()
+    if why:
+        pytest.skip(f"needs Docker and the test images: {why}")
+    return {"test": TEST_IMAGE, "older": OLDER_NIPYPE_IMAGE, "base": BASE_IMAGE}
 
 
 def pytest_addoption(parser):

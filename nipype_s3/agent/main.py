@@ -738,7 +738,15 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="nipype-s3 agent",
                                      description="Serve a run's jobs (runs on EC2).")
     parser.add_argument("--config", help="agent configuration (JSON file)")
+    parser.add_argument("--self-test", action="store_true",
+                        help="print the versions it runs with and exit (nipype-s3 "
+                             "check-image runs it inside an image)")
     args = parser.parse_args(argv)
+    if args.self_test:
+        from ..ec2.jobs import seal as _loaded  # noqa: F401 - the agent's own modules load
+
+        print(json.dumps(dict(runtime_versions(), boto3=boto3.__version__)))
+        return 0
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     if args.config:
         cfg = AgentConfig.from_file(args.config)

@@ -209,11 +209,16 @@ class EC2ContainerRun(S3InterfaceMixin, BaseInterface):
                           job_key_parameter=params[0], endpoint_url=endpoint,
                           max_lifetime=float(inputs.timeout) + float(inputs.boot_timeout),
                           worker_root=DEFAULT_WORKER_ROOT, extra={"one_job": _JOB})
-        from ..remote.staging import _requirements
+        from ..remote.staging import _requirements, ship_package
+        from ..s3.cas import ContentStore
 
+        # the agent runs this very code (pip cannot install nipype_s3 as it is here)
+        package_uri, package_sha256 = ship_package(
+            s3, ContentStore(s3, layout.bucket, layout.prefix), layout.bucket)
         script = render_user_data(run_id=run_id, config_json=cfg.to_json(), region=region,
                                   worker_root=DEFAULT_WORKER_ROOT,
-                                  requirements=_requirements([], True),
+                                  requirements=_requirements([], False),
+                                  package_s3_uri=package_uri, package_sha256=package_sha256,
                                   setup_commands=self._opt("setup_commands") or "")
         existing = self._opt("instance_id")
         instance_id = existing

@@ -6,8 +6,10 @@ crash file. A job's collection error is that job's alone.
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
+import re
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -306,6 +308,10 @@ class CollectMixin:
                 data = loadpkl(result_file)
             except Exception:
                 data = None
+        said = "".join(str(line) for line in (
+            data.get("traceback") if isinstance(data, dict) and data.get("traceback")
+            else report.get("traceback") or []))
+        where += _hints(here.text_to_controller(said))
         if isinstance(data, dict) and data.get("traceback"):
             # the instance's paths in the traceback become this machine's, as the
             # workflow's final error and the crash file show them
@@ -319,3 +325,27 @@ class CollectMixin:
                      for line in report.get("traceback") or []] or [
                 f"RemoteNodeError: job {job.job_id} did not finish ({report.get('status')}).\n"]
             write_failure_result(job.node, [where] + lines)
+
+
+_MISSING_FILE = re.compile(r"No such file or directory: '([^'\n]+)'")
+_MISSING_MODULE = re.compile(r"No module named '([\w.]+)'")
+
+
+def _hints(text: str) -> str:
+    """What a remote error that would not happen here means (a file only this machine
+    has, a package only this machine has), with what to do."""
+    out = []
+    for path in dict.fromkeys(_MISSING_FILE.findall(text)):
+        if os.path.isabs(path) and os.path.exists(path):
+            out.append(
+                f"[nipype_s3] {path} exists on this machine but not on the instance: a node "
+                "gets only the files among its inputs (File/Directory traits, a Function's "
+                "arguments), not every path its code names. Give it as an input.\n")
+    for module in dict.fromkeys(_MISSING_MODULE.findall(text)):
+        top = module.split(".")[0]
+        out.append(
+            f"[nipype_s3] the instance's Python has no module {top!r}"
+            f"{' (this machine has it)' if importlib.util.find_spec(top) else ''}: add its "
+            f"package to plugin_args['requirements'] (e.g. ['{top}']), or run the nodes in "
+            "an image that has it (plugin_args['image']).\n")
+    return "".join(out)

@@ -68,6 +68,34 @@ def _zip_package(pkg_dir: str) -> bytes:
     return buf.getvalue()
 
 
+def ship_package(s3, store, bucket: str) -> tuple[str, str]:
+    """Upload this very nipype_s3 package to the content store, so agents run the
+    controller's code: its ``s3://`` URI and SHA-256, which the bootstrap checks before
+    installing it.
+
+    Its key is predictable (the zip is the same for the same code), so an object
+    already there is not trusted: it is read back and hashed (a few hundred KB, once a
+    run), and sent again when it is not these bytes. S3-compatible stores do not all
+    keep checksums (nor does moto), so none is relied on.
+    """
+    import base64
+
+    import nipype_s3
+
+    buf = _zip_package(os.path.dirname(nipype_s3.__file__))
+    raw = hashlib.sha256(buf).digest()
+    digest, checksum = raw.hex(), base64.b64encode(raw).decode()
+    key = store.key(digest)
+    try:
+        there = read_bounded(s3, bucket, key, len(buf), what="shipped package")
+        genuine = hashlib.sha256(there).digest() == raw
+    except (botocore.exceptions.ClientError, MessageRejected):
+        genuine = False
+    if not genuine:
+        s3.put_object(Bucket=bucket, Key=key, Body=buf, ChecksumSHA256=checksum)
+    return f"s3://{bucket}/{key}", digest
+
+
 def _requirements(extra: list, with_self: bool) -> list[str]:
     """The controller's versions of what the agent needs, pinned."""
     from importlib import metadata
@@ -177,30 +205,4 @@ class StagingMixin:
         self._fail_outstanding("its job could not be sent")
 
     def _ship_package(self) -> tuple[str, str]:
-        """Upload this very nipype_s3 package, so agents run the controller's code: its
-        ``s3://`` URI and SHA-256, which the bootstrap checks before installing it.
-
-        Its key is predictable (the zip is the same for the same code), so an object
-        already there is not trusted: it is read back and hashed (a few hundred KB, once
-        a run), and sent again when it is not these bytes. S3-compatible stores do not
-        all keep checksums (nor does moto), so none is relied on.
-        """
-        import base64
-
-        import nipype_s3
-
-        pkg_dir = os.path.dirname(nipype_s3.__file__)
-        buf = _zip_package(pkg_dir)
-        raw = hashlib.sha256(buf).digest()
-        digest, checksum = raw.hex(), base64.b64encode(raw).decode()
-        key = self.store.key(digest)
-        try:
-            there = read_bounded(self.s3, self.layout.bucket, key, len(buf),
-                                 what="shipped package")
-            genuine = hashlib.sha256(there).digest() == raw
-        except (botocore.exceptions.ClientError, MessageRejected):
-            genuine = False
-        if not genuine:
-            self.s3.put_object(Bucket=self.layout.bucket, Key=key, Body=buf,
-                               ChecksumSHA256=checksum)
-        return f"s3://{self.layout.bucket}/{key}", digest
+        return ship_package(self.s3, self.store, self.layout.bucket)

@@ -526,7 +526,7 @@ class LocalCloud:
         with open(os.path.join(root, "sandbox.log"), "ab") as log:
             proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT,
                                     stdin=subprocess.DEVNULL, cwd=root,
-                                    start_new_session=True)
+                                    env=box.environment(), start_new_session=True)
         inst = LocalInstance(iid, root, proc, log_path, time.time(), via_ssm=via_ssm)
         inst.sandbox = box
         with self._lock:

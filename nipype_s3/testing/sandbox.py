@@ -45,9 +45,16 @@ _SYSTEM = {"bin", "boot", "dev", "etc", "lib", "lib32", "lib64", "libx32", "proc
            "sbin", "sys", "usr", "var"}
 
 
+def _home() -> str:
+    """The user's own home (not $HOME, which a test may point elsewhere)."""
+    import pwd
+
+    return pwd.getpwuid(os.getuid()).pw_dir
+
+
 def env_cache_dir() -> str:
     return os.environ.get("NIPYPE_S3_LOCALCLOUD_CACHE") or os.path.join(
-        os.path.expanduser("~"), ".cache", "nipype-s3", "localcloud")
+        _home(), ".cache", "nipype-s3", "localcloud")
 
 
 @functools.cache
@@ -59,6 +66,10 @@ def sandbox_available() -> str | None:
         return "the sandbox needs root (mount namespaces, overlay mounts)"
     if not shutil.which("unshare"):
         return "no 'unshare' command (util-linux)"
+    minor = "{}.{}".format(*sys.version_info[:2])
+    if minor not in _pythons():
+        return (f"no standalone Python {minor} (pyenv's) for the sandbox's dnf to offer "
+                "its instances")
     try:
         ok = subprocess.run(["unshare", "--mount", "--pid", "--fork", "true"],
                             capture_output=True, timeout=20).returncode == 0
@@ -70,7 +81,8 @@ def sandbox_available() -> str | None:
 def _pythons() -> dict[str, str]:
     """``{"3.11": "/path/bin/python3.11"}``: the CPython builds this machine has."""
     found: dict[str, str] = {}
-    roots = sorted(glob.glob(os.path.expanduser("~/.pyenv/versions/3.*")))
+    pyenv = os.environ.get("PYENV_ROOT") or os.path.join(_home(), ".pyenv")
+    roots = sorted(glob.glob(os.path.join(pyenv, "versions", "3.*")))
     for root in roots:
         for exe in glob.glob(os.path.join(root, "bin", "python3.*")):
             minor = os.path.basename(exe)[len("python"):]
@@ -172,6 +184,12 @@ def here(path):
         if path == inside or path.startswith(inside.rstrip("/") + "/"):
             return outside + path[len(inside.rstrip("/")):]
     return path
+TAKES_VALUE = {"-e", "--env", "--env-file", "--entrypoint", "--network", "--net", "-u",
+               "--user", "--name", "-l", "--label", "--gpus", "-w", "--workdir", "--mount",
+               "-m", "--memory", "--cpus", "--platform", "--add-host", "--shm-size",
+               "--ulimit", "--security-opt", "--cap-add", "--cap-drop", "--device",
+               "--pull", "--restart", "-h", "--hostname", "--ipc", "--pid", "--runtime",
+               "--tmpfs", "--log-driver", "--log-opt", "--memory-swap", "--cidfile"}
 args = sys.argv[1:]
 if args and args[0] == "run":
     out = ["run", "--label", "nipype-s3-localcloud=" + label]
@@ -192,6 +210,9 @@ if args and args[0] == "run":
         if not arg.startswith("-"):  # the image: the rest is the container's
             out += rest[i + 1:]
             break
+        if arg in TAKES_VALUE and i + 1 < len(rest):
+            out.append(rest[i + 1])
+            i += 1
         i += 1
     args = out
 os.execv("/usr/local/lib/localcloud/docker", ["docker"] + args)
@@ -200,7 +221,7 @@ os.execv("/usr/local/lib/localcloud/docker", ["docker"] + args)
 
 _INIT = r"""
 set -eu
-R="$1"; SCRIPT="$2"; OLD_PY="$3"
+R="$1"; SCRIPT="$2"; OLD_PY="$3"; KEEP=${KEEP:-}
 # only ever in namespaces of its own (unshare --mount --pid --fork): never this machine's
 if [ "$$" != 1 ]; then
   echo "LocalCloud sandbox: not in a namespace of its own; nothing done" >&2; exit 70
@@ -265,12 +286,17 @@ fi
 # where cloud-init keeps it; then LocalCloud's own folder goes out of sight
 mkdir -p /var/lib/cloud/instance /root
 cp "$SCRIPT" /var/lib/cloud/instance/user-data.txt
-ENVIRON=$(cat /mnt/i/sandbox/environ)
 umount -l /mnt
 mount -t tmpfs localcloud /mnt
 cd /
-exec env -i PATH=/usr/local/bin:/usr/bin:/usr/sbin:/bin:/sbin HOME=/root LANG=C.UTF-8 \
-  $ENVIRON /bin/bash /var/lib/cloud/instance/user-data.txt
+# the instance's environment: only the role stand-in's variables (values never in a
+# file or an argument list) and a machine's own
+export PATH=/usr/local/bin:/usr/bin:/usr/sbin:/bin:/sbin HOME=/root LANG=C.UTF-8
+keep=" $KEEP PATH HOME LANG "
+for name in $(compgen -e); do
+  case "$keep" in *" $name "*) ;; *) unset "$name" ;; esac
+done
+exec /bin/bash /var/lib/cloud/instance/user-data.txt
 """
 
 
@@ -303,8 +329,6 @@ class Sandbox:
             fobj.write(self.instance_id)
         with open(os.path.join(box, "pythons"), "w") as fobj:
             fobj.write("".join(f"python{m}={exe}\n" for m, exe in sorted(_pythons().items())))
-        with open(os.path.join(box, "environ"), "w") as fobj:
-            fobj.write(" ".join(f"{k}={v}" for k, v in sorted(self.env.items())))
         script = os.path.join(box, "user-data.sh")
         with open(script, "w") as fobj:
             fobj.write(user_data)
@@ -318,6 +342,12 @@ class Sandbox:
         old = _older_python(self.minor) or ""
         return ["unshare", "--mount", "--pid", "--fork", "--mount-proc", "bash", init,
                 self.root, "/mnt/i/sandbox/user-data.sh", old]
+
+    def environment(self) -> dict[str, str]:
+        """The process environment of the command: the instance's variables, and the
+        names the sandbox keeps (the rest of this machine's environment is dropped)."""
+        return dict(self.env, KEEP=" ".join(sorted(self.env)),
+                    PATH=os.environ.get("PATH", "/usr/bin:/bin"))
 
     def save_environment(self) -> bool:
         """Keep the environment this instance's bootstrap built (once its agent runs)

@@ -30,9 +30,14 @@ def _explode(path):
 
 
 def _files(root):
+    """Every regular file below ``root`` (an instance's overlay holds device nodes)."""
+    import stat
+
     for dirpath, _, names in os.walk(root):
         for name in names:
-            yield os.path.join(dirpath, name)
+            path = os.path.join(dirpath, name)
+            if stat.S_ISREG(os.lstat(path).st_mode):
+                yield path
 
 
 def _readable(path):
