@@ -94,6 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="narrow it to runs whose id matches (e.g. '2026*'; default: all)")
     policy.add_argument("--data-bucket", action="append", default=[], metavar="NAME",
                         help="(agent) a bucket the nodes read or write themselves; repeatable")
+    policy.add_argument("--ecr-repository", action="append", default=[], metavar="ARN",
+                        help="(agent) an ECR repository whose images the instances pull "
+                             "(EC2Plugin image=); repeatable")
     policy.add_argument("--agent-role-arn", default="arn:aws:iam::*:role/nipype-s3-agent",
                         help="(controller) the only role it may pass to instances")
     policy.set_defaults(func=_cmd_policy)
@@ -130,7 +133,8 @@ def _cmd_policy(args) -> int:
 
     bucket, prefix = parse_s3_prefix(args.s3_prefix)
     if args.who == "agent":
-        doc = agent_policy(bucket, prefix, run=args.run, data_buckets=tuple(args.data_bucket))
+        doc = agent_policy(bucket, prefix, run=args.run, data_buckets=tuple(args.data_bucket),
+                           ecr_repositories=tuple(args.ecr_repository))
     else:
         doc = controller_policy(bucket, prefix, run=args.run,
                                 agent_role_arn=args.agent_role_arn)

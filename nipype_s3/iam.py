@@ -43,11 +43,14 @@ def _doc(statements: list[dict]) -> dict:
 
 
 def agent_policy(bucket: str, prefix: str = "", *, run: str = "*",
-                 data_buckets: tuple[str, ...] = ()) -> dict:
+                 data_buckets: tuple[str, ...] = (),
+                 ecr_repositories: tuple[str, ...] = ()) -> dict:
     """What an agent (the instance role) needs for runs below ``s3://bucket/prefix``.
 
     ``run`` narrows it to one run id (or a pattern of them); ``data_buckets`` are the
-    buckets the nodes read and write themselves (grabbers and sinks on the instance).
+    buckets the nodes read and write themselves (grabbers and sinks on the instance);
+    ``ecr_repositories`` the ARNs of ECR repositories whose images the instances pull
+    (EC2Plugin's ``image=``: the bootstrap logs in to ECR and pulls).
     """
     runs = _s3_prefix_arn(bucket, prefix, "runs", run) + "/*"
     cas = _s3_prefix_arn(bucket, prefix, "cas") + "/*"
@@ -64,6 +67,11 @@ def agent_policy(bucket: str, prefix: str = "", *, run: str = "*",
         statements.append(_statement(
             "NodeData", ["s3:GetObject", "s3:PutObject", "s3:ListBucket"],
             [a for b in data_buckets for a in (f"arn:aws:s3:::{b}", f"arn:aws:s3:::{b}/*")]))
+    if ecr_repositories:
+        statements.append(_statement("EcrLogin", ["ecr:GetAuthorizationToken"], "*"))
+        statements.append(_statement(
+            "EcrPull", ["ecr:BatchGetImage", "ecr:GetDownloadUrlForLayer",
+                        "ecr:BatchCheckLayerAvailability"], list(ecr_repositories)))
     return _doc(statements)
 
 
