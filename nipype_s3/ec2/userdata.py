@@ -28,9 +28,10 @@ export AWS_DEFAULT_REGION={region}
 """
 
 #: fetch the shipped package to /tmp/nipype_s3.zip, installing nothing that differs
-_FETCH = """aws s3 cp {uri} /tmp/nipype_s3.zip && {{ echo "{sha}  /tmp/nipype_s3.zip" | \
-sha256sum -c --quiet - || {{ echo "nipype-s3: the package at {uri} does not match its \
-SHA-256; not installed" >&2; rm -f /tmp/nipype_s3.zip; exit 1; }}; }}"""
+_FETCH = """PKG_URI={uri}; aws s3 cp "$PKG_URI" /tmp/nipype_s3.zip && {{ echo "{sha}  \
+/tmp/nipype_s3.zip" | sha256sum -c --quiet - || {{ echo "nipype-s3: the package at \
+$PKG_URI does not match its SHA-256; not installed" >&2; rm -f /tmp/nipype_s3.zip; exit 1; \
+}}; }}"""
 
 _VENV = """VENV=/opt/nipype-s3
 # the controller's Python (its pinned packages need it): on the image, from the
@@ -93,13 +94,15 @@ systemctl start docker
 for _ in $(seq 60); do docker info >/dev/null 2>&1 && break; sleep 1; done
 docker info >/dev/null 2>&1 || fail "the Docker daemon did not start"
 REGISTRY=${{IMAGE%%/*}}
-case "$REGISTRY" in
-  *.dkr.ecr.*.amazonaws.com*)
-    aws ecr get-login-password --region "$(echo "$REGISTRY" | cut -d. -f4)" \\
-      | docker login --username AWS --password-stdin "$REGISTRY" >/dev/null \\
-      || fail "could not log in to $REGISTRY: the instance profile needs" \\
-        "ecr:GetAuthorizationToken, ecr:BatchGetImage and ecr:GetDownloadUrlForLayer" ;;
-esac
+# an ECR registry, exactly (ACCOUNT.dkr.ecr[-fips].REGION.amazonaws.com[.cn]): only there
+# does the instance role's ECR token go
+ECR='^[0-9]{{12}}\\.dkr\\.ecr(-fips)?\\.([a-z0-9-]+)\\.amazonaws\\.com(\\.cn)?$'
+if [[ "$REGISTRY" =~ $ECR ]]; then
+  aws ecr get-login-password --region "${{BASH_REMATCH[2]}}" \\
+    | docker login --username AWS --password-stdin "$REGISTRY" >/dev/null \\
+    || fail "could not log in to $REGISTRY: the instance profile needs" \\
+      "ecr:GetAuthorizationToken, ecr:BatchGetImage and ecr:GetDownloadUrlForLayer"
+fi
 docker image inspect "$IMAGE" >/dev/null 2>&1 || docker pull --quiet "$IMAGE" \\
   || fail "could not pull $IMAGE (see above): check its name and that this instance" \\
     "may read it"

@@ -328,20 +328,22 @@ class CollectMixin:
 
 
 _MISSING_FILE = re.compile(r"No such file or directory: '([^'\n]+)'")
-_MISSING_MODULE = re.compile(r"No module named '([\w.]+)'")
+_MISSING_MODULE = re.compile(r"No module named '([\w.]{1,200})'")
+#: hints of each kind at most (a traceback is the node's: it may repeat itself)
+_MOST_HINTS = 3
 
 
 def _hints(text: str) -> str:
     """What a remote error that would not happen here means (a file only this machine
     has, a package only this machine has), with what to do."""
     out = []
-    for path in dict.fromkeys(_MISSING_FILE.findall(text)):
-        if os.path.isabs(path) and os.path.exists(path):
+    for path in list(dict.fromkeys(_MISSING_FILE.findall(text)))[:_MOST_HINTS]:
+        if len(path) <= 1024 and os.path.isabs(path) and os.path.exists(path):
             out.append(
                 f"[nipype_s3] {path} exists on this machine but not on the instance: a node "
                 "gets only the files among its inputs (File/Directory traits, a Function's "
                 "arguments), not every path its code names. Give it as an input.\n")
-    for module in dict.fromkeys(_MISSING_MODULE.findall(text)):
+    for module in list(dict.fromkeys(_MISSING_MODULE.findall(text)))[:_MOST_HINTS]:
         top = module.split(".")[0]
         out.append(
             f"[nipype_s3] the instance's Python has no module {top!r}"

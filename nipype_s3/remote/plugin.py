@@ -125,6 +125,11 @@ class RemotePlugin(PlacementMixin, StagingMixin, CollectMixin, CostMixin,
         run's (the backend knows what it launched); it may note the boot time."""
         raise NotImplementedError
 
+    def _launched(self, agent_id: str) -> bool:
+        """Whether ``agent_id`` is one this run started (events naming any other agent
+        change nothing)."""
+        raise NotImplementedError
+
     def _end_steps(self) -> list:
         """What the backend ends when the run ends (instances, queues), however it ends."""
         return []
@@ -322,12 +327,14 @@ class RemotePlugin(PlacementMixin, StagingMixin, CollectMixin, CostMixin,
                                    exc)
                     continue
                 status, iid = event.get("status"), event.get("instance_id")
-                if status in ("agent-up", "agent-refused") and self._fatal is None:
-                    why = mismatch(self._versions, event.get("versions"),
-                                   f"the agent on {iid}")
+                if status in ("agent-up", "agent-refused") and self._fatal is None and \
+                        isinstance(iid, str) and self._launched(iid):
+                    said = _versions_said(event.get("versions"))
+                    why = mismatch(self._versions, said, f"the agent on {iid}")
                     if why or status == "agent-refused":
                         self._stop_run(ConfigurationError(
-                            why or str(event.get("why"))[:2000]),
+                            why or f"the agent on {iid} refused this run's nodes (it runs "
+                                   f"{said}; this controller {self._versions})"),
                             "its agents cannot run this controller's nodes")
                         continue
                 if status == "agent-up":
@@ -355,3 +362,16 @@ class RemotePlugin(PlacementMixin, StagingMixin, CollectMixin, CostMixin,
                 for i, m in enumerate(messages)])
             if len(messages) < 10:
                 return
+
+
+def _versions_said(versions) -> dict | None:
+    """The versions an agent's event gives, each a short version string (anything else,
+    "?"): they go into an error message."""
+    import re
+
+    if not isinstance(versions, dict):
+        return None
+    return {name: (value if isinstance(value, str) and
+                   re.fullmatch(r"[0-9A-Za-z.+-]{1,40}", value) else "?")
+            for name, value in versions.items()
+            if name in ("python", "nipype", "nibabel", "boto3")}

@@ -40,6 +40,11 @@ import sys
 
 __all__ = ["sandbox_available", "Sandbox", "env_cache_dir"]
 
+#: capabilities root in an instance does not have (see the end of _INIT)
+_DROP = ",".join(f"-{cap}" for cap in (
+    "sys_admin", "sys_module", "sys_rawio", "sys_ptrace", "sys_boot", "mknod", "net_admin",
+    "sys_time", "mac_admin", "mac_override", "linux_immutable", "bpf", "perfmon", "syslog"))
+
 #: top-level folders a machine has (the rest of this machine's are hidden)
 _SYSTEM = {"bin", "boot", "dev", "etc", "lib", "lib32", "lib64", "libx32", "proc", "run",
            "sbin", "sys", "usr", "var"}
@@ -221,7 +226,7 @@ os.execv("/usr/local/lib/localcloud/docker", ["docker"] + args)
 
 _INIT = r"""
 set -eu
-R="$1"; SCRIPT="$2"; OLD_PY="$3"; KEEP=${KEEP:-}
+R="$1"; SCRIPT="$2"; OLD_PY="$3"; USES_DOCKER="$4"; KEEP=${KEEP:-}
 # only ever in namespaces of its own (unshare --mount --pid --fork): never this machine's
 if [ "$$" != 1 ]; then
   echo "LocalCloud sandbox: not in a namespace of its own; nothing done" >&2; exit 70
@@ -237,6 +242,11 @@ done < "$R/sandbox/pythons"
 cp -a "$R/sandbox/lib/." /mnt/lib/
 DOCKER=$(command -v docker || true)
 if [ -n "$DOCKER" ]; then touch /mnt/lib/docker; mount --bind "$DOCKER" /mnt/lib/docker; fi
+# this machine's Docker engine, for an instance whose bootstrap runs an image (its nodes
+# run in containers, which do not get it); no other instance reaches it
+if [ "$USES_DOCKER" = 1 ] && [ -S /run/docker.sock ]; then
+  touch /mnt/lib/docker.sock; mount --bind /run/docker.sock /mnt/lib/docker.sock
+fi
 if [ -e "$R/sandbox/env" ]; then mount --bind -o ro "$(readlink -f "$R/sandbox/env")" /mnt/env; fi
 # hide every folder that is not a system one, then /usr/local
 for d in /*; do
@@ -286,8 +296,25 @@ fi
 # where cloud-init keeps it; then LocalCloud's own folder goes out of sight
 mkdir -p /var/lib/cloud/instance /root
 cp "$SCRIPT" /var/lib/cloud/instance/user-data.txt
+# a machine's /dev (not this machine's disks) and /run
+mkdir -p /mnt/dev
+mount -t tmpfs -o mode=755 localcloud /mnt/dev
+for d in null zero full random urandom tty; do
+  touch "/mnt/dev/$d"; mount --bind "/dev/$d" "/mnt/dev/$d"
+done
+mkdir -p /mnt/dev/shm /mnt/dev/pts
+ln -s /proc/self/fd /mnt/dev/fd; ln -s /proc/self/fd/0 /mnt/dev/stdin
+ln -s /proc/self/fd/1 /mnt/dev/stdout; ln -s /proc/self/fd/2 /mnt/dev/stderr
+mount --move /mnt/dev /dev
+mount -t tmpfs localcloud /dev/shm
+mount -t tmpfs localcloud /run
+if [ -e /mnt/lib/docker.sock ]; then
+  touch /run/docker.sock; mount --bind /mnt/lib/docker.sock /run/docker.sock
+fi
 umount -l /mnt
 mount -t tmpfs localcloud /mnt
+# the machine's own files are read-only to the instance (its folders above are not)
+mount -o remount,bind,ro /
 cd /
 # the instance's environment: only the role stand-in's variables (values never in a
 # file or an argument list) and a machine's own
@@ -296,7 +323,9 @@ keep=" $KEEP PATH HOME LANG "
 for name in $(compgen -e); do
   case "$keep" in *" $name "*) ;; *) unset "$name" ;; esac
 done
-exec /bin/bash /var/lib/cloud/instance/user-data.txt
+# root, as on EC2, but without the powers that would undo the above (mounts, raw devices,
+# kernel modules, tracing other processes)
+exec setpriv --bounding-set "$DROP" -- /bin/bash /var/lib/cloud/instance/user-data.txt
 """
 
 
@@ -338,10 +367,13 @@ class Sandbox:
             os.symlink(cached, os.path.join(box, "env"))
         init = os.path.join(box, "init.sh")
         with open(init, "w") as fobj:
-            fobj.write(f"SYSTEM={shlex_join(sorted(_SYSTEM))!r}\n" + _INIT)
+            fobj.write(f"SYSTEM={' '.join(sorted(_SYSTEM))!r}\nDROP={_DROP!r}\n" + _INIT)
         old = _older_python(self.minor) or ""
+        # Docker for the instances that run it: an image's agent, EC2ContainerRun's job
+        uses_docker = "1" if re.search(r"^IMAGE=", user_data, re.M) or \
+            "one_job" in user_data else "0"
         return ["unshare", "--mount", "--pid", "--fork", "--mount-proc", "bash", init,
-                self.root, "/mnt/i/sandbox/user-data.sh", old]
+                self.root, "/mnt/i/sandbox/user-data.sh", old, uses_docker]
 
     def environment(self) -> dict[str, str]:
         """The process environment of the command: the instance's variables, and the
@@ -374,7 +406,3 @@ class Sandbox:
             shutil.rmtree(tmp, ignore_errors=True)
             return False
         return True
-
-
-def shlex_join(words: list[str]) -> str:
-    return " ".join(words)

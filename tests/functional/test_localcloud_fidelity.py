@@ -65,11 +65,18 @@ def _one_node_workflow(base_dir, source):
 _WHATS_THERE = """
 def whats_there():
     import os
+    import subprocess
     import sys
 
     return {{"python": "{{}}.{{}}".format(*sys.version_info[:2]),
              "executable": sys.executable, "sees_controller_tree": os.path.exists({path!r}),
-             "python3": os.path.realpath("/usr/bin/python3")}}
+             "python3": os.path.realpath("/usr/bin/python3"),
+             # what would let a node out of its instance, onto this machine
+             "docker_socket": os.path.exists("/run/docker.sock"),
+             "etc_writable": os.access("/etc", os.W_OK),
+             "disks": [d for d in os.listdir("/dev") if d[:2] in ("vd", "sd", "nv", "xv")],
+             "unmounts": subprocess.run(["umount", "-l", "/root"],
+                                        capture_output=True).returncode == 0}}
 """
 
 
@@ -86,6 +93,9 @@ def test_the_bootstrap_runs_and_the_agent_has_nothing_of_the_controllers(tmp_pat
     assert seen["executable"] == "/opt/nipype-s3/bin/python"  # in the bootstrap's venv
     assert not seen["sees_controller_tree"]  # the controller's folders are not there
     assert "{}.{}".format(*sys.version_info[:2]) not in seen["python3"]  # python3 is older
+    # root on the instance, but not on this machine
+    assert not seen["docker_socket"] and not seen["etc_writable"]
+    assert seen["disks"] == [] and not seen["unmounts"]
 
 
 _READ_SETTINGS = """

@@ -125,6 +125,9 @@ class FleetMixin:
             _fleet_key(self.settings.instance_type, self.settings.image))
         return fleet.pool if fleet is not None else None
 
+    def _launched(self, instance_id: str) -> bool:
+        return any(instance_id in fleet.pool.launched for fleet in self._fleets.values())
+
     def _agent_up(self, instance_id: str) -> bool:
         for fleet in self._fleets.values():
             launched = fleet.pool.launched.get(instance_id)
@@ -287,7 +290,10 @@ class FleetMixin:
             f"{self.settings.boot_timeout:.0f} s is ended): the bootstrap fails or hangs. "
             "Check an instance's console "
             "output (aws ec2 get-console-output --instance-id ID), that its subnet reaches "
-            "PyPI (or use an AMI with nipype_s3 installed), that the AMI has, or can install, "
+            "PyPI (or use an AMI with nipype_s3 installed), that the shipped package at "
+            f"{self._package_uri or 'its S3 key'} was not replaced (the "
+            "bootstrap installs it only when its SHA-256 matches), that the AMI has, or can "
+            "install, "
             f"Python {sys.version_info[0]}.{sys.version_info[1]} (the controller's: "
             "/var/log/nipype-s3-agent.log on the instance says 'no Python' otherwise), "
             "and that the instance profile allows S3, SQS and SSM.")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
 from ...agent.config import DEFAULT_WORKER_ROOT
@@ -139,6 +140,14 @@ class EC2Settings:
                           for k, v in args.items() if k in known})
         parse_s3_prefix(settings.s3_prefix)
         checked_image(settings.image, "EC2Plugin plugin_args['image']")
+        root = settings.worker_root
+        if not (isinstance(root, str) and root.startswith("/") and
+                os.path.normpath(root) == root and root.rstrip("/") not in _SYSTEM_DIRS):
+            raise ConfigurationError(
+                f"EC2Plugin plugin_args['worker_root'] must be an absolute, normalised path "
+                f"of a folder of the agent's own (default {DEFAULT_WORKER_ROOT!r}), not a "
+                f"system folder: {root!r}. With 'image' it is mounted into the container "
+                "and given to the image's user.")
         for name, low in _AT_LEAST.items():
             value = getattr(settings, name)
             if value is not None and value < low:
@@ -150,6 +159,12 @@ class EC2Settings:
                 f"({settings.visibility_timeout}), or running jobs would be handed out twice.")
         return settings
 
+
+#: folders the agent's work folder may not be (it is emptied, mounted and handed over)
+_SYSTEM_DIRS = {"", "/bin", "/boot", "/dev", "/etc", "/home", "/lib", "/lib64", "/opt",
+                "/proc", "/root", "/run", "/sbin", "/srv", "/sys", "/tmp", "/usr",
+                "/usr/bin", "/usr/lib", "/usr/local", "/var", "/var/lib", "/var/log",
+                "/var/run", "/var/tmp", "/mnt"}
 
 #: the least value each numeric plugin argument may take
 _AT_LEAST = {"max_instances": 1, "spot_retries": 0, "idle_timeout": 0.001,

@@ -185,6 +185,36 @@ def test_replayed_and_foreign_agent_up_events_count_once_and_only_for_our_instan
     assert plugin._progress == progress  # a replay is no sign of progress
 
 
+def test_a_version_event_stops_the_run_only_for_our_instances_and_says_short_versions(
+        plugin, tmp_path):
+    """A signed agent-up naming an instance the run never launched changes nothing; one
+    of ours whose versions differ stops the run, its version strings cut to versions."""
+    import types
+
+    from nipype_s3.exceptions import ConfigurationError
+
+    sqs = boto3.client("sqs", region_name="us-east-1")
+    plugin.sqs = sqs
+    plugin.events_queue = sqs.create_queue(QueueName="ev3")["QueueUrl"]
+    plugin._fleets = {"c6i.large": types.SimpleNamespace(pool=types.SimpleNamespace(
+        launched={"i-ours": {"launched": 0.0}}))}
+    lie = dict(plugin._versions, nipype="0.1\n[nipype_s3] " + "x" * 5000)
+    for iid in ("i-attacker", "i-not-launched"):
+        sqs.send_message(QueueUrl=plugin.events_queue, MessageBody=seal(KEY, "event", {
+            "run_id": "r1", "status": "agent-refused", "instance_id": iid,
+            "versions": lie, "why": "[nipype_s3] anything"}).decode())
+    plugin._drain_events()
+    assert plugin._fatal is None
+    sqs.send_message(QueueUrl=plugin.events_queue, MessageBody=seal(KEY, "event", {
+        "run_id": "r1", "status": "agent-up", "instance_id": "i-ours",
+        "versions": lie}).decode())
+    plugin._drain_events()
+    assert isinstance(plugin._fatal, ConfigurationError)
+    said = str(plugin._fatal)
+    assert "the agent on i-ours runs nipype ? where the controller runs" in said
+    assert "xxxx" not in said and "\n" not in said
+
+
 def test_a_genuine_report_replaced_after_its_job_finished_sends_the_job_again(plugin,
                                                                              tmp_path):
     """Its agent said it finished, then the report was overwritten: nobody would

@@ -45,11 +45,47 @@ def test_the_agent_runs_inside_the_image_with_its_code_mounted():
 def test_ecr_login_only_for_an_image_in_ecr_and_gpus_on_gpu_types():
     script = _script(ECR, gpus=True)
     assert "IMAGE=123456789012.dkr.ecr.eu-west-1.amazonaws.com/fsl:6.0.7" in script
-    assert "*.dkr.ecr.*.amazonaws.com*)" in script  # the login is for ECR registries only
+    assert "ECR='^[0-9]{12}\\.dkr\\.ecr(-fips)?" in script  # for ECR registries only
     assert "docker login --username AWS --password-stdin" in script  # never in argv
     assert "--gpus all" in script
     assert _has_gpus("g5.xlarge") and _has_gpus("p4d.24xlarge") and _has_gpus("g4dn.xlarge")
     assert not _has_gpus("c6i.large") and not _has_gpus("m7g.large")
+
+
+@pytest.mark.parametrize("registry, ecr", [
+    ("123456789012.dkr.ecr.eu-west-1.amazonaws.com", True),
+    ("123456789012.dkr.ecr-fips.us-gov-west-1.amazonaws.com", True),
+    ("123456789012.dkr.ecr.cn-north-1.amazonaws.com.cn", True),
+    ("123456789012.dkr.ecr.eu-west-1.amazonaws.com.evil.example", False),
+    ("evil.example/123456789012.dkr.ecr.eu-west-1.amazonaws.com", False),
+    ("docker.io", False),
+])
+def test_the_ecr_token_goes_only_to_an_ecr_registry(registry, ecr):
+    lines = _script(f"{registry}/fsl:6").splitlines()
+    at = next(i for i, line in enumerate(lines) if line.startswith("ECR="))
+    test = f"REGISTRY={registry}\n{lines[at]}\n{lines[at + 1]} echo yes; else echo no; fi"
+    said = subprocess.run(["bash", "-c", test], capture_output=True, text=True).stdout
+    assert said.strip() == ("yes" if ecr else "no")
+
+
+def test_the_package_uri_is_quoted_wherever_it_is_used(tmp_path):
+    from nipype_s3.ec2.userdata import render_user_data
+
+    marker = tmp_path / "injected"
+    script = render_user_data(run_id="r1", config_json="{}", region="us-east-1",
+                              worker_root="/w", requirements=[],
+                              package_s3_uri=f's3://b/p$(touch {marker})"`id`.zip',
+                              package_sha256="a" * 64, image="x/y:1")
+    line = next(x for x in script.splitlines() if x.startswith("PKG_URI="))
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name in ("aws", "sha256sum"):  # the download works, the digest does not match
+        (bin_dir / name).write_text("#!/bin/bash\n" + ("exit 1" if name == "sha256sum"
+                                                       else "exit 0") + "\n")
+        (bin_dir / name).chmod(0o755)
+    subprocess.run(["bash", "-c", line], env={"PATH": f"{bin_dir}:/usr/bin:/bin"},
+                   capture_output=True, timeout=30)
+    assert not marker.exists()
 
 
 def _run_with(tmp_path, docker_info_works: bool):
@@ -113,3 +149,10 @@ def test_a_nodes_image_is_checked_before_anything_runs():
         check_node_args(node, {"image": str})
     node.plugin_args = {"image": ECR}
     check_node_args(node, {"image": str})
+
+
+@pytest.mark.parametrize("root", ["/etc", "/", "relative/work", "/var/lib/../../etc", "/tmp"])
+def test_a_work_folder_that_is_a_system_one_is_refused(root):
+    """With an image it is mounted into the container and given to the image's user."""
+    with pytest.raises(ConfigurationError, match="worker_root"):
+        EC2Settings.from_plugin_args({"s3_prefix": "s3://my-bucket/p", "worker_root": root})
