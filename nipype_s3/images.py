@@ -61,7 +61,8 @@ def check_image(image: str, *, pull: bool = True) -> dict:
         pulled = _docker("pull", "--quiet", image)
         if pulled.returncode != 0:
             raise ConfigurationError(
-                f"could not pull {image}: {pulled.stderr.strip()[-500:]} Check its name, "
+                f"could not pull {image}: {pulled.stderr.strip()[-500:].rstrip('.')}. "
+                "Check its name, "
                 "and log in to its registry (for ECR: aws ecr get-login-password | docker "
                 "login --username AWS --password-stdin REGISTRY).")
     run = ("run", "--rm", "--network", "none", "--entrypoint", "python3")

@@ -20,6 +20,8 @@ logger = logging.getLogger("nipype.workflow")
 DEFAULT_AMI_PARAMETER = "/aws/service/ami-amazon-linux-latest/al2023-ami-kernel-default-x86_64"
 
 _LIVE = ["pending", "running"]
+#: the tag telling apart a run's pools of one instance type (one per image)
+FLEET_TAG = "nipype-s3:fleet"
 _CAPACITY = {"InsufficientInstanceCapacity", "InsufficientCapacity", "Unsupported",
              "SpotMaxPriceTooLow", "MaxSpotInstanceCountExceeded",
              "InsufficientFreeAddressesInSubnet"}
@@ -83,6 +85,9 @@ class InstancePool:
         found = []
         filters = self._filters() + [{"Name": "instance-type",
                                       "Values": [self.spec.instance_type]}]
+        if FLEET_TAG in self.spec.extra_tags:  # pools of one type, for different images
+            filters.append({"Name": f"tag:{FLEET_TAG}",
+                            "Values": [str(self.spec.extra_tags[FLEET_TAG])]})
         now = time.time()
         paginator = self.ec2.get_paginator("describe_instances")
         for page in paginator.paginate(Filters=filters):

@@ -112,9 +112,10 @@ in_image "$IMAGE" -c 'import sys, nipype; assert sys.version_info >= (3, 10)' \\
   || fail "$IMAGE has no python3 >= 3.10 with nipype on its PATH (nipype-s3 check-image" \\
     "$IMAGE says what it has)"
 {install_self}
-in_image "$IMAGE" -c 'import boto3' 2>/dev/null || in_image -v "$AGENT_DIR/deps:/deps" \\
+in_image "$IMAGE" -c 'import boto3' 2>/dev/null || in_image --user 0 -v "$AGENT_DIR/deps:/deps" \\
   "$IMAGE" -m pip install --quiet --target /deps {agent_requirements} \\
   || fail "pip in $IMAGE could not install the agent's packages (see above)"
+{user_requirements}
 # the image's user writes the work folder
 chown "$(docker run --rm --entrypoint sh "$IMAGE" -c 'echo $(id -u):$(id -g)')" \\
   "$NIPYPE_S3_WORKER_ROOT"
@@ -132,7 +133,7 @@ def render_user_data(*, run_id: str, config_json: str, region: str, worker_root:
                      requirements: list[str], package_s3_uri: str | None = None,
                      package_sha256: str | None = None, setup_commands: str = "",
                      python_version: str | None = None, image: str | None = None,
-                     gpus: bool = False) -> str:
+                     gpus: bool = False, image_requirements: list[str] = ()) -> str:
     """The bootstrap script for an agent instance.
 
     Parameters
@@ -160,6 +161,9 @@ def render_user_data(*, run_id: str, config_json: str, region: str, worker_root:
         runs inside it (Docker on the instance) instead of in a virtual environment.
     gpus : bool
         With ``image``: give the container the instance's GPUs (``--gpus all``).
+    image_requirements : list of str
+        With ``image``: the user's own requirements, installed with the image's ``pip``
+        beside the agent's code (the image itself is not changed).
 
     Raises
     ------
@@ -188,9 +192,16 @@ def render_user_data(*, run_id: str, config_json: str, region: str, worker_root:
                   worker_root=shlex.quote(worker_root), region=shlex.quote(region))
     reqs = " ".join(shlex.quote(r) for r in requirements)
     if image:
+        extra = ":"
+        if image_requirements:
+            extra = ('in_image --user 0 -v "$AGENT_DIR/deps:/deps" "$IMAGE" -m pip install '
+                     "--quiet --target /deps "
+                     + " ".join(shlex.quote(r) for r in image_requirements)
+                     + ' || fail "pip in $IMAGE could not install the requirements (see '
+                     'above)"')
         body = _IMAGE.format(image=shlex.quote(image), install_self=install_self,
                              agent_requirements=reqs, gpus="--gpus all " if gpus else "",
-                             setup=setup_commands.strip() or ":")
+                             setup=setup_commands.strip() or ":", user_requirements=extra)
     else:
         body = _VENV.format(
             python_version=python_version or "{}.{}".format(*sys.version_info[:2]),

@@ -328,6 +328,7 @@ class CollectMixin:
 
 
 _MISSING_FILE = re.compile(r"No such file or directory: '([^'\n]+)'")
+_MISSING_COMMAND = re.compile(r'No command "([^"\n]{1,200})" found')
 _MISSING_MODULE = re.compile(r"No module named '([\w.]{1,200})'")
 #: hints of each kind at most (a traceback is the node's: it may repeat itself)
 _MOST_HINTS = 3
@@ -343,6 +344,11 @@ def _hints(text: str) -> str:
                 f"[nipype_s3] {path} exists on this machine but not on the instance: a node "
                 "gets only the files among its inputs (File/Directory traits, a Function's "
                 "arguments), not every path its code names. Give it as an input.\n")
+    for command in list(dict.fromkeys(_MISSING_COMMAND.findall(text)))[:_MOST_HINTS]:
+        out.append(
+            f"[nipype_s3] the instance has no command {command!r}: run the node in an "
+            "image that has it (plugin_args['image'] or node.plugin_args['image'], e.g. "
+            "an FSL or ANTs image), or install it with plugin_args['setup_commands'].\n")
     for module in list(dict.fromkeys(_MISSING_MODULE.findall(text)))[:_MOST_HINTS]:
         top = module.split(".")[0]
         out.append(

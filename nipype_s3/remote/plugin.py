@@ -130,6 +130,10 @@ class RemotePlugin(PlacementMixin, StagingMixin, CollectMixin, CostMixin,
         change nothing)."""
         raise NotImplementedError
 
+    def _agent_name(self, agent_id: str) -> str:
+        """How an error names an agent (with its image, if any)."""
+        return f"the agent on {agent_id}"
+
     def _end_steps(self) -> list:
         """What the backend ends when the run ends (instances, queues), however it ends."""
         return []
@@ -330,7 +334,7 @@ class RemotePlugin(PlacementMixin, StagingMixin, CollectMixin, CostMixin,
                 if status in ("agent-up", "agent-refused") and self._fatal is None and \
                         isinstance(iid, str) and self._launched(iid):
                     said = _versions_said(event.get("versions"))
-                    why = mismatch(self._versions, said, f"the agent on {iid}")
+                    why = mismatch(self._versions, said, self._agent_name(iid))
                     if why or status == "agent-refused":
                         self._stop_run(ConfigurationError(
                             why or f"the agent on {iid} refused this run's nodes (it runs "

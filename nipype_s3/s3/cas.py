@@ -150,6 +150,9 @@ class ContentStore:
         self.settings = settings or TransferSettings()
         #: digests whose object this store sent, or found to hold their bytes
         self._verified: set[str] = set()
+        #: digests being sent by one caller now (jobs sent at once share files): the
+        #: others wait for it instead of sending the same bytes again
+        self._sending: dict[str, threading.Event] = {}
         #: SHA-256 of local files by version (:func:`.digests.file_identity`)
         self._digests: dict[tuple, str] = {}
         #: folders and files never stored, whatever asks (real paths): see ``withhold``
@@ -379,9 +382,30 @@ class ContentStore:
         first: dict[str, tuple[str, os.stat_result]] = {}
         for path, (digest, st) in hashed.items():
             first.setdefault(digest, (path, st))
+        todo, others = [], []
         with self._lock:
-            todo = [(d, p, st) for d, (p, st) in first.items() if d not in self._verified]
+            for digest, (path, st) in first.items():
+                if digest in self._verified:
+                    continue
+                if digest in self._sending:
+                    others.append((digest, path, self._sending[digest]))
+                else:
+                    self._sending[digest] = threading.Event()
+                    todo.append((digest, path, st))
+        try:
+            changed = self._send_mine(todo, pool)
+        finally:
+            with self._lock:
+                for digest, _, _ in todo:
+                    self._sending.pop(digest).set()
+        for digest, path, sent in others:  # sent by another caller meanwhile
+            sent.wait()
+            with self._lock:
+                if digest not in self._verified:
+                    changed.append(path)  # it did not get there: hashed and sent again
+        return changed
 
+    def _send_mine(self, todo: list, pool) -> list[str]:
         def stored(item) -> bool:
             digest, path, st = item
             if st.st_size < BLIND_PUT_BELOW:

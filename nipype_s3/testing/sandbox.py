@@ -198,10 +198,16 @@ TAKES_VALUE = {"-e", "--env", "--env-file", "--entrypoint", "--network", "--net"
 args = sys.argv[1:]
 if args and args[0] == "run":
     out = ["run", "--label", "nipype-s3-localcloud=" + label]
+    # one engine for every instance: a container's name is the instance's own
     for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL",
                  "AWS_SDK_UA_APP_ID", "AWS_EC2_METADATA_DISABLED", "NIPYPE_S3_IMDS_URL"):
         if name in os.environ:
             out += ["-e", name]
+    # this machine reaches the package index through its own CA: pip in a container too
+    ca = "/etc/ssl/certs/ca-certificates.crt"
+    if os.path.isfile(ca):
+        out += ["-v", f"{ca}:/etc/nipype-s3-localcloud-ca.pem:ro",
+                "-e", "PIP_CERT=/etc/nipype-s3-localcloud-ca.pem"]
     rest = args[1:]
     i = 0
     while i < len(rest):
@@ -216,7 +222,7 @@ if args and args[0] == "run":
             out += rest[i + 1:]
             break
         if arg in TAKES_VALUE and i + 1 < len(rest):
-            out.append(rest[i + 1])
+            out.append(rest[i + 1] + ("-" + label if arg == "--name" else ""))
             i += 1
         i += 1
     args = out

@@ -130,3 +130,27 @@ def test_version_mismatch_is_refused_naming_both(docker_images, series, tmp_path
     assert "nipype 1.10.0 where the controller runs 1.11" in text or \
         "nipype 1.10.0 where the controller runs" in text, text
     assert "Run the controller in that image" in text
+
+
+def _tabulate_version():
+    import tabulate
+
+    return tabulate.__version__
+
+
+def test_requirements_are_installed_beside_the_agent_the_image_unchanged(
+        docker_images, tmp_path):
+    from nipype import Function, Node, Workflow
+
+    wf = Workflow("needs", base_dir=str(tmp_path))
+    wf.add_nodes([Node(Function(input_names=[], output_names=["v"],
+                                function=_tabulate_version), name="probe")])
+    with LocalCloud(boot="user-data"):
+        boto3.client("s3").create_bucket(Bucket="image-runs")
+        result = wf.run(plugin=_plugin(image=docker_images["test"],
+                                       requirements=["tabulate==0.9.0"]))
+    assert list(result.nodes())[0].result.outputs.v == "0.9.0"
+    unchanged = subprocess.run(["docker", "run", "--rm", "--entrypoint", "python3",
+                                docker_images["test"], "-c", "import tabulate"],
+                               capture_output=True)
+    assert unchanged.returncode != 0

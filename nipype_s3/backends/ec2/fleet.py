@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import botocore.exceptions
 
 from ...agent.config import AgentConfig
-from ...ec2.instances import InstancePool, LaunchSpec
+from ...ec2.instances import FLEET_TAG, InstancePool, LaunchSpec
 from ...ec2.jobs import (
     job_key_parameter,
 )
@@ -94,19 +94,22 @@ class FleetMixin:
             max_attempts=int(s.max_attempts), worker_root=s.worker_root,
             vcpus=s.agent_vcpus, mem_gb=s.agent_mem_gb, versions=self._versions)
         requirements = _requirements(s.requirements, self._package_uri is None)
-        if image:  # the image has nipype and the node's tools: only the agent's own needs
-            requirements = [r for r in requirements if r.split("==")[0] in _AGENT_NEEDS]
+        if image:  # the image has nipype and the node's tools: the agent's own needs (if
+            # the image lacks them), and the user's requirements
+            requirements = [r for r in _requirements([], self._package_uri is None)
+                            if r.split("==")[0] in _AGENT_NEEDS]
         user_data = render_user_data(
             run_id=self.run_id, config_json=agent_cfg.to_json(), region=self.region,
             worker_root=s.worker_root, requirements=requirements,
             package_s3_uri=self._package_uri, package_sha256=self._package_sha256,
             setup_commands=s.setup_commands, image=image,
+            image_requirements=list(s.requirements) if image else [],
             gpus=bool(image) and _has_gpus(instance_type))
         pool = InstancePool(self.ec2, self.run_id, LaunchSpec(
             ami=self._ami, instance_type=instance_type, user_data=user_data,
             iam_instance_profile=s.iam_instance_profile, subnet_id=s.subnet_id,
             security_group_ids=list(s.security_group_ids), key_name=s.key_name,
-            volume_gb=s.volume_gb, extra_tags=dict(s.tags)), spot=s.spot,
+            volume_gb=s.volume_gb, extra_tags=dict(s.tags, **{FLEET_TAG: kind})), spot=s.spot,
             spot_retries=s.spot_retries)
         fleet = _Fleet(instance_type, queue, pool, vcpus, mem_gb, image)
         self._fleets[fleet.key] = fleet
@@ -127,6 +130,12 @@ class FleetMixin:
 
     def _launched(self, instance_id: str) -> bool:
         return any(instance_id in fleet.pool.launched for fleet in self._fleets.values())
+
+    def _agent_name(self, instance_id: str) -> str:
+        for fleet in self._fleets.values():
+            if instance_id in fleet.pool.launched and getattr(fleet, "image", None):
+                return f"the agent on {instance_id} (image {fleet.image})"
+        return f"the agent on {instance_id}"
 
     def _agent_up(self, instance_id: str) -> bool:
         for fleet in self._fleets.values():
@@ -284,6 +293,11 @@ class FleetMixin:
                 if iid not in self._booted]
         if len(dead) < self.settings.max_boot_failures:
             return False
+        images = sorted({f.image for f in self._fleets.values() if f.image and any(
+            iid in f.pool.ended for iid in dead)})
+        in_image = (f" Their agents were to run in {', '.join(images)}: check that it can "
+                    f"be pulled and has python3 with nipype (nipype-s3 check-image "
+                    f"{images[0]} says which)." if images else "")
         self._fatal = InstanceLaunchError(
             f"{len(dead)} instances of run {self.run_id} ended before their agent started "
             f"({', '.join(dead[:5])}; an instance silent for boot_timeout="
@@ -296,7 +310,7 @@ class FleetMixin:
             "install, "
             f"Python {sys.version_info[0]}.{sys.version_info[1]} (the controller's: "
             "/var/log/nipype-s3-agent.log on the instance says 'no Python' otherwise), "
-            "and that the instance profile allows S3, SQS and SSM.")
+            "and that the instance profile allows S3, SQS and SSM." + in_image)
         logger.error("EC2Plugin: %s", self._fatal)
         self._fail_outstanding("its instances ended before their agent started")
         return True

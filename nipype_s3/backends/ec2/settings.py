@@ -65,6 +65,33 @@ class EC2Settings:
         both); check one with ``nipype-s3 check-image IMAGE``. A node can name its own
         (``node.plugin_args = {"image": ...}``). GPU instance types (g*, p*) give the
         container their GPUs. Default: no image (a virtual environment on the AMI).
+    requirements : list of str
+        pip requirements the nodes need beyond nipype (``["nitime", "nilearn==0.10.3"]``):
+        installed in the agent's environment at boot, or, with ``image``, with the
+        image's ``pip`` into a folder beside the agent's code (the image is not changed).
+    setup_commands : str
+        Shell lines the bootstrap runs (as root) before the agent starts.
+    ship_package : bool
+        Send this controller's own ``nipype_s3`` code to the agents (default True);
+        False: they install ``nipype_s3`` of this version from the package index.
+    local_nodes : list of str
+        Names of nodes to run on the controller (as ``node.plugin_args = {"local": True}``).
+    tags : dict
+        More tags for the instances (each also gets ``nipype-s3:run``).
+    worker_root : str
+        The agents' work folder on the instance (default ``/var/lib/nipype-s3/work``);
+        not a system folder.
+    subnet_id, security_group_ids, key_name, volume_gb
+        Where and how instances are launched (default: the account's default VPC, no
+        key pair, the AMI's volume size).
+    agent_vcpus, agent_mem_gb
+        What an agent packs jobs into (default: the instance type's vCPUs and memory).
+    poll_wait, done_scan_interval, scale_interval
+        Seconds: an agent's SQS long poll, how often the controller also lists finished
+        reports, and how often it decides on launches.
+    endpoint_url, profile, creds_path, region
+        Where AWS is and which credentials the controller uses (default: boto3's own
+        resolution; ``AWS_ENDPOINT_URL`` is honoured).
     max_cost_usd : float
         A cap on the run's estimated cost (on-demand list prices, 60 s minimum per
         instance): no instance is launched that would take the estimate past it, and

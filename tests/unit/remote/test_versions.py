@@ -44,3 +44,20 @@ def test_runtime_versions_are_this_process():
     ours = runtime_versions()
     assert ours["python"] == platform.python_version()
     assert ours["nipype"] == nipype.__version__
+
+
+def test_hints_for_what_only_the_controller_has(tmp_path):
+    from nipype_s3.remote.collect import _hints
+
+    here = tmp_path / "settings.txt"
+    here.write_text("x")
+    said = _hints(f"FileNotFoundError: [Errno 2] No such file or directory: '{here}'\n"
+                  "FileNotFoundError: No such file or directory: '/nowhere/at/all'\n"
+                  'IOError: No command "mcflirt" found on host i-1. Please check that the '
+                  "corresponding package is installed.\n"
+                  "ModuleNotFoundError: No module named 'nitime.algorithms'\n" * 50)
+    assert f"{here} exists on this machine but not on the instance" in said
+    assert "/nowhere/at/all" not in said  # not here either: nothing to say
+    assert "the instance has no command 'mcflirt'" in said
+    assert "no module 'nitime'" in said and "plugin_args['requirements']" in said
+    assert said.count("\n") == 3  # each once, however often the traceback says it

@@ -45,6 +45,24 @@ def test_small_files_are_put_without_asking_large_ones_are_asked_first(counted_c
     assert body.read() == small.read_bytes()
 
 
+def test_jobs_sent_at_once_sharing_a_folder_send_each_file_once(counted_client, tmp_path):
+    """Three subjects' jobs, sent by three threads at once, name the same folder: its
+    files go up once, the other jobs wait for them instead of sending them again."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    client, calls = counted_client
+    shared = tmp_path / "templates"
+    shared.mkdir()
+    for i in range(6):
+        (shared / f"t{i}.nii").write_bytes(os.urandom(BLIND_PUT_BELOW // 2 + i))
+    store = ContentStore(client, "cas-bucket", "p")
+    with ThreadPoolExecutor(max_workers=3) as pool:
+        manifests = list(pool.map(lambda _: store.put([str(shared)]), range(3)))
+    assert all(sorted(e.sha256 for e in m) == sorted(e.sha256 for e in manifests[0])
+               for m in manifests)
+    assert calls.count("PUT") == 6
+
+
 def test_withheld_files_are_not_stored_even_inside_a_stored_folder(counted_client, tmp_path,
                                                                    caplog):
     """A home folder handed over as an input must not take ~/.aws with it."""
