@@ -154,3 +154,26 @@ def test_requirements_are_installed_beside_the_agent_the_image_unchanged(
                                 docker_images["test"], "-c", "import tabulate"],
                                capture_output=True)
     assert unchanged.returncode != 0
+
+
+def test_check_image_says_which_images_will_do(docker_images):
+    """``nipype-s3 check-image``: the versions beside the controller's, the agent's
+    self-test in the image, and exit status 1 naming the problem."""
+    import sys
+
+    def check(image):
+        return subprocess.run([sys.executable, "-m", "nipype_s3.cli", "check-image", image,
+                               "--no-pull"], capture_output=True, text=True, timeout=300)
+
+    good = check(docker_images["test"])
+    assert good.returncode == 0, good.stderr
+    assert "agent    ok: " in good.stdout and "the image can run this controller's nodes" \
+        in good.stdout
+    older = check(docker_images["older"])
+    assert older.returncode == 1
+    assert "nipype 1.10.0 where the controller runs" in older.stdout
+    bare = check(docker_images["base"])
+    assert bare.returncode == 1 and "has no working python3 on its PATH" in bare.stdout
+    missing = check("nipype-s3-test/no-such-image:1")
+    assert missing.returncode == 1
+    assert "is not on this machine (and --no-pull)" in missing.stderr
