@@ -23,8 +23,9 @@ Inside the block:
   can count API calls, and faults can be injected: :meth:`kill_agent` (SIGKILL, as a
   lost instance), :meth:`fail_launches` (``InsufficientInstanceCapacity`` and friends).
 
-moto does not run user-data itself and has no Docker engine here; LocalCloud plays the
-instances' part.
+moto does not run user-data itself, nor Batch's jobs; LocalCloud plays the instances'
+part (:mod:`nipype_s3.testing.sandbox`) and Batch's (``cloud.batch``,
+:mod:`nipype_s3.testing.batch`).
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ import warnings
 from dataclasses import dataclass
 
 from ..ec2.userdata import agent_config_from_user_data
+from .batch import LocalBatch
 from .proxy import RecordingProxy
 from .sandbox import Sandbox, sandbox_available
 from .servers import FAKE_ACCESS_KEY, FAKE_SECRET_KEY, MotoServer
@@ -151,6 +153,8 @@ class LocalCloud:
         self._saved_env: dict[str, str | None] = {}
         self._seen_commands: set[str] = set()
         self.errors: list[str] = []
+        #: AWS Batch's jobs, run as containers (see nipype_s3.testing.batch)
+        self.batch = LocalBatch(self)
 
     # -- lifecycle ----------------------------------------------------------------------
     @property
@@ -186,6 +190,7 @@ class LocalCloud:
             self._thread.join(timeout=10)
         for inst in self.instance_list():
             self._kill(inst)
+        self.batch.stop_all()
         if self.proxy is not None:
             self.proxy.stop()
         if self._metadata is not None:
@@ -199,6 +204,14 @@ class LocalCloud:
                 os.environ[key] = value
         if self._own_dir and not self.keep:
             shutil.rmtree(self.directory, ignore_errors=True)
+
+    def agent_env(self) -> dict[str, str]:
+        """What stands in for an instance role in the environment of what LocalCloud
+        runs (agents, Batch jobs): fake credentials and the endpoint."""
+        url = self.proxy.url if self.agents_via_proxy and self.proxy else self.server.url
+        return {"AWS_ACCESS_KEY_ID": FAKE_ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": FAKE_SECRET_KEY,
+                "AWS_DEFAULT_REGION": self.region, "AWS_ENDPOINT_URL": url,
+                "AWS_SDK_UA_APP_ID": AGENT_APP_ID, "AWS_EC2_METADATA_DISABLED": "true"}
 
     def client(self, service: str, *, direct: bool = False):
         """A boto3 client of this account (``direct``: bypassing the recording proxy)."""
@@ -219,6 +232,7 @@ class LocalCloud:
         iam.create_instance_profile(InstanceProfileName=self.INSTANCE_PROFILE)
         iam.add_role_to_instance_profile(InstanceProfileName=self.INSTANCE_PROFILE,
                                          RoleName=self.INSTANCE_PROFILE)
+        self.batch.create_defaults()
 
     # -- fault injection ----------------------------------------------------------------
     def fail_launches(self, code: str = "InsufficientInstanceCapacity", times: int = 1) -> None:
@@ -246,7 +260,10 @@ class LocalCloud:
         with self._lock:
             self._denied.append(path_contains)
 
-    def _respond(self, request):
+    def _respond(self, request, body: bytes = b""):
+        played = self.batch.respond(request, body)
+        if played is not None:  # AWS Batch's jobs: LocalCloud runs them (moto would not)
+            return played
         if self._denied and AGENT_APP_ID in (request.header("user-agent") or "") and any(
                 part in request.path for part in self._denied):
             body = (b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>AccessDenied</Code>'
@@ -392,6 +409,7 @@ class LocalCloud:
                 self._step(ec2)
                 self._ssm_step(ec2, ssm)
                 self._keep_environments()
+                self.batch.step()
                 failing = 0
             except Exception as exc:  # keep watching; record for tests
                 # moto answers an odd request with a 500 page under load: looked at again

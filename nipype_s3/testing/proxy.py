@@ -130,8 +130,9 @@ class RecordingProxy:
         ``fault_filter(method, path, query) -> bool``: only matching requests may fail
         (e.g. object GETs but not LISTs).
     responder : callable, optional
-        ``responder(request: Recorded) -> (status, body, content_type) or None``: answer
-        a request without forwarding it (an injected AWS error, say).
+        ``responder(request: Recorded, body: bytes) -> (status, body, content_type) or
+        None``: answer a request without forwarding it (an injected AWS error, an API
+        LocalCloud plays itself).
 
     Each request is recorded with its ``action``: the API operation for JSON and query
     protocols (``AmazonSQS.ReceiveMessage``, ``RunInstances``), else ``S3:<METHOD>``.
@@ -235,7 +236,7 @@ class RecordingProxy:
                     self.wfile.write(payload)
                     return
                 if proxy.responder is not None:
-                    canned = proxy.responder(rec)
+                    canned = proxy.responder(rec, body)
                     if canned is not None:
                         code, payload, ctype = canned
                         proxy._record(Recorded(self.command, path, query, code, seen, action))

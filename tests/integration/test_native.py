@@ -118,7 +118,7 @@ def test_what_the_engine_cannot_finish_botocore_does(seaweedfs, weed_bucket, fil
     root, sums = files
     refused = {"f03.bin", "f17.bin"}
 
-    def deny_native(rec):  # the native client is refused these two keys; botocore is not
+    def deny_native(rec, body):  # the native client is refused these two keys; botocore is not
         if _native(rec) and rec.key.rsplit("/", 1)[-1] in refused:
             return 403, (b"<?xml version=\"1.0\"?><Error><Code>AccessDenied</Code>"
                          b"<Message>injected</Message></Error>"), "application/xml"

@@ -1,0 +1,144 @@
+"""LocalCloud plays AWS Batch: submitted jobs run for real, as containers of this
+machine's Docker engine, and report Batch's states, exit codes and reasons; AWS's limits
+hold (moto holds none), and spot reclaims and throttling can be injected."""
+
+from __future__ import annotations
+
+import time
+
+import boto3
+import botocore.config
+import botocore.exceptions
+import pytest
+
+from nipype_s3.testing import LocalCloud
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def cloud(docker_images):
+    with LocalCloud() as cloud:
+        yield cloud
+
+
+def _batch():
+    # no retries: each throttled call is seen
+    return boto3.client("batch", config=botocore.config.Config(retries={"total_max_attempts": 1,
+                                                                        "mode": "standard"}))
+
+
+def _definition(batch, image, command, name="probe"):
+    return batch.register_job_definition(
+        jobDefinitionName=f"nipype-s3-{name}", type="container",
+        containerProperties={"image": image, "command": command, "resourceRequirements": [
+            {"type": "VCPU", "value": "1"}, {"type": "MEMORY", "value": "512"}]},
+    )["jobDefinitionArn"]
+
+
+def _wait(batch, ids, timeout=120):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        jobs = batch.describe_jobs(jobs=ids)["jobs"]
+        if jobs and all(j["status"] in ("SUCCEEDED", "FAILED") for j in jobs):
+            return {j["jobId"]: j for j in jobs}
+        time.sleep(0.3)
+    raise TimeoutError(ids)
+
+
+@pytest.mark.docker
+def test_a_job_runs_its_image_and_command_with_batchs_variables(cloud, docker_images):
+    batch = _batch()
+    definition = _definition(batch, docker_images["test"], ["true"])
+    script = ("import os, sys; print('job', os.environ['AWS_BATCH_JOB_ID'], 'attempt', "
+              "os.environ['AWS_BATCH_JOB_ATTEMPT'], 'greeting', os.environ['GREETING']); "
+              "sys.exit(int(os.environ['EXIT']))")
+    ids = {}
+    for code in (0, 3):
+        ids[code] = batch.submit_job(
+            jobName=f"exit-{code}", jobQueue=cloud.batch.QUEUE, jobDefinition=definition,
+            containerOverrides={"command": ["python3", "-c", script], "environment": [
+                {"name": "GREETING", "value": "hello"}, {"name": "EXIT", "value": str(code)}]},
+        )["jobId"]
+    jobs = _wait(batch, list(ids.values()))
+    ok, failed = jobs[ids[0]], jobs[ids[3]]
+    assert ok["status"] == "SUCCEEDED" and ok["container"]["exitCode"] == 0
+    assert ok["startedAt"] <= ok["stoppedAt"]
+    assert failed["status"] == "FAILED" and failed["container"]["exitCode"] == 3
+    assert failed["statusReason"] == "Essential container in task exited"
+    log = cloud.batch._log(ids[0])
+    assert f"job {ids[0]} attempt 1 greeting hello" in log
+
+
+@pytest.mark.docker
+def test_an_array_job_runs_each_index(cloud, docker_images):
+    batch = _batch()
+    definition = _definition(batch, docker_images["test"], [
+        "python3", "-c", "import os; print('index', os.environ['AWS_BATCH_JOB_ARRAY_INDEX'])"])
+    parent = batch.submit_job(jobName="array", jobQueue=cloud.batch.QUEUE,
+                              jobDefinition=definition, arrayProperties={"size": 3})["jobId"]
+    kids = [f"{parent}:{i}" for i in range(3)]
+    _wait(batch, kids)
+    assert [cloud.batch._log(k).strip() for k in kids] == ["index 0", "index 1", "index 2"]
+    (summary,) = batch.describe_jobs(jobs=[parent])["jobs"]
+    assert summary["status"] == "SUCCEEDED"
+    assert summary["arrayProperties"] == {"size": 3, "statusSummary": {"SUCCEEDED": 3}}
+
+
+@pytest.mark.docker
+def test_terminate_reclaim_and_a_missing_image(cloud, docker_images):
+    batch = _batch()
+    sleeper = _definition(batch, docker_images["test"], ["sleep", "300"], "sleeper")
+    one, two = (batch.submit_job(jobName=n, jobQueue=cloud.batch.QUEUE,
+                                 jobDefinition=sleeper)["jobId"] for n in ("one", "two"))
+    reclaimed = cloud.batch.reclaim(one)
+    assert reclaimed == one
+    batch.terminate_job(jobId=two, reason="run r1 ended (nipype-s3)")
+    missing = _definition(batch, "nipype-s3-test/not-here:1", ["true"], "missing")
+    three = batch.submit_job(jobName="three", jobQueue=cloud.batch.QUEUE,
+                             jobDefinition=missing)["jobId"]
+    jobs = _wait(batch, [one, two, three])
+    assert jobs[one]["status"] == "FAILED" and "exitCode" not in jobs[one]["container"]
+    assert jobs[one]["statusReason"].startswith("Host EC2 (instance i-")
+    assert jobs[one]["statusReason"].endswith(") terminated.")
+    assert jobs[two]["statusReason"] == "run r1 ended (nipype-s3)"
+    assert jobs[three]["statusReason"].startswith("CannotPullContainerError")
+
+
+@pytest.mark.docker
+def test_aws_limits_and_throttling(cloud, docker_images):
+    batch = _batch()
+    definition = _definition(batch, docker_images["test"], ["true"])
+
+    def refused(**kwargs):
+        with pytest.raises(botocore.exceptions.ClientError) as err:
+            batch.submit_job(jobName="x", jobQueue=cloud.batch.QUEUE,
+                             jobDefinition=definition, **kwargs)
+        return err.value.response["Error"]
+
+    big = [{"name": f"V{i}", "value": "x" * 100} for i in range(90)]
+    assert "at most 8192" in refused(containerOverrides={"environment": big})["Message"]
+    assert "2 to 10000" in refused(arrayProperties={"size": 10001})["Message"]
+    with pytest.raises(botocore.exceptions.ClientError, match="at most 100"):
+        batch.describe_jobs(jobs=[f"id-{i}" for i in range(101)])
+    cloud.batch.throttle("SubmitJob", times=2)
+    for _ in range(2):
+        assert refused()["Code"] == "TooManyRequestsException"
+    job = batch.submit_job(jobName="x", jobQueue=cloud.batch.QUEUE,
+                           jobDefinition=definition)["jobId"]
+    assert _wait(batch, [job])[job]["status"] == "SUCCEEDED"
+
+
+def test_without_a_docker_engine_a_job_fails_saying_so(monkeypatch):
+    import nipype_s3.testing.batch as local_batch
+
+    monkeypatch.setattr(local_batch.shutil, "which", lambda name: None)
+    with LocalCloud(boot="direct") as cloud:
+        batch = _batch()
+        definition = _definition(batch, "nipype-s3-test/nipype:local", ["true"])
+        job = batch.submit_job(jobName="x", jobQueue=cloud.batch.QUEUE,
+                               jobDefinition=definition)["jobId"]
+        (done,) = _wait(batch, [job]).values()
+    assert done["status"] == "FAILED"
+    assert done["statusReason"].startswith("CannotPullContainerError: LocalCloud has no "
+                                           "Docker engine")
