@@ -2,19 +2,13 @@
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 
-from ...agent.config import DEFAULT_WORKER_ROOT
-from ...ec2.jobs import (
-    parse_s3_prefix,
-)
-from ...exceptions import ConfigurationError
-from ...remote.settings import _checked_arg, checked_image
+from ...remote.settings import AT_LEAST, RemoteSettings
 
 
 @dataclass
-class EC2Settings:
+class EC2Settings(RemoteSettings):
     """``plugin_args`` of :class:`EC2Plugin`, with their defaults.
 
     Parameters
@@ -99,104 +93,29 @@ class EC2Settings:
         nothing left running. Default: no cap.
     """
 
-    s3_prefix: str = ""
     instance_type: str = "c6i.large"
     max_instances: int = 4
     ami: str | None = None
     iam_instance_profile: str | None = "nipype-s3-agent"
-    region: str | None = None
-    endpoint_url: str | None = None
-    profile: str | None = None
-    creds_path: str | None = None
     spot: bool = False
     spot_retries: int = 2
-    idle_timeout: float = 180.0
-    max_lifetime: float = 6 * 3600.0
-    lease_timeout: float = 120.0
-    visibility_timeout: int = 120
-    heartbeat: float = 30.0
-    max_attempts: int = 3
-    poll_wait: int = 20
-    worker_root: str = DEFAULT_WORKER_ROOT
     subnet_id: str | None = None
     security_group_ids: list = field(default_factory=list)
     key_name: str | None = None
     volume_gb: int | None = None
-    requirements: list = field(default_factory=list)
     setup_commands: str = ""
-    ship_package: bool = True
-    local_nodes: list = field(default_factory=list)
-    tags: dict = field(default_factory=dict)
-    done_scan_interval: float = 30.0
-    scale_interval: float = 2.0
-    agent_vcpus: int | None = None
-    agent_mem_gb: float | None = None
     max_boot_failures: int = 3
     boot_timeout: float = 900.0
-    stall_timeout: float = 900.0
     max_launches: int | None = None
-    max_cost_usd: float | None = None
-    image: str | None = None
 
-    _NIPYPE_KEYS = {"max_jobs", "status_callback", "template", "qsub_args"}
+    _PLUGIN = "EC2Plugin"
+    _SIZING_HINT = ("EC2Plugin sizes the machines instead: 'instance_type' (e.g. "
+                    "'c6i.2xlarge', 8 vCPUs and 16 GiB) and 'max_instances' (how many at "
+                    "once)")
 
-    @classmethod
-    def from_plugin_args(cls, args: dict | None) -> EC2Settings:
-        args = dict(args or {})
-        known = {f for f in cls.__dataclass_fields__ if not f.startswith("_")}
-        unknown = set(args) - known - cls._NIPYPE_KEYS
-        multiproc = sorted(unknown & {"n_procs", "memory_gb", "raise_insufficient",
-                                      "scheduler", "maxtasksperchild"})
-        if multiproc:
-            raise ConfigurationError(
-                f"EC2Plugin plugin_args {multiproc[0]!r} is MultiProc's (what one machine "
-                "may use). EC2Plugin sizes the machines instead: 'instance_type' (e.g. "
-                "'c6i.2xlarge', 8 vCPUs and 16 GiB) and 'max_instances' (how many at "
-                "once); a node's own n_procs/mem_gb still pack jobs on each instance. "
-                f"Remove {multiproc[0]!r}.")
-        if unknown:
-            import difflib
-
-            hints = [f"{name!r} (did you mean {close[0]!r}?)" if close else repr(name)
-                     for name in sorted(unknown)
-                     for close in [difflib.get_close_matches(name, known, n=1)]]
-            raise ConfigurationError(
-                f"EC2Plugin does not know plugin_args {', '.join(hints)}; the known ones are "
-                f"{sorted(known)}.")
-        settings = cls(**{k: _checked_arg(k, v, cls.__dataclass_fields__[k].type)
-                          for k, v in args.items() if k in known})
-        parse_s3_prefix(settings.s3_prefix)
-        checked_image(settings.image, "EC2Plugin plugin_args['image']")
-        root = settings.worker_root
-        if not (isinstance(root, str) and root.startswith("/") and
-                os.path.normpath(root) == root and root.rstrip("/") not in _SYSTEM_DIRS):
-            raise ConfigurationError(
-                f"EC2Plugin plugin_args['worker_root'] must be an absolute, normalised path "
-                f"of a folder of the agent's own (default {DEFAULT_WORKER_ROOT!r}), not a "
-                f"system folder: {root!r}. With 'image' it is mounted into the container "
-                "and given to the image's user.")
-        for name, low in _AT_LEAST.items():
-            value = getattr(settings, name)
-            if value is not None and value < low:
-                raise ConfigurationError(
-                    f"EC2Plugin plugin_args[{name!r}] must be at least {low}, not {value!r}.")
-        if settings.heartbeat >= settings.visibility_timeout:
-            raise ConfigurationError(
-                f"heartbeat ({settings.heartbeat}) must be shorter than visibility_timeout "
-                f"({settings.visibility_timeout}), or running jobs would be handed out twice.")
-        return settings
-
-
-#: folders the agent's work folder may not be (it is emptied, mounted and handed over)
-_SYSTEM_DIRS = {"", "/bin", "/boot", "/dev", "/etc", "/home", "/lib", "/lib64", "/opt",
-                "/proc", "/root", "/run", "/sbin", "/srv", "/sys", "/tmp", "/usr",
-                "/usr/bin", "/usr/lib", "/usr/local", "/var", "/var/lib", "/var/log",
-                "/var/run", "/var/tmp", "/mnt"}
 
 #: the least value each numeric plugin argument may take
-_AT_LEAST = {"max_instances": 1, "spot_retries": 0, "idle_timeout": 0.001,
-             "max_lifetime": 1, "lease_timeout": 1, "visibility_timeout": 1,
-             "heartbeat": 0.1, "max_attempts": 1, "poll_wait": 0, "volume_gb": 1,
-             "done_scan_interval": 0.1, "scale_interval": 0.1, "agent_vcpus": 1,
-             "agent_mem_gb": 0.1, "max_boot_failures": 1, "boot_timeout": 1,
-             "stall_timeout": 1, "max_launches": 1, "max_cost_usd": 0.0}
+_AT_LEAST = dict(AT_LEAST, max_instances=1, spot_retries=0, volume_gb=1,
+                 max_boot_failures=1, boot_timeout=1, max_launches=1)
+
+EC2Settings._AT_LEAST = _AT_LEAST
