@@ -26,7 +26,7 @@ from .exceptions import (  # noqa: E402
     UnsafePath,
 )
 from .interfaces import EC2ContainerRun, S3DataGrabber, S3DataSink  # noqa: E402
-from .plugins import EC2Plugin  # noqa: E402
+from .plugins import BatchPlugin, EC2Plugin  # noqa: E402
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())
 
@@ -36,7 +36,7 @@ def _register_plugin_names() -> None:
     named by a string up as ``<name>Plugin`` in :mod:`nipype.pipeline.plugins`."""
     import nipype.pipeline.plugins as plugins
 
-    for name, cls in (("EC2Plugin", EC2Plugin),):
+    for name, cls in (("EC2Plugin", EC2Plugin), ("BatchPlugin", BatchPlugin)):
         if getattr(plugins, name, None) is not cls:
             setattr(plugins, name, cls)
 
@@ -48,6 +48,7 @@ __all__ = [
     "S3DataSink",
     "S3DataGrabber",
     "EC2Plugin",
+    "BatchPlugin",
     "EC2ContainerRun",
     "NipypeS3Error",
     "ConfigurationError",

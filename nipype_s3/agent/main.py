@@ -123,7 +123,9 @@ class Agent:
         self.cfg = config
         self.layout = config.layout
         self.metadata = Metadata()
+        # on AWS Batch, the agent's own job (several agents may share a host)
         self.instance_id = instance_id or os.environ.get("NIPYPE_S3_INSTANCE_ID") \
+            or os.environ.get("AWS_BATCH_JOB_ID") \
             or self.metadata.instance_id() or "local"
         session = boto3.Session(region_name=config.region)
         self.s3 = make_s3_client(session, endpoint_url=config.endpoint_url,

@@ -1,5 +1,6 @@
-"""Nipype execution plugins: EC2Plugin."""
+"""Nipype execution plugins: EC2Plugin, BatchPlugin."""
 
+from .batch import BatchPlugin, BatchSettings
 from .ec2 import EC2Plugin, EC2Settings
 
-__all__ = ["EC2Plugin", "EC2Settings"]
+__all__ = ["EC2Plugin", "EC2Settings", "BatchPlugin", "BatchSettings"]

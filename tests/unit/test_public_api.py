@@ -7,6 +7,7 @@ EXPECTED = {
     "S3DataSink",
     "S3DataGrabber",
     "EC2Plugin",
+    "BatchPlugin",
     "EC2ContainerRun",
     "NipypeS3Error",
     "ConfigurationError",

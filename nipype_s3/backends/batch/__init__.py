@@ -1,0 +1,5 @@
+"""The AWS Batch backend: BatchPlugin (agents as Batch jobs)."""
+
+from .plugin import BatchPlugin
+
+__all__ = ["BatchPlugin"]

@@ -1,0 +1,433 @@
+"""BatchPlugin: run a Nipype workflow's nodes on AWS Batch, its agents as Batch jobs.
+
+::
+
+    wf.run(plugin=BatchPlugin(plugin_args={
+        "s3_prefix": "s3://my-bucket/runs", "job_queue": "neuro-spot",
+        "image": "123456789012.dkr.ecr.us-east-1.amazonaws.com/my-pipeline:1.4"}))
+
+Batch owns capacity, spot and quotas; nipype_s3's core does the rest as for EC2Plugin
+(the same agent, staging, signed reports, collection and write-back). Each agent is a
+Batch job (an array job when several are wanted at once, up to ``max_agents``) running
+the image with the controller's own code, fetched from the content store and run only
+when its SHA-256 is the one the controller sent; it takes nodes from the run's queue
+until it has been idle ``idle_timeout`` seconds, so a short node costs about a second
+of dispatch, not Batch's tens of seconds from SUBMITTED to RUNNING. Scheduling stays on
+the client, as nipype does it: no ``dependsOn``.
+
+The truth is the signed report in S3: Batch's status is polled (100 ids a call) only
+to see agent jobs that die before they start (an image that cannot be pulled) and to
+end them all however the run ends (``TerminateJob``, the reason naming the run).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import random
+import threading
+import time
+from dataclasses import dataclass, field
+
+import botocore.exceptions
+
+from ...agent.config import AgentConfig
+from ...config import env_endpoint_url
+from ...ec2.jobs import (
+    RunLayout,
+    job_key_parameter,
+    new_job_key,
+    new_run_id,
+    parse_s3_prefix,
+)
+from ...exceptions import ConfigurationError, EC2Error
+from ...remote.placement import check_node_args
+from ...remote.plugin import RemotePlugin
+from ...s3.cas import ContentStore
+from ...s3.credentials import resolve_session
+from ...s3.errors import s3_errors
+from ...s3.session import bucket_region, make_s3_client
+from ...secrets import withheld_names, withheld_paths
+from .settings import BatchSettings
+
+logger = logging.getLogger("nipype.workflow")
+
+__all__ = ["BatchPlugin"]
+
+#: what a node's own plugin_args may say under BatchPlugin
+_NODE_ARGS = {"local": bool, "image": str}
+_FINAL = ("SUCCEEDED", "FAILED")
+#: AWS's limits, held before calling (moto holds none)
+OVERRIDES_LIMIT = 8192
+DESCRIBE_LIMIT = 100
+ARRAY_LIMIT = 10_000
+
+# What an agent job runs: the controller's code, fetched from the content store and run
+# only when its SHA-256 is the one the controller sent (the image is not changed).
+_BOOT = """\
+import hashlib, io, os, runpy, sys, zipfile
+uri, digest = os.environ.get("NIPYPE_S3_PACKAGE"), os.environ.get("NIPYPE_S3_PACKAGE_SHA256")
+if uri:
+    import boto3
+    bucket, key = uri[len("s3://"):].split("/", 1)
+    data = boto3.client("s3").get_object(Bucket=bucket, Key=key)["Body"].read()
+    if hashlib.sha256(data).hexdigest() != digest:
+        sys.exit("nipype-s3: the package at " + uri + " does not match its SHA-256; not run")
+    lib = "/tmp/nipype-s3-agent"
+    zipfile.ZipFile(io.BytesIO(data)).extractall(lib)
+    sys.path.insert(0, lib)
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [lib, os.environ.get("PYTHONPATH")]))
+sys.argv = ["nipype-s3 agent"]
+runpy.run_module("nipype_s3.agent", run_name="__main__")
+"""
+
+
+@dataclass
+class _AgentFleet:
+    """The agents of one image: their queue, job definition, and the jobs submitted."""
+
+    image: str | None
+    queue_url: str
+    job_definition: str
+    config_json: str
+    vcpus: int
+    mem_gb: float
+    instance_type: str = "batch"
+    #: agent job id -> {"status", "submitted", "started", "stopped", "reason"}
+    jobs: dict = field(default_factory=dict)
+
+    @property
+    def key(self) -> str:
+        return self.image or ""
+
+
+class BatchPlugin(RemotePlugin):
+    """Execute a workflow's nodes on AWS Batch (see the module docstring)."""
+
+    settings_class = BatchSettings
+
+    # -- before anything is submitted ---------------------------------------------------
+    def _prerun_check(self, graph) -> None:
+        s = self.settings
+        too_big = []
+        for node in graph.nodes():
+            check_node_args(node, _NODE_ARGS)
+            args = getattr(node, "plugin_args", None) or {}
+            args = args if isinstance(args, dict) else {}
+            if args["local"] if "local" in args else self._kind_runs_here(node):
+                continue
+            n_procs = max(1, int(getattr(node, "n_procs", 1) or 1))
+            mem_gb = float(getattr(node, "mem_gb", 0) or 0)
+            if n_procs > s.vcpus or mem_gb > s.mem_gb:
+                too_big.append((node.fullname, n_procs, mem_gb))
+        if too_big:
+            name, n_procs, mem_gb = too_big[0]
+            others = f" (and {len(too_big) - 1} more)" if len(too_big) > 1 else ""
+            raise ConfigurationError(
+                f"Node {name}{others} asks for {n_procs} CPUs and {mem_gb:g} GB of memory "
+                f"(n_procs, mem_gb), but BatchPlugin's agents have {s.vcpus} vCPUs and "
+                f"{s.mem_gb:g} GiB (agent_vcpus, agent_mem_gb). Raise those (within what "
+                f"the job queue's compute environments give), or lower n_procs/mem_gb. "
+                "Nothing was submitted.")
+
+    def _start_run(self) -> None:
+        s = self.settings
+        self._reset()
+        bucket, prefix = parse_s3_prefix(s.s3_prefix)
+        self.run_id = new_run_id()
+        self.layout = RunLayout(bucket, prefix, self.run_id)
+        self.started = time.time()
+        session = resolve_session(creds_path=s.creds_path, profile=s.profile)
+        endpoint = s.endpoint_url or env_endpoint_url()
+        region = s.region or session.region_name or bucket_region(bucket, session,
+                                                                  endpoint_url=endpoint)
+        self.region, self.endpoint_url = region, endpoint
+        kwargs = {"region_name": region}
+        self.s3 = make_s3_client(session, bucket=bucket, endpoint_url=endpoint, region=region)
+        self.sqs = session.client("sqs", endpoint_url=os.environ.get("AWS_ENDPOINT_URL_SQS")
+                                  or endpoint, **kwargs)
+        self.ssm = session.client("ssm", endpoint_url=os.environ.get("AWS_ENDPOINT_URL_SSM")
+                                  or endpoint, **kwargs)
+        self.batch = session.client("batch", endpoint_url=os.environ.get(
+            "AWS_ENDPOINT_URL_BATCH") or endpoint, **kwargs)
+        self.store = ContentStore(self.s3, bucket, prefix)
+        self.store.withhold(*withheld_paths())
+        self.store.withhold_names(*withheld_names())
+        self._leased = False
+        queues = self._call(self.batch.describe_job_queues, jobQueues=[s.job_queue])
+        if not queues.get("jobQueues"):
+            raise ConfigurationError(
+                f"There is no Batch job queue {s.job_queue!r} in {region}: create one "
+                "(nipype-s3 batch setup, or the console), or name yours in "
+                "plugin_args['job_queue']. Nothing was submitted.")
+        logger.info("BatchPlugin: run %s, files in s3://%s/%s, up to %d agents on %s",
+                    self.run_id, bucket, self.layout.run_prefix, s.max_agents, s.job_queue)
+        self._job_key = new_job_key()
+        with s3_errors(bucket=bucket, key=self.layout.lease_key, action="write the lease to",
+                       endpoint=endpoint):
+            self._write_lease()
+        self._leased = True
+        self.events_queue = self.sqs.create_queue(
+            QueueName=self.layout.queue_name("events"))["QueueUrl"]
+        self.ssm.put_parameter(Name=job_key_parameter(self.run_id), Type="SecureString",
+                               Value=self._job_key.hex(), Overwrite=True,
+                               Description=f"nipype-s3 job-signing key of run {self.run_id}")
+        self._package_uri, self._package_sha256 = (
+            self._ship_package() if s.ship_package else (None, None))
+        self._fleets: dict[str, _AgentFleet] = {}
+        self._last_describe = 0.0
+        self._fleet(s.instance_type, s.image)
+        self._lease_stop.clear()
+        self._lease_thread = threading.Thread(target=self._lease_loop, daemon=True,
+                                              name="nipype-s3-lease")
+        self._lease_thread.start()
+
+    # -- where a job goes --------------------------------------------------------------
+    def _fleet(self, instance_type: str, image: str | None = None) -> _AgentFleet:
+        fleet = self._fleets.get(image or "")
+        if fleet is not None:
+            return fleet
+        s = self.settings
+        kind = "jobs" if image == s.image else \
+            "jobs-" + hashlib.sha256(str(image).encode()).hexdigest()[:10]
+        queue = self.sqs.create_queue(
+            QueueName=self.layout.queue_name(kind),
+            Attributes={"VisibilityTimeout": str(int(s.visibility_timeout)),
+                        "MessageRetentionPeriod": "1209600"})["QueueUrl"]
+        config = AgentConfig(
+            bucket=self.layout.bucket, prefix=self.layout.prefix, run_id=self.run_id,
+            region=self.region, jobs_queue_url=queue, events_queue_url=self.events_queue,
+            job_key_parameter=job_key_parameter(self.run_id),
+            endpoint_url=self.endpoint_url, idle_timeout=s.idle_timeout,
+            max_lifetime=s.max_lifetime, visibility_timeout=int(s.visibility_timeout),
+            heartbeat=s.heartbeat, poll_wait=int(s.poll_wait),
+            lease_check=max(1.0, min(15.0, s.lease_timeout / 4)),
+            max_attempts=int(s.max_attempts), worker_root=s.worker_root,
+            vcpus=s.vcpus, mem_gb=s.mem_gb, versions=self._versions)
+        definition = s.job_definition if s.job_definition and image == s.image else \
+            self._job_definition(image)
+        fleet = _AgentFleet(image, queue, definition, config.to_json(), s.vcpus, s.mem_gb)
+        self._fleets[fleet.key] = fleet
+        return fleet
+
+    def _job_definition(self, image: str | None) -> str:
+        """The job definition for agents of ``image``, named by the digest of what it
+        holds (image, resources, role): registered once, reused by later runs."""
+        if not image:
+            raise ConfigurationError("BatchPlugin: a node without an image needs the run's "
+                                     "plugin_args['image'] (or 'job_definition').")
+        s = self.settings
+        props = {"image": image, "command": ["python3", "-c", _BOOT],
+                 "resourceRequirements": [
+                     {"type": "VCPU", "value": str(s.vcpus)},
+                     {"type": "MEMORY", "value": str(int(s.mem_gb * 1024))}]}
+        if s.job_role_arn:
+            props["jobRoleArn"] = s.job_role_arn
+        name = "nipype-s3-" + hashlib.sha256(json.dumps(
+            props, sort_keys=True).encode()).hexdigest()[:16]
+        found = self._call(self.batch.describe_job_definitions, jobDefinitionName=name,
+                           status="ACTIVE").get("jobDefinitions", [])
+        if found:
+            return max(found, key=lambda d: d["revision"])["jobDefinitionArn"]
+        made = self._call(self.batch.register_job_definition, jobDefinitionName=name,
+                          type="container", containerProperties=props,
+                          tags={"nipype-s3:image": image[:256]})
+        logger.info("BatchPlugin: registered job definition %s for %s", name, image)
+        return made["jobDefinitionArn"]
+
+    # -- AWS, politely ---------------------------------------------------------------
+    def _call(self, method, **kwargs):
+        """One Batch call, backed off with jitter while Batch says TooManyRequests."""
+        delay = 0.5
+        for attempt in range(8):
+            try:
+                return method(**kwargs)
+            except botocore.exceptions.ClientError as exc:
+                code = exc.response.get("Error", {}).get("Code", "")
+                if code not in ("TooManyRequestsException", "ThrottlingException") or \
+                        attempt == 7:
+                    raise
+                time.sleep(delay * (0.5 + random.random()))
+                delay = min(delay * 2, 8.0)
+        raise AssertionError("unreachable")
+
+    # -- agents -----------------------------------------------------------------------
+    def _scale(self) -> None:
+        now = time.time()
+        if now - self._last_describe >= 3.0:
+            self._last_describe = now
+            self._describe_agents()
+            if self._check_agent_failures():
+                return
+        waiting = self._outstanding()
+        if not waiting:
+            return
+        live_all = sum(1 for f in self._fleets.values() for info in f.jobs.values()
+                       if info["status"] not in _FINAL)
+        for fleet in self._fleets.values():
+            mine = [j for j in waiting if (j.fleet or "") == fleet.key]
+            if not mine:
+                continue
+            live = sum(1 for info in fleet.jobs.values() if info["status"] not in _FINAL)
+            cpus = sum(j.n_procs for j in mine)
+            wanted = min(int(self.settings.max_agents) - live_all,
+                         max(1, math.ceil(cpus / fleet.vcpus)) - live)
+            if wanted > 0:
+                self._submit(fleet, wanted)
+                live_all += wanted
+
+    def _submit(self, fleet: _AgentFleet, count: int) -> None:
+        env = [{"name": "NIPYPE_S3_AGENT_CONFIG", "value": fleet.config_json},
+               {"name": "NIPYPE_NO_ET", "value": "1"},
+               {"name": "OMP_NUM_THREADS", "value": "1"}]
+        if self._package_uri:
+            env += [{"name": "NIPYPE_S3_PACKAGE", "value": self._package_uri},
+                    {"name": "NIPYPE_S3_PACKAGE_SHA256", "value": self._package_sha256}]
+        overrides = {"environment": env}
+        size = len(json.dumps(overrides, separators=(",", ":")))
+        if size > OVERRIDES_LIMIT:
+            raise ConfigurationError(
+                f"The agents' containerOverrides would be {size} characters; AWS Batch "
+                f"takes {OVERRIDES_LIMIT}. Shorten the s3_prefix or the queue names.")
+        kwargs = {"jobName": f"nipype-s3-{self.run_id}-agents", "jobQueue":
+                  self.settings.job_queue, "jobDefinition": fleet.job_definition,
+                  "containerOverrides": overrides,
+                  "tags": dict(self.settings.tags, **{"nipype-s3:run": self.run_id})}
+        count = min(count, ARRAY_LIMIT)
+        if count >= 2:
+            kwargs["arrayProperties"] = {"size": count}
+        job_id = self._call(self.batch.submit_job, **kwargs)["jobId"]
+        ids = [f"{job_id}:{i}" for i in range(count)] if count >= 2 else [job_id]
+        now = time.time()
+        for agent in ids:
+            fleet.jobs[agent] = {"status": "SUBMITTED", "submitted": now, "parent": job_id}
+        self.peak = max(self.peak, sum(1 for f in self._fleets.values()
+                                       for i in f.jobs.values() if i["status"] not in _FINAL))
+        logger.info("BatchPlugin: SubmitJob %s x%d on %s%s", job_id, count,
+                    self.settings.job_queue, f" ({fleet.image})" if fleet.image else "")
+
+    def _describe_agents(self) -> None:
+        """Batch's word on the agent jobs not yet over (100 ids a call)."""
+        infos = {agent: info for f in self._fleets.values() for agent, info in f.jobs.items()
+                 if info["status"] not in _FINAL}
+        ids = sorted(infos)
+        for start in range(0, len(ids), DESCRIBE_LIMIT):
+            found = self._call(self.batch.describe_jobs,
+                               jobs=ids[start:start + DESCRIBE_LIMIT]).get("jobs", [])
+            for job in found:
+                info = infos.get(job["jobId"])
+                if info is None:
+                    continue
+                info["status"] = job.get("status", info["status"])
+                info["reason"] = job.get("statusReason", "")
+                for mark in ("startedAt", "stoppedAt"):
+                    if job.get(mark):
+                        info[mark[:-2]] = job[mark] / 1000.0
+
+    def _check_agent_failures(self) -> bool:
+        """Stop when agent jobs keep ending before their agent started (an image that
+        cannot be pulled, a role that may not read the run), saying what Batch said."""
+        dead = [(agent, info) for f in self._fleets.values() for agent, info in f.jobs.items()
+                if info["status"] in _FINAL and agent not in self._booted]
+        if len(dead) < self.settings.max_boot_failures or self._fatal is not None:
+            return False
+        images = sorted({f.image for f in self._fleets.values() if f.image})
+        reasons = sorted({info.get("reason") or "no reason given" for _, info in dead})
+        self._stop_run(EC2Error(
+            f"{len(dead)} agent jobs of run {self.run_id} ended before their agent started "
+            f"({', '.join(a for a, _ in dead[:3])}); Batch says: {'; '.join(reasons[:3])}. "
+            f"Check the image ({', '.join(images) or 'the job definition'}: nipype-s3 "
+            "check-image IMAGE), that the job queue's compute environments can run it, "
+            "and that the job role may read the run's files, queues and key (nipype-s3 "
+            "policy agent)."), "its agent jobs ended before their agent started")
+        return True
+
+    # -- what the core asks -------------------------------------------------------------
+    def _launched(self, agent_id: str) -> bool:
+        return any(agent_id in fleet.jobs for fleet in self._fleets.values())
+
+    def _agent_up(self, agent_id: str) -> bool:
+        for fleet in self._fleets.values():
+            info = fleet.jobs.get(agent_id)
+            if info is not None:
+                self._boot_seconds.append(time.time() - info["submitted"])
+                return True
+        return False
+
+    def _agent_name(self, agent_id: str) -> str:
+        for fleet in self._fleets.values():
+            if agent_id in fleet.jobs and fleet.image:
+                return f"the agent job {agent_id} (image {fleet.image})"
+        return f"the agent job {agent_id}"
+
+    def _end_steps(self) -> list:
+        return [self._terminate_agents, self._delete_queues]
+
+    def _terminate_agents(self) -> None:
+        """End every agent job of the run not yet over, whatever ended the run."""
+        fleets = list((getattr(self, "_fleets", None) or {}).values())
+        if not fleets:
+            return
+        self._describe_agents()
+        parents = sorted({info["parent"] for f in fleets for info in f.jobs.values()
+                          if info["status"] not in _FINAL})
+        for parent in parents:
+            self._call(self.batch.terminate_job, jobId=parent,
+                       reason=f"nipype-s3 run {self.run_id} ended")
+        if parents:
+            logger.info("BatchPlugin: TerminateJob (run %s): %s", self.run_id,
+                        ", ".join(parents))
+        now = time.time()
+        for fleet in fleets:
+            for info in fleet.jobs.values():
+                if info["status"] not in _FINAL:
+                    info["status"], info["stopped"] = "FAILED", now
+
+    def _delete_queues(self) -> None:
+        urls = [f.queue_url for f in (getattr(self, "_fleets", None) or {}).values()]
+        urls.append(getattr(self, "events_queue", None))
+        for url in urls:
+            if url:
+                self.sqs.delete_queue(QueueUrl=url)
+
+    def _write_cost_report(self) -> None:
+        """vCPU-seconds and GiB-seconds of the agent jobs (from Batch's start and stop
+        times), as EC2Plugin's report gives instance-seconds."""
+        from ...remote.costs import dispatch_summary
+
+        fleets = list((getattr(self, "_fleets", None) or {}).values())
+        if not fleets:
+            return
+        end = time.time()
+        jobs, vcpu_s, gib_s = [], 0.0, 0.0
+        for fleet in fleets:
+            for agent, info in sorted(fleet.jobs.items()):
+                seconds = max(0.0, info.get("stopped", end) - info["started"]) \
+                    if info.get("started") else 0.0
+                vcpu_s += seconds * fleet.vcpus
+                gib_s += seconds * fleet.mem_gb
+                jobs.append({"job_id": agent, "status": info["status"],
+                             "seconds": round(seconds, 1), "vcpus": fleet.vcpus,
+                             "image": fleet.image})
+        report = {
+            "run_id": self.run_id, "backend": "batch", "started": self.started,
+            "finished": end, "wall_seconds": round(end - self.started, 1),
+            "agent_jobs": jobs, "vcpu_seconds": round(vcpu_s, 1),
+            "gib_seconds": round(gib_s, 1), "busy_seconds": round(self._busy_seconds, 1),
+            "peak_agents": self.peak, "jobs_remote": self.stats["remote_done"],
+            "jobs_local": self.stats["local"], "bytes_staged": self.store.bytes_up,
+            "bytes_fetched": self.store.bytes_down,
+            "dispatch": dispatch_summary(self.timings),
+            "note": "vCPU- and GiB-seconds of the agent jobs (Batch's start and stop "
+                    "times); the compute environment's instances are billed by EC2",
+        }
+        self.cost_report = report
+        self.s3.put_object(Bucket=self.layout.bucket, Key=self.layout.cost_key,
+                           Body=json.dumps(report, indent=1).encode(),
+                           ContentType="application/json")
+        logger.info("BatchPlugin: run %s: %d agent jobs, %.0f vCPU-s, %.0f s busy (s3://%s/%s)",
+                    self.run_id, len(jobs), vcpu_s, self._busy_seconds, self.layout.bucket,
+                    self.layout.cost_key)

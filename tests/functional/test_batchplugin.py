@@ -1,0 +1,177 @@
+"""BatchPlugin on LocalCloud's Batch (real containers): agents as Batch jobs give the
+same results as Linear, an immediate re-run submits nothing, every agent job ends with
+the run, a job definition is registered once per image and shape across runs, and an
+image that cannot run fails the run saying what Batch said."""
+
+from __future__ import annotations
+
+import boto3
+import pytest
+from nipype import Function, JoinNode, MapNode, Node, Workflow
+from nipype.interfaces.utility import IdentityInterface
+
+from nipype_s3 import BatchPlugin
+from nipype_s3.exceptions import ConfigurationError, EC2Error
+from nipype_s3.testing import LocalCloud
+
+pytestmark = [pytest.mark.docker, pytest.mark.slow]
+
+
+def _square(x):
+    return x * x
+
+
+def _total(values):
+    return sum(values)
+
+
+def _workflow(base_dir):
+    wf = Workflow("batched", base_dir=str(base_dir))
+    src = Node(IdentityInterface(fields=["subject"]), name="src")
+    src.iterables = ("subject", [1, 2, 3, 4])
+    square = Node(Function(input_names=["x"], output_names=["y"], function=_square),
+                  name="square")
+    many = MapNode(Function(input_names=["x"], output_names=["y"], function=_square),
+                   iterfield=["x"], name="many")
+    many.inputs.x = [5, 6]
+    join = JoinNode(Function(input_names=["values"], output_names=["total"],
+                             function=_total), joinsource="src", joinfield="values",
+                    name="join")
+    wf.connect(src, "subject", square, "x")
+    wf.connect(square, "y", join, "values")
+    wf.add_nodes([many])
+    return wf
+
+
+def _results(result):
+    out = {}
+    for node in result.nodes():
+        outputs = node.result.outputs
+        if outputs is not None:
+            values = outputs.trait_get() if hasattr(outputs, "trait_get") else \
+                outputs.dictcopy()
+            out[node.fullname] = {k: v for k, v in values.items() if not k.startswith("_")}
+    return out
+
+
+def _plugin(image, **more):
+    return BatchPlugin(plugin_args=dict({
+        "s3_prefix": "s3://batch-runs/runs", "job_queue": "nipype-s3-local",
+        "image": image, "idle_timeout": 5, "max_agents": 2}, **more))
+
+
+def test_same_results_as_linear_rerun_submits_nothing_all_agents_ended(
+        docker_images, tmp_path):
+    linear = _results(_workflow(tmp_path / "linear").run(plugin="Linear"))
+    with LocalCloud() as cloud:
+        boto3.client("s3").create_bucket(Bucket="batch-runs")
+        plugin = _plugin(docker_images["test"])
+        remote = _results(_workflow(tmp_path / "batch").run(plugin=plugin))
+        assert cloud.batch.submitted >= 1 and plugin.stats["remote_done"] >= 6
+        assert plugin.cost_report["vcpu_seconds"] > 0
+        jobs = cloud.batch.jobs.values()
+        assert all(j["status"] in ("SUCCEEDED", "FAILED") for j in jobs)
+        submitted = cloud.batch.submitted
+        again = _results(_workflow(tmp_path / "batch").run(plugin=_plugin(
+            docker_images["test"])))
+        assert cloud.batch.submitted == submitted  # the re-run submitted nothing
+        definitions = cloud.client("batch", direct=True).describe_job_definitions(
+            status="ACTIVE")["jobDefinitions"]
+    assert remote == linear and again == linear
+    assert len([d for d in definitions if d["jobDefinitionName"].startswith("nipype-s3-")]) \
+        == 1  # one per image and shape, across both runs
+
+
+def test_an_image_that_cannot_run_stops_the_run_saying_why(docker_images, tmp_path):
+    with LocalCloud() as cloud:
+        boto3.client("s3").create_bucket(Bucket="batch-runs")
+        with pytest.raises(EC2Error) as err:
+            _workflow(tmp_path / "w").run(plugin=_plugin("nipype-s3-test/not-here:1",
+                                                         max_boot_failures=2))
+        jobs = list(cloud.batch.jobs.values())
+    assert "CannotPullContainerError" in str(err.value)
+    assert "nipype-s3 check-image" in str(err.value)
+    assert all(j["status"] in ("SUCCEEDED", "FAILED") for j in jobs)
+
+
+def test_settings_are_checked_before_anything_is_submitted(tmp_path):
+    with pytest.raises(ConfigurationError, match="job_queue"):
+        BatchPlugin(plugin_args={"s3_prefix": "s3://batch-runs/runs", "image": "a/b:1"})
+    with pytest.raises(ConfigurationError, match="'image'"):
+        BatchPlugin(plugin_args={"s3_prefix": "s3://batch-runs/runs", "job_queue": "q"})
+    with pytest.raises(ConfigurationError, match="MultiProc's"):
+        BatchPlugin(plugin_args={"s3_prefix": "s3://batch-runs/runs", "job_queue": "q",
+                                 "image": "a/b:1", "n_procs": 4})
+
+
+def _sleep_then(x, seconds):
+    import time
+
+    time.sleep(seconds)
+    return x
+
+
+def _slow_workflow(base_dir, seconds, values=(1, 2)):
+    wf = Workflow("slow", base_dir=str(base_dir))
+    wf.config["execution"]["poll_sleep_duration"] = 0.3
+    src = Node(IdentityInterface(fields=["x"]), name="src")
+    src.iterables = ("x", list(values))
+    slow = Node(Function(input_names=["x", "seconds"], output_names=["y"],
+                         function=_sleep_then), name="slow")
+    slow.inputs.seconds = seconds
+    wf.connect(src, "x", slow, "x")
+    return wf
+
+
+FAST = {"visibility_timeout": 6, "heartbeat": 1.5, "poll_wait": 1, "lease_timeout": 8}
+
+
+def test_a_spot_reclaim_mid_node_runs_it_again_once_and_throttling_is_waited_out(
+        docker_images, tmp_path):
+    import threading
+
+    with LocalCloud() as cloud:
+        boto3.client("s3").create_bucket(Bucket="batch-runs")
+        cloud.batch.throttle("SubmitJob", times=2)  # the first submits: backed off
+        plugin = _plugin(docker_images["test"], agent_vcpus=1, **FAST)
+        reclaimed = []
+
+        def reclaim_once_busy():
+            import time
+
+            deadline = time.time() + 90
+            while time.time() < deadline and not reclaimed:
+                if any(j.started for j in plugin._by_job_id.values()):
+                    reclaimed.append(cloud.batch.reclaim())
+                time.sleep(0.2)
+
+        killer = threading.Thread(target=reclaim_once_busy, daemon=True)
+        killer.start()
+        result = _slow_workflow(tmp_path, 3).run(plugin=plugin)
+        killer.join(5)
+    assert reclaimed
+    assert sorted(n.result.outputs.y for n in result.nodes() if n.name == "slow") == [1, 2]
+    attempts = sorted(j.report.get("attempt") for j in plugin._by_job_id.values())
+    assert attempts[-1] == 2 and attempts[0] == 1  # the reclaimed node ran again, once
+
+
+def test_interrupt_terminates_every_agent_job(docker_images, tmp_path):
+    with LocalCloud() as cloud:
+        boto3.client("s3").create_bucket(Bucket="batch-runs")
+
+        class Interrupted(BatchPlugin):
+            def _poll(self):
+                super()._poll()
+                if any(j.started for j in self._by_job_id.values()):
+                    raise KeyboardInterrupt  # as Ctrl-C in the middle of the run
+
+        plugin = Interrupted(plugin_args={
+            "s3_prefix": "s3://batch-runs/runs", "job_queue": "nipype-s3-local",
+            "image": docker_images["test"], "idle_timeout": 30, **FAST})
+        with pytest.raises(KeyboardInterrupt):
+            _slow_workflow(tmp_path, 60).run(plugin=plugin)
+        statuses = {j["jobId"]: (j["status"], j.get("statusReason")) for j in
+                    cloud.batch.jobs.values()}
+    assert statuses and all(s in ("SUCCEEDED", "FAILED") for s, _ in statuses.values())
+    assert any(reason and reason.startswith("nipype-s3 run ") for _, reason in
+               statuses.values())
