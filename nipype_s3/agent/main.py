@@ -662,6 +662,10 @@ class Agent:
                     continue
                 if self.running:
                     last_work = now
+                elif cfg.extra.get("one_node") and self.jobs_done:
+                    # a node's own Batch job: its node is done, and so is the job
+                    self.stop_reason = "its one node done"
+                    break
                 elif now - last_work > cfg.idle_timeout and outage is None:
                     # idle only by a look at the queue that worked: an outage may have hidden
                     # a job, and stopping then would leave it for an instance yet to boot

@@ -138,8 +138,7 @@ class StagingMixin:
         node_args = getattr(node, "plugin_args", None) or {}
         node_args = node_args if isinstance(node_args, dict) else {}
         try:
-            fleet = self._fleet(node_args.get("instance_type") or self.settings.instance_type,
-                                node_args.get("image") or self.settings.image)
+            fleet = self._fleet_for(node, node_args, n_procs, mem_gb)
         except ConfigurationError as exc:
             raise ConfigurationError(f"Node {node.fullname}: {exc}") from exc
         spec = {
@@ -162,6 +161,12 @@ class StagingMixin:
         return _Job(taskid, job_id, node, node_dir, time.time(), n_procs, mem_gb,
                     instance_type=fleet.instance_type, fleet=fleet.key, sending=sending,
                     writable=tuple(spec["folders"]) + tuple(targets))
+
+    def _fleet_for(self, node, node_args: dict, n_procs: int, mem_gb: float):
+        """Where the backend sends ``node``'s job: by default the fleet of its instance
+        type and image (a backend may give a node a fleet of its own)."""
+        return self._fleet(node_args.get("instance_type") or self.settings.instance_type,
+                           node_args.get("image") or self.settings.image)
 
     def _deliver(self, name, inputs, raw, spec, queue_url) -> None:
         # a file input that is a symbolic link arrives as a link (os.path.islink holds

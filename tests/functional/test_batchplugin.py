@@ -175,3 +175,25 @@ def test_interrupt_terminates_every_agent_job(docker_images, tmp_path):
     assert statuses and all(s in ("SUCCEEDED", "FAILED") for s, _ in statuses.values())
     assert any(reason and reason.startswith("nipype-s3 run ") for _, reason in
                statuses.values())
+
+
+def test_a_node_that_asks_runs_as_a_batch_job_of_its_own(docker_images, tmp_path):
+    wf = _workflow(tmp_path / "own")
+    big = wf.get_node("join")
+    big.plugin_args = {"batch": "job"}
+    big.n_procs, big._mem_gb = 1, 1.5  # as Node(..., n_procs=1, mem_gb=1.5) sets them
+    linear = _results(_workflow(tmp_path / "linear").run(plugin="Linear"))
+    with LocalCloud() as cloud:
+        boto3.client("s3").create_bucket(Bucket="batch-runs")
+        remote = _results(wf.run(plugin=_plugin(docker_images["test"])))
+        jobs = list(cloud.batch.jobs.values())
+    assert remote == linear
+    own = [j for j in jobs if j["jobName"].endswith("-node")]
+    # done by itself, or ended with the run a moment before it would have been
+    assert own and all(j["status"] == "SUCCEEDED" or j["statusReason"].startswith(
+        "nipype-s3 run ") for j in own)
+    assert {j["container"]["vcpus"] for j in own} == {1}
+    assert {j["container"]["memory"] for j in own} == {1536}
+    with pytest.raises(ConfigurationError, match="can only be 'job'"):
+        big.plugin_args = {"batch": "array"}
+        wf.run(plugin=_plugin(docker_images["test"]))

@@ -58,7 +58,7 @@ logger = logging.getLogger("nipype.workflow")
 __all__ = ["BatchPlugin"]
 
 #: what a node's own plugin_args may say under BatchPlugin
-_NODE_ARGS = {"local": bool, "image": str}
+_NODE_ARGS = {"local": bool, "image": str, "batch": str}
 _FINAL = ("SUCCEEDED", "FAILED")
 #: AWS's limits, held before calling (moto holds none)
 OVERRIDES_LIMIT = 8192
@@ -98,10 +98,12 @@ class _AgentFleet:
     instance_type: str = "batch"
     #: agent job id -> {"status", "submitted", "started", "stopped", "reason"}
     jobs: dict = field(default_factory=dict)
+    #: one node's own Batch job (node.plugin_args = {"batch": "job"}): its name
+    node: str | None = None
 
     @property
     def key(self) -> str:
-        return self.image or ""
+        return f"node:{self.node}" if self.node else self.image or ""
 
 
 class BatchPlugin(RemotePlugin):
@@ -110,6 +112,10 @@ class BatchPlugin(RemotePlugin):
     settings_class = BatchSettings
 
     # -- before anything is submitted ---------------------------------------------------
+    def run(self, graph, config, updatehash=False):
+        self._prerun_check(graph)  # before any AWS call: a bad node makes nothing
+        return super().run(graph, config, updatehash=updatehash)
+
     def _prerun_check(self, graph) -> None:
         s = self.settings
         too_big = []
@@ -117,10 +123,16 @@ class BatchPlugin(RemotePlugin):
             check_node_args(node, _NODE_ARGS)
             args = getattr(node, "plugin_args", None) or {}
             args = args if isinstance(args, dict) else {}
+            if args.get("batch", "job") != "job":
+                raise ConfigurationError(
+                    f"Node {node.fullname}: plugin_args['batch'] can only be 'job' (the "
+                    f"node runs as a Batch job of its own), not {args['batch']!r}.")
             if args["local"] if "local" in args else self._kind_runs_here(node):
                 continue
             n_procs = max(1, int(getattr(node, "n_procs", 1) or 1))
             mem_gb = float(getattr(node, "mem_gb", 0) or 0)
+            if args.get("batch") == "job":
+                continue  # its own job, sized for it (the queue's limits are Batch's)
             if n_procs > s.vcpus or mem_gb > s.mem_gb:
                 too_big.append((node.fullname, n_procs, mem_gb))
         if too_big:
@@ -213,6 +225,30 @@ class BatchPlugin(RemotePlugin):
         self._fleets[fleet.key] = fleet
         return fleet
 
+    def _fleet_for(self, node, node_args: dict, n_procs: int, mem_gb: float):
+        """A node that asks (``{"batch": "job"}``) gets a Batch job of its own, sized
+        for it, whose agent runs that one node and stops: Batch's own scheduling, spot
+        placement and limits then apply to it."""
+        if node_args.get("batch") != "job":
+            return super()._fleet_for(node, node_args, n_procs, mem_gb)
+        s = self.settings
+        image = node_args.get("image") or s.image
+        base = self._fleet(s.instance_type, image)
+        name = f"{node.fullname}-{len(self._fleets)}"
+        kind = "node-" + hashlib.sha256(name.encode()).hexdigest()[:12]
+        queue = self.sqs.create_queue(
+            QueueName=self.layout.queue_name(kind),
+            Attributes={"VisibilityTimeout": str(int(s.visibility_timeout)),
+                        "MessageRetentionPeriod": "1209600"})["QueueUrl"]
+        config = AgentConfig.from_json(base.config_json)
+        config.jobs_queue_url, config.vcpus = queue, n_procs
+        config.mem_gb = max(mem_gb, 0.5)
+        config.extra = dict(config.extra, one_node=True)  # its one node, then it stops
+        fleet = _AgentFleet(image, queue, base.job_definition, config.to_json(), n_procs,
+                            config.mem_gb, node=name)
+        self._fleets[fleet.key] = fleet
+        return fleet
+
     def _job_definition(self, image: str | None) -> str:
         """The job definition for agents of ``image``, named by the digest of what it
         holds (image, resources, role): registered once, reused by later runs."""
@@ -265,13 +301,17 @@ class BatchPlugin(RemotePlugin):
         waiting = self._outstanding()
         if not waiting:
             return
-        live_all = sum(1 for f in self._fleets.values() for info in f.jobs.values()
-                       if info["status"] not in _FINAL)
-        for fleet in self._fleets.values():
+        live_all = sum(1 for f in self._fleets.values() if not f.node
+                       for info in f.jobs.values() if info["status"] not in _FINAL)
+        for fleet in list(self._fleets.values()):
             mine = [j for j in waiting if (j.fleet or "") == fleet.key]
             if not mine:
                 continue
             live = sum(1 for info in fleet.jobs.values() if info["status"] not in _FINAL)
+            if fleet.node:  # a node's own job: one at a time, whatever max_agents says
+                if not live:
+                    self._submit(fleet, 1)
+                continue
             cpus = sum(j.n_procs for j in mine)
             wanted = min(int(self.settings.max_agents) - live_all,
                          max(1, math.ceil(cpus / fleet.vcpus)) - live)
@@ -287,12 +327,17 @@ class BatchPlugin(RemotePlugin):
             env += [{"name": "NIPYPE_S3_PACKAGE", "value": self._package_uri},
                     {"name": "NIPYPE_S3_PACKAGE_SHA256", "value": self._package_sha256}]
         overrides = {"environment": env}
+        if fleet.node:  # sized for its node
+            overrides["resourceRequirements"] = [
+                {"type": "VCPU", "value": str(fleet.vcpus)},
+                {"type": "MEMORY", "value": str(int(fleet.mem_gb * 1024))}]
         size = len(json.dumps(overrides, separators=(",", ":")))
         if size > OVERRIDES_LIMIT:
             raise ConfigurationError(
                 f"The agents' containerOverrides would be {size} characters; AWS Batch "
                 f"takes {OVERRIDES_LIMIT}. Shorten the s3_prefix or the queue names.")
-        kwargs = {"jobName": f"nipype-s3-{self.run_id}-agents", "jobQueue":
+        what = "node" if fleet.node else "agents"
+        kwargs = {"jobName": f"nipype-s3-{self.run_id}-{what}", "jobQueue":
                   self.settings.job_queue, "jobDefinition": fleet.job_definition,
                   "containerOverrides": overrides,
                   "tags": dict(self.settings.tags, **{"nipype-s3:run": self.run_id})}
