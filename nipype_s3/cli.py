@@ -48,7 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     cleanup = sub.add_parser(
         "cleanup", help="delete what a run left: instances, queues, SSM parameters, uploads",
-        description="Terminate the instances tagged nipype-s3:run=ID, delete the run's SQS "
+        description="Terminate the instances tagged nipype-s3:run=ID and the run's Batch "
+                    "jobs (nipype-s3-ID-*, in every job queue), delete the run's SQS "
                     "queues (nipype-s3-ID-*) and SSM parameters (below /nipype-s3/runs/ID/), "
                     "and with --s3-prefix abort its incomplete multipart uploads and delete "
                     "its files. --all does so for every run found by any of these, also "
@@ -175,7 +176,8 @@ def _cmd_cleanup(args) -> int:
     verb = "would terminate" if args.dry_run else "terminated"
     print(f"{verb} {len(report['instances'])} instance(s)"
           + (": " + ", ".join(report["instances"]) if report["instances"] else ""))
-    for kind, what, verbs in (("queues", "SQS queue(s)", ("deleted", "would delete")),
+    for kind, what, verbs in (("batch_jobs", "Batch job(s)", ("terminated", "would terminate")),
+                              ("queues", "SQS queue(s)", ("deleted", "would delete")),
                               ("parameters", "SSM parameter(s)", ("deleted", "would delete")),
                               ("uploads", "incomplete multipart upload(s)",
                                ("aborted", "would abort")),

@@ -100,6 +100,29 @@ def _queue_urls(sqs, prefix: str) -> list[str]:
         return [url for page in pages for url in page.get("QueueUrls", [])]
 
 
+#: Batch job states not yet over
+_BATCH_LIVE = ("SUBMITTED", "PENDING", "RUNNABLE", "STARTING", "RUNNING")
+
+
+def run_batch_jobs(batch, run_id: str) -> list[str]:
+    """The Batch jobs of ``run_id`` not yet over (BatchPlugin's agents and nodes, named
+    ``nipype-s3-<run>-…``), in every job queue; none where Batch may not be read."""
+    try:
+        queues = [q["jobQueueArn"] for page in batch.get_paginator(
+            "describe_job_queues").paginate() for q in page.get("jobQueues", [])]
+        found = []
+        for queue in queues:
+            for page in batch.get_paginator("list_jobs").paginate(
+                    jobQueue=queue, filters=[{"name": "JOB_NAME",
+                                              "values": [f"nipype-s3-{run_id}-*"]}]):
+                found += [j["jobId"] for j in page.get("jobSummaryList", [])
+                          if j.get("status") in _BATCH_LIVE]
+        return found
+    except (botocore.exceptions.ClientError, botocore.exceptions.BotoCoreError) as exc:
+        logger.info("cleanup: Batch not looked at (%s)", exc)
+        return []
+
+
 def run_queues(sqs, run_id: str) -> list[str]:
     """The URLs of a run's SQS queues: its job queues (one per instance type) and its
     event queue."""
@@ -170,7 +193,8 @@ def cleanup(*, run_id: str | None = None, all_runs: bool = False, s3_prefix: str
     """Delete what runs left behind; return what was (or, with ``dry_run``, would be)
     deleted.
 
-    For each run: the instances tagged ``nipype-s3:run=<run>`` are terminated; its SQS
+    For each run: the instances tagged ``nipype-s3:run=<run>`` are terminated, and its
+    Batch jobs not yet over (``nipype-s3-<run>-…``, in every job queue); its SQS
     queues (``nipype-s3-<run>-…``: job queues, one per instance type, and the event
     queue) and SSM parameters (below ``/nipype-s3/runs/<run>/``) deleted; with
     ``s3_prefix``, its incomplete multipart uploads aborted and its files deleted.
@@ -190,10 +214,16 @@ def cleanup(*, run_id: str | None = None, all_runs: bool = False, s3_prefix: str
         bucket, prefix = parse_s3_prefix(s3_prefix)
         s3 = make_s3_client(boto3.Session(region_name=region), bucket=bucket)
     runs = [run_id] if run_id else find_runs(ec2, sqs, ssm, s3, bucket, prefix)
-    report = {"runs": runs, "instances": [], "queues": [], "parameters": [], "uploads": [],
-              "objects": []}
+    batch = _client("batch", region)
+    report = {"runs": runs, "instances": [], "batch_jobs": [], "queues": [],
+              "parameters": [], "uploads": [], "objects": []}
     for rid in runs:
         report["instances"] += terminate_run(ec2, rid, dry_run=dry_run)
+        jobs = run_batch_jobs(batch, rid)
+        report["batch_jobs"] += jobs
+        for job_id in [] if dry_run else jobs:
+            with _aws(f"terminate the Batch job {job_id}"):
+                batch.terminate_job(jobId=job_id, reason=f"nipype-s3 cleanup of run {rid}")
         queues = run_queues(sqs, rid)
         report["queues"] += queues
         if not dry_run:

@@ -232,6 +232,12 @@ class LocalBatch:
                 queue = p.get("jobQueue") or ""
                 found = [j for j in self.jobs.values() if ":" not in j["jobId"] and (
                     j["jobQueue"] == queue or j["jobQueue"].endswith("/" + queue))]
+            for rule in p.get("filters") or []:  # JOB_NAME: a name, or a prefix and '*'
+                if rule.get("name") == "JOB_NAME":
+                    want = (rule.get("values") or [""])[0]
+                    found = [j for j in found if (j["jobName"].startswith(want[:-1])
+                                                  if want.endswith("*")
+                                                  else j["jobName"] == want)]
             jobs = [self._public(j) for j in found]
         return _ok({"jobSummaryList": [
             {"jobId": j["jobId"], "jobArn": j["jobArn"], "jobName": j["jobName"],

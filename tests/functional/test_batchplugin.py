@@ -197,3 +197,27 @@ def test_a_node_that_asks_runs_as_a_batch_job_of_its_own(docker_images, tmp_path
     with pytest.raises(ConfigurationError, match="can only be 'job'"):
         big.plugin_args = {"batch": "array"}
         wf.run(plugin=_plugin(docker_images["test"]))
+
+
+def test_cleanup_ends_the_batch_jobs_a_dead_controller_left(docker_images):
+    from nipype_s3.ops import cleanup
+
+    with LocalCloud() as cloud:
+        batch = boto3.client("batch")
+        definition = batch.register_job_definition(
+            jobDefinitionName="nipype-s3-sleeper", type="container", containerProperties={
+                "image": docker_images["test"], "command": ["sleep", "300"],
+                "resourceRequirements": [{"type": "VCPU", "value": "1"},
+                                         {"type": "MEMORY", "value": "512"}]},
+        )["jobDefinitionArn"]
+        run = "20261206-070000-abc123"
+        ours = batch.submit_job(jobName=f"nipype-s3-{run}-agents", jobQueue=cloud.batch.QUEUE,
+                                jobDefinition=definition)["jobId"]
+        other = batch.submit_job(jobName="someone-elses", jobQueue=cloud.batch.QUEUE,
+                                 jobDefinition=definition)["jobId"]
+        assert cleanup(run_id=run, dry_run=True)["batch_jobs"] == [ours]
+        assert cloud.batch.jobs[ours]["status"] not in ("SUCCEEDED", "FAILED")
+        assert cleanup(run_id=run)["batch_jobs"] == [ours]
+        assert cloud.batch.jobs[ours]["status"] == "FAILED"
+        assert cloud.batch.jobs[ours]["statusReason"] == f"nipype-s3 cleanup of run {run}"
+        assert cloud.batch.jobs[other]["status"] not in ("SUCCEEDED", "FAILED")
