@@ -4,7 +4,9 @@
     python benchmarks/plugin.py --nodes 8 --agents 2   # what --quick in run.py uses
 
 Each repeat runs the workflow once with EC2Plugin (fresh instances: their start-up is
-part of the figures, as it is on AWS) and once with MultiProc (``n_procs`` = agents).
+part of the figures, as it is on AWS), once with MultiProc (``n_procs`` = agents), and,
+where a Docker engine and the test image are here, once with BatchPlugin on LocalCloud's
+Batch (agents as Batch jobs, ``max_agents`` = agents).
 Reported, each the median over the repeats:
 
 * dispatch: submit → the node starts on an instance, and the node ends → the controller
@@ -119,6 +121,7 @@ def one_repeat(cloud, nodes: int, agents: int, work: str) -> dict:
     start = time.perf_counter()
     wf.run(plugin="MultiProc", plugin_args={"n_procs": agents})
     mp_wall = time.perf_counter() - start
+    batch = _batch_repeat(cloud, nodes, agents, work)
     parts = {f"{name}_median": (dispatch.get(name) or {}).get("median")
              for name in ("queued", "starting", "running", "storing", "collecting")}
     return {
@@ -136,7 +139,58 @@ def one_repeat(cloud, nodes: int, agents: int, work: str) -> dict:
         "billed_seconds": report.get("billed_seconds"),
         "busy_seconds": report.get("busy_seconds"),
         "jobs_remote": report.get("jobs_remote"),
+        **batch,
     }
+
+
+#: the image BatchPlugin's agents run in here (tests/docker/build-images.sh builds it)
+BATCH_IMAGE = "nipype-s3-test/nipype:local"
+
+
+def _batch_image() -> str | None:
+    """The test image, when this machine has a Docker engine, the image, and the image
+    matches this Python and nipype (else the Batch row is left out, saying why)."""
+    import json as _json
+    import subprocess
+
+    from nipype_s3.remote.versions import mismatch, runtime_versions
+
+    try:
+        probe = subprocess.run(
+            ["docker", "run", "--rm", "--entrypoint", "python3", BATCH_IMAGE, "-c",
+             "import json, platform, nipype, nibabel; print(json.dumps({'python': "
+             "platform.python_version(), 'nipype': nipype.__version__, 'nibabel': "
+             "nibabel.__version__}))"], capture_output=True, text=True, timeout=120)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if probe.returncode != 0 or mismatch(runtime_versions(), _json.loads(probe.stdout)):
+        return None
+    return BATCH_IMAGE
+
+
+def _batch_repeat(cloud, nodes: int, agents: int, work: str) -> dict:
+    """The same workflow under BatchPlugin on LocalCloud's Batch (agents as Batch jobs,
+    real containers): its wall time and dispatch, beside EC2Plugin's and MultiProc's."""
+    from nipype_s3 import BatchPlugin
+
+    empty = {"batch_wall": None, "batch_to_start_median": None,
+             "batch_to_seen_median": None}
+    image = _batch_image()
+    if image is None:
+        return empty
+    plugin = BatchPlugin(plugin_args={
+        "s3_prefix": f"s3://{_runs_bucket(cloud)}", "job_queue": cloud.batch.QUEUE,
+        "image": image, "max_agents": agents, "agent_vcpus": 2, "idle_timeout": 20,
+        "lease_timeout": 20, "poll_wait": 1, "scale_interval": 0.5,
+        "visibility_timeout": 60, "heartbeat": 10})
+    wf = _workflow(nodes, os.path.join(work, "batch"))
+    start = time.perf_counter()
+    wf.run(plugin=plugin)
+    wall = time.perf_counter() - start
+    dispatch = (plugin.cost_report or {}).get("dispatch") or {}
+    return {"batch_wall": wall,
+            "batch_to_start_median": (dispatch.get("to_start") or {}).get("median"),
+            "batch_to_seen_median": (dispatch.get("to_seen") or {}).get("median")}
 
 
 def large_array(n):
@@ -261,6 +315,10 @@ def markdown(summary: dict) -> list[str]:
         f"{f(s['multiproc_wall'], '{:.1f}')} |",
         f"| EC2Plugin / MultiProc wall time | "
         f"{f(s['ec2_wall'] / s['multiproc_wall'] if s['multiproc_wall'] else None)}× |",
+        f"| wall time, BatchPlugin, agents as Batch jobs (s) | "
+        f"{f(s.get('batch_wall'), '{:.1f}')} |",
+        f"| BatchPlugin: submit → node starts / node ends → result, median (s) | "
+        f"{f(s.get('batch_to_start_median'))} / {f(s.get('batch_to_seen_median'))} |",
         f"| API calls per node: controller / agents / native data transfers | "
         f"{f(s['calls_controller'], '{:.1f}')} / {f(s['calls_agents'], '{:.1f}')} / "
         f"{f(s['calls_native'], '{:.1f}')} |",
@@ -277,7 +335,10 @@ def markdown(summary: dict) -> list[str]:
         f"{f(s.get('large_ec2_wall'), '{:.1f}')} |",
         "",
         "Dispatch includes the first instances' start-up (an agent process on LocalCloud; "
-        "on AWS add the instance's boot). Busy seconds are the workers' own time per job "
+        "on AWS add the instance's boot). BatchPlugin runs on LocalCloud's Batch: its agent "
+        "jobs are containers of this machine's Docker engine (on AWS add Batch's own "
+        "SUBMITTED → RUNNING time for the first agents); '–' where no engine or test image "
+        "is here. Busy seconds are the workers' own time per job "
         "(fetch inputs, run, store outputs); billed seconds run from launch to "
         "termination, idle timeout included.",
         "",
