@@ -104,22 +104,34 @@ def _queue_urls(sqs, prefix: str) -> list[str]:
 _BATCH_LIVE = ("SUBMITTED", "PENDING", "RUNNABLE", "STARTING", "RUNNING")
 
 
-def run_batch_jobs(batch, run_id: str) -> list[str]:
-    """The Batch jobs of ``run_id`` not yet over (BatchPlugin's agents and nodes, named
-    ``nipype-s3-<run>-…``), in every job queue; none where Batch may not be read."""
+#: a run id as the plugins make them: Batch jobs are looked for only by a whole one
+_FULL_RUN_ID = re.compile(r"^\d{8}-\d{6}-[0-9a-f]{6}$")
+
+
+def batch_job_names(run_id: str) -> tuple[str, ...]:
+    """The names BatchPlugin gives its jobs in run ``run_id`` (exactly these)."""
+    return (f"nipype-s3-{run_id}-agents", f"nipype-s3-{run_id}-node")
+
+
+def run_batch_jobs(batch, run_id: str, queues: list[str] | None = None) -> list[str]:
+    """The Batch jobs of ``run_id`` not yet over (BatchPlugin's agents and nodes, by
+    their exact names), in ``queues`` or every job queue. Where Batch may not be read
+    (an account without it), none, said in the log."""
+    names = batch_job_names(run_id)
     try:
-        queues = [q["jobQueueArn"] for page in batch.get_paginator(
-            "describe_job_queues").paginate() for q in page.get("jobQueues", [])]
+        if queues is None:
+            queues = [q["jobQueueArn"] for page in batch.get_paginator(
+                "describe_job_queues").paginate() for q in page.get("jobQueues", [])]
         found = []
         for queue in queues:
-            for page in batch.get_paginator("list_jobs").paginate(
-                    jobQueue=queue, filters=[{"name": "JOB_NAME",
-                                              "values": [f"nipype-s3-{run_id}-*"]}]):
-                found += [j["jobId"] for j in page.get("jobSummaryList", [])
-                          if j.get("status") in _BATCH_LIVE]
-        return found
-    except (botocore.exceptions.ClientError, botocore.exceptions.BotoCoreError) as exc:
-        logger.info("cleanup: Batch not looked at (%s)", exc)
+            for name in names:  # exact names: a shorter id must not match other runs
+                for page in batch.get_paginator("list_jobs").paginate(
+                        jobQueue=queue, filters=[{"name": "JOB_NAME", "values": [name]}]):
+                    found += [j["jobId"] for j in page.get("jobSummaryList", [])
+                              if j.get("jobName") == name and j.get("status") in _BATCH_LIVE]
+        return sorted(set(found))
+    except botocore.exceptions.ClientError as exc:
+        logger.warning("cleanup: Batch's jobs not looked at: %s", exc)
         return []
 
 
@@ -219,7 +231,7 @@ def cleanup(*, run_id: str | None = None, all_runs: bool = False, s3_prefix: str
               "parameters": [], "uploads": [], "objects": []}
     for rid in runs:
         report["instances"] += terminate_run(ec2, rid, dry_run=dry_run)
-        jobs = run_batch_jobs(batch, rid)
+        jobs = run_batch_jobs(batch, rid) if _FULL_RUN_ID.match(rid) else []
         report["batch_jobs"] += jobs
         for job_id in [] if dry_run else jobs:
             with _aws(f"terminate the Batch job {job_id}"):

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import threading
@@ -43,6 +44,7 @@ OVERRIDES_LIMIT = 8192
 ARRAY_LIMIT = 10_000
 DESCRIBE_LIMIT = 100
 _FINAL = ("SUCCEEDED", "FAILED")
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,255}")
 _ROLE_NAMES = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL",
                "AWS_DEFAULT_REGION", "AWS_SDK_UA_APP_ID", "AWS_EC2_METADATA_DISABLED")
 
@@ -349,6 +351,20 @@ class LocalBatch:
             with self._lock:
                 reason = ("CannotPullContainerError: LocalCloud has no Docker engine to run "
                           f"{job['container']['image']} (docker info fails)")
+                job.update(status="FAILED", statusReason=reason, stoppedAt=now)
+                attempt.update(stoppedAt=now, statusReason=reason)
+            return
+        from ..exceptions import ConfigurationError
+        from ..remote.settings import checked_image
+
+        bad = [n for n in env if not _ENV_NAME.fullmatch(n)]
+        try:
+            checked_image(props.get("image"), "the job definition's image")
+        except ConfigurationError as exc:
+            bad.append(str(exc))
+        if bad:  # as Batch refuses them: the job fails, holding no slot
+            with self._lock:
+                reason = f"ClientException: invalid job: {bad[0]}"
                 job.update(status="FAILED", statusReason=reason, stoppedAt=now)
                 attempt.update(stoppedAt=now, statusReason=reason)
             return

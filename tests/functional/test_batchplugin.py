@@ -221,3 +221,39 @@ def test_cleanup_ends_the_batch_jobs_a_dead_controller_left(docker_images):
         assert cloud.batch.jobs[ours]["status"] == "FAILED"
         assert cloud.batch.jobs[ours]["statusReason"] == f"nipype-s3 cleanup of run {run}"
         assert cloud.batch.jobs[other]["status"] not in ("SUCCEEDED", "FAILED")
+
+
+def test_a_job_definition_is_reused_only_when_it_holds_exactly_what_the_run_needs():
+    """Anyone who may register job definitions can add a revision under a name they can
+    work out: it is not used (an attacker's image, privileged)."""
+    with LocalCloud(boot="direct") as cloud:
+        plugin = BatchPlugin(plugin_args={"s3_prefix": "s3://batch-runs/runs",
+                                          "job_queue": "nipype-s3-local", "image": "a/b:1"})
+        plugin.batch = cloud.client("batch")
+        first = plugin._job_definition("a/b:1")
+        name = first.rsplit("/", 1)[1].split(":")[0]
+        plugin.batch.register_job_definition(
+            jobDefinitionName=name, type="container", containerProperties={
+                "image": "attacker/evil:latest", "command": ["sh"], "privileged": True,
+                "resourceRequirements": [{"type": "VCPU", "value": "2"},
+                                         {"type": "MEMORY", "value": "4096"}]})
+        assert plugin._job_definition("a/b:1") == first
+        assert plugin._job_definition("a/b:1").endswith(":1")
+
+
+def test_cleanup_by_a_shortened_run_id_ends_no_batch_job(docker_images):
+    from nipype_s3.ops import cleanup
+
+    with LocalCloud() as cloud:
+        batch = boto3.client("batch")
+        definition = batch.register_job_definition(
+            jobDefinitionName="nipype-s3-sleeper", type="container", containerProperties={
+                "image": docker_images["test"], "command": ["sleep", "300"],
+                "resourceRequirements": [{"type": "VCPU", "value": "1"},
+                                         {"type": "MEMORY", "value": "512"}]},
+        )["jobDefinitionArn"]
+        job = batch.submit_job(jobName="nipype-s3-20261206-070000-abc123-agents",
+                               jobQueue=cloud.batch.QUEUE, jobDefinition=definition)["jobId"]
+        assert cleanup(run_id="20261206")["batch_jobs"] == []
+        assert cleanup(run_id="20261206-070000-abc12")["batch_jobs"] == []
+        assert cloud.batch.jobs[job]["status"] not in ("SUCCEEDED", "FAILED")

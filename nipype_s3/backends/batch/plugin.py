@@ -266,8 +266,12 @@ class BatchPlugin(RemotePlugin):
             props, sort_keys=True).encode()).hexdigest()[:16]
         found = self._call(self.batch.describe_job_definitions, jobDefinitionName=name,
                            status="ACTIVE").get("jobDefinitions", [])
-        if found:
-            return max(found, key=lambda d: d["revision"])["jobDefinitionArn"]
+        # a revision is reused only when it holds exactly this (anyone who may register
+        # job definitions can add a revision under a name they can work out)
+        same = [d for d in found if _holds(d.get("containerProperties") or {}, props)
+                and d.get("type") == "container"]
+        if same:
+            return max(same, key=lambda d: d["revision"])["jobDefinitionArn"]
         made = self._call(self.batch.register_job_definition, jobDefinitionName=name,
                           type="container", containerProperties=props,
                           tags={"nipype-s3:image": image[:256]})
@@ -412,24 +416,41 @@ class BatchPlugin(RemotePlugin):
         return [self._terminate_agents, self._delete_queues]
 
     def _terminate_agents(self) -> None:
-        """End every agent job of the run not yet over, whatever ended the run."""
+        """End every job of the run not yet over, whatever ended the run: those it
+        submitted, and any other job of the run's names in its queue (a submit that
+        failed after Batch took it, or was sent twice)."""
+        from ...ops import run_batch_jobs
+
         fleets = list((getattr(self, "_fleets", None) or {}).values())
         if not fleets:
             return
-        self._describe_agents()
-        parents = sorted({info["parent"] for f in fleets for info in f.jobs.values()
-                          if info["status"] not in _FINAL})
-        for parent in parents:
-            self._call(self.batch.terminate_job, jobId=parent,
-                       reason=f"nipype-s3 run {self.run_id} ended")
+        try:
+            self._describe_agents()
+        except botocore.exceptions.ClientError as exc:  # end them all, then
+            logger.warning("BatchPlugin: could not describe the agent jobs: %s", exc)
+        parents = {info["parent"] for f in fleets for info in f.jobs.values()
+                   if info["status"] not in _FINAL}
+        parents |= set(run_batch_jobs(self.batch, self.run_id, [self.settings.job_queue]))
+        failed = []
+        for parent in sorted(parents):
+            try:  # each on its own: one refusal must not keep the others running
+                self._call(self.batch.terminate_job, jobId=parent,
+                           reason=f"nipype-s3 run {self.run_id} ended")
+            except botocore.exceptions.ClientError as exc:
+                failed.append(f"{parent} ({exc.response.get('Error', {}).get('Code')})")
         if parents:
             logger.info("BatchPlugin: TerminateJob (run %s): %s", self.run_id,
-                        ", ".join(parents))
+                        ", ".join(sorted(parents)))
         now = time.time()
         for fleet in fleets:
             for info in fleet.jobs.values():
                 if info["status"] not in _FINAL:
                     info["status"], info["stopped"] = "FAILED", now
+        if failed:
+            raise EC2Error(
+                f"BatchPlugin could not terminate {len(failed)} job(s) of run {self.run_id}: "
+                f"{', '.join(failed[:5])}. They stop when the run's lease expires; end "
+                f"them now with: nipype-s3 cleanup --run {self.run_id}")
 
     def _delete_queues(self) -> None:
         urls = [f.queue_url for f in (getattr(self, "_fleets", None) or {}).values()]
@@ -476,3 +497,19 @@ class BatchPlugin(RemotePlugin):
         logger.info("BatchPlugin: run %s: %d agent jobs, %.0f vCPU-s, %.0f s busy (s3://%s/%s)",
                     self.run_id, len(jobs), vcpu_s, self._busy_seconds, self.layout.bucket,
                     self.layout.cost_key)
+
+
+def _holds(there: dict, props: dict) -> bool:
+    """Whether a registered job definition's container runs what ``props`` says, and
+    nothing more (no privileged mode, mounts, volumes, secrets, other user)."""
+    def requirements(d):
+        return sorted((r.get("type"), str(r.get("value")))
+                      for r in d.get("resourceRequirements") or [])
+
+    extra = any(there.get(k) for k in ("privileged", "volumes", "mountPoints", "secrets",
+                                         "user", "linuxParameters", "environment",
+                                         "executionRoleArn"))
+    return (not extra and there.get("image") == props["image"]
+            and list(there.get("command") or []) == props["command"]
+            and requirements(there) == requirements(props)
+            and there.get("jobRoleArn") == props.get("jobRoleArn"))

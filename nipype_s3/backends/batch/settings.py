@@ -40,7 +40,7 @@ class BatchSettings(RemoteSettings):
         Agent jobs that may end before their agent starts (an image that cannot be
         pulled, a role that may not read the run) before the run stops, saying why.
     idle_timeout, max_lifetime, lease_timeout, visibility_timeout, heartbeat,
-    max_attempts, poll_wait, worker_root, requirements, ship_package, local_nodes, tags,
+    max_attempts, poll_wait, worker_root, ship_package, local_nodes, tags,
     done_scan_interval, scale_interval, stall_timeout, endpoint_url, profile,
     creds_path, region
         As for :class:`~nipype_s3.EC2Plugin`.
@@ -69,6 +69,11 @@ class BatchSettings(RemoteSettings):
             raise ConfigurationError(
                 "BatchPlugin needs plugin_args['image'] (the container image the nodes run "
                 "in, with python3, nipype and boto3) or an existing 'job_definition'.")
+        if self.requirements:
+            raise ConfigurationError(
+                "BatchPlugin installs nothing at start-up: put the nodes' packages "
+                f"({', '.join(map(str, self.requirements))}) in the image, and remove "
+                "plugin_args['requirements'].")
         if self.max_cost_usd is not None:
             raise ConfigurationError(
                 "BatchPlugin does not cap costs (max_cost_usd) yet: Batch's compute "
