@@ -1,4 +1,4 @@
-"""LocalCloud: a whole AWS account on loopback, with instances that run the real agent.
+"""LocalCloud: a whole AWS account on loopback, whose instances boot for real.
 
 ::
 
@@ -9,23 +9,15 @@
         boto3.client("s3").create_bucket(Bucket="my-bucket")
         wf.run(plugin=EC2Plugin(plugin_args={"s3_prefix": "s3://my-bucket/runs"}))
 
-Inside the block:
-
-* a moto server on 127.0.0.1 (a free port) answers S3, EC2, SQS, SSM, IAM and STS;
-  ``AWS_ENDPOINT_URL`` and fake credentials are exported (and restored after), and what
-  EC2Plugin's defaults need exists (the ``nipype-s3-agent`` instance profile; the
-  Amazon Linux AMI parameter is moto's own);
-* every instance launched with an agent's user-data becomes a real agent subprocess
-  (``python -m nipype_s3.agent``) with its own worker root, so it cannot see the
-  controller's files; it is killed when the instance is terminated, and when it stops
-  by itself the instance is terminated (as the bootstrap's shutdown would);
-* the controller's requests pass through a recording proxy (``cloud.proxy``), so tests
-  can count API calls, and faults can be injected: :meth:`kill_agent` (SIGKILL, as a
-  lost instance), :meth:`fail_launches` (``InsufficientInstanceCapacity`` and friends).
-
-moto does not run user-data itself, nor Batch's jobs; LocalCloud plays the instances'
-part (:mod:`nipype_s3.testing.sandbox`) and Batch's (``cloud.batch``,
-:mod:`nipype_s3.testing.batch`).
+Inside the block a moto server on 127.0.0.1 answers S3, EC2, SQS, SSM, IAM, STS and
+Batch (``AWS_ENDPOINT_URL`` and fake credentials exported, restored after; the
+``nipype-s3-agent`` instance profile and a Batch job queue exist). moto runs neither
+user-data nor Batch's jobs: LocalCloud boots each launched instance from its user-data
+in a sandbox that plays Amazon Linux (:mod:`nipype_s3.testing.sandbox`; terminated with
+its instance, which ends when its bootstrap does) and runs Batch's jobs as containers
+(``cloud.batch``, :mod:`nipype_s3.testing.batch`). The controller's requests pass
+through a recording proxy (``cloud.proxy``) where faults are injected:
+:meth:`kill_agent`, :meth:`fail_launches`, :meth:`spot_notice` and more.
 """
 
 from __future__ import annotations
@@ -40,10 +32,18 @@ import tempfile
 import threading
 import time
 import warnings
-from dataclasses import dataclass
 
 from ..ec2.userdata import agent_config_from_user_data
 from .batch import LocalBatch
+from .instances import (
+    AGENT_APP_ID,
+    LocalInstance,
+    _running_jobs,
+    _transient,
+    keep_environment,
+    remove_containers,
+    serve_metadata,
+)
 from .proxy import RecordingProxy
 from .sandbox import Sandbox, sandbox_available
 from .servers import FAKE_ACCESS_KEY, FAKE_SECRET_KEY, MotoServer
@@ -54,38 +54,6 @@ _ENV_KEYS = ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
              "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION", "AWS_REGION", "AWS_PROFILE",
              "AWS_EC2_METADATA_DISABLED", "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL_EC2",
              "AWS_ENDPOINT_URL_SQS", "AWS_ENDPOINT_URL_SSM")
-
-
-#: The User-Agent "app/..." of LocalCloud agents' botocore requests.
-AGENT_APP_ID = "nipype-s3-agent"
-
-
-@dataclass
-class LocalInstance:
-    """One launched instance and the agent process standing in for it."""
-
-    instance_id: str
-    root: str
-    proc: subprocess.Popen | None
-    log_path: str
-    started: float
-    ended: float | None = None
-    killed: bool = False
-    via_ssm: bool = False
-    #: booted from its user-data (LocalCloud(boot="user-data"))
-    sandbox: object = None
-    env_kept: bool = False
-
-    @property
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def log(self) -> str:
-        try:
-            with open(self.log_path, errors="replace") as fobj:
-                return fobj.read()
-        except OSError:
-            return ""
 
 
 class LocalCloud:
@@ -175,7 +143,7 @@ class LocalCloud:
                               AWS_DEFAULT_REGION=self.region,
                               AWS_EC2_METADATA_DISABLED="true")
             self._create_defaults()
-            self._serve_metadata()
+            self._metadata = serve_metadata(self._notices)
             self._thread = threading.Thread(target=self._watch, daemon=True,
                                             name="nipype-s3-localcloud")
             self._thread.start()
@@ -322,46 +290,6 @@ class LocalCloud:
         when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() + 120))
         self._notices[iid] = json.dumps({"action": action, "time": when})
         return iid
-
-    def _serve_metadata(self) -> None:
-        """One metadata service for every instance: ``<url>/<instance id>/latest/...``
-        (IMDSv2: a token first), with its instance id and any spot notice."""
-        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-
-        cloud = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args):  # quiet
-                pass
-
-            def _answer(self, code: int, text: str = "") -> None:
-                body = text.encode()
-                self.send_response(code)
-                self.send_header("Content-Type", "text/plain")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def do_PUT(self):  # noqa: N802 - the token
-                self._answer(200, "localcloud-token")
-
-            def do_GET(self):  # noqa: N802
-                iid, _, path = self.path.lstrip("/").partition("/")
-                path = path.lstrip("/")
-                if self.headers.get("x-aws-ec2-metadata-token") != "localcloud-token":
-                    self._answer(401)
-                elif path == "latest/meta-data/instance-id":
-                    self._answer(200, iid)
-                elif path == "latest/meta-data/spot/instance-action" and \
-                        iid in cloud._notices:
-                    self._answer(200, cloud._notices[iid])
-                else:
-                    self._answer(404)
-
-        self._metadata = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self._metadata.daemon_threads = True
-        threading.Thread(target=self._metadata.serve_forever, daemon=True,
-                         name="nipype-s3-localcloud-imds").start()
 
     # -- what a test looks at -----------------------------------------------------------
     def live_instances(self) -> list[str]:
@@ -529,21 +457,17 @@ class LocalCloud:
         from ..ec2.userdata import with_agent_config
 
         script = with_agent_config(script, json.dumps(config, sort_keys=True))
+        head = "#!/bin/bash\nexec >>/var/log/nipype-s3-agent.log 2>&1\n"
         with self._lock:
             if self._boot_faults and not via_ssm:
                 self._boot_faults -= 1
-                script = ("#!/bin/bash\nexec >>/var/log/nipype-s3-agent.log 2>&1\n"
-                          "echo 'bootstrap failed: pip could not reach the package index'\n"
-                          "exit 1\n")
+                script = head + ("echo 'bootstrap failed: pip could not reach the package "
+                                 "index'\nexit 1\n")
             elif self._boot_hangs and not via_ssm:
                 self._boot_hangs -= 1
-                script = ("#!/bin/bash\nexec >>/var/log/nipype-s3-agent.log 2>&1\n"
-                          "echo 'bootstrap: waiting for the package index'\nsleep 3600\n")
-        env = {"AWS_ACCESS_KEY_ID": FAKE_ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": FAKE_SECRET_KEY,
-               "AWS_DEFAULT_REGION": self.region, "AWS_ENDPOINT_URL": agent_url,
-               "AWS_SDK_UA_APP_ID": AGENT_APP_ID, "AWS_EC2_METADATA_DISABLED": "true",
-               "NIPYPE_S3_IMDS_URL": imds, "NIPYPE_NO_ET": "1"}
-        box = Sandbox(root, iid, env)
+                script = head + "echo 'bootstrap: waiting for the package index'\nsleep 3600\n"
+        box = Sandbox(root, iid, dict(self.agent_env(), AWS_ENDPOINT_URL=agent_url,
+                                      NIPYPE_S3_IMDS_URL=imds, NIPYPE_NO_ET="1"))
         argv = box.prepare(script)
         log_path = os.path.join(root, "log", "nipype-s3-agent.log")
         os.makedirs(os.path.dirname(log_path), exist_ok=True)
@@ -557,28 +481,14 @@ class LocalCloud:
             self.instances[iid] = inst
 
     def _keep_environments(self) -> None:
-        """An instance whose agent runs built a working environment: kept for later
-        instances (see :mod:`nipype_s3.testing.sandbox`)."""
+        """Instances whose agent runs built a working environment: kept for later ones
+        (see :mod:`nipype_s3.testing.sandbox`)."""
         for inst in self.instance_list():
-            box = inst.sandbox
-            if box is None or inst.env_kept or not inst.alive:
-                continue
-            if "serving run" in inst.log():
-                inst.env_kept = True
-                try:
-                    box.save_environment()
-                except (OSError, subprocess.CalledProcessError) as exc:
-                    self.errors.append(f"keeping {inst.instance_id}'s environment: {exc!r}")
+            keep_environment(inst, self.errors)
 
     def _kill(self, inst: LocalInstance) -> None:
-        if inst.sandbox is not None and shutil.which("docker"):
-            # containers the instance started (the engine is not in its namespaces)
-            found = subprocess.run(["docker", "ps", "-aq", "--filter",
-                                    f"label=nipype-s3-localcloud={inst.instance_id}"],
-                                   capture_output=True, text=True, timeout=60)
-            ids = found.stdout.split()
-            if ids:
-                subprocess.run(["docker", "rm", "-f", *ids], capture_output=True, timeout=60)
+        if inst.sandbox is not None:  # its containers: the engine is not in its namespaces
+            remove_containers(inst.instance_id)
         if inst.proc is None or inst.proc.poll() is not None:
             return
         try:
@@ -587,22 +497,3 @@ class LocalCloud:
             pass
         inst.proc.wait(10)
         inst.ended = inst.ended or time.time()
-
-
-def _running_jobs(inst: LocalInstance) -> int:
-    """Jobs the agent has started and not finished, from its log (a child process alone
-    is not proof: imports may run one)."""
-    text = inst.log()
-    return max(0, text.count(") started in ") - text.count(" finished: "))
-
-
-def _transient(exc: BaseException) -> bool:
-    """An error of moto's that a second look usually does not meet (a 500 page)."""
-    import botocore.exceptions
-
-    if isinstance(exc, botocore.exceptions.ResponseParserError):
-        return True
-    if isinstance(exc, botocore.exceptions.ClientError):
-        return exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) >= 500
-    return isinstance(exc, (botocore.exceptions.ConnectionError,
-                            botocore.exceptions.HTTPClientError))

@@ -30,7 +30,6 @@ import os
 import random
 import threading
 import time
-from dataclasses import dataclass, field
 
 import botocore.exceptions
 
@@ -51,6 +50,7 @@ from ...s3.credentials import resolve_session
 from ...s3.errors import s3_errors
 from ...s3.session import bucket_region, make_s3_client
 from ...secrets import withheld_names, withheld_paths
+from .jobs import _BOOT, _AgentFleet, _holds
 from .settings import BatchSettings
 
 logger = logging.getLogger("nipype.workflow")
@@ -64,47 +64,6 @@ _FINAL = ("SUCCEEDED", "FAILED")
 OVERRIDES_LIMIT = 8192
 DESCRIBE_LIMIT = 100
 ARRAY_LIMIT = 10_000
-
-# What an agent job runs: the controller's code, fetched from the content store and run
-# only when its SHA-256 is the one the controller sent (the image is not changed).
-_BOOT = """\
-import hashlib, io, os, runpy, sys, zipfile
-uri, digest = os.environ.get("NIPYPE_S3_PACKAGE"), os.environ.get("NIPYPE_S3_PACKAGE_SHA256")
-if uri:
-    import boto3
-    bucket, key = uri[len("s3://"):].split("/", 1)
-    data = boto3.client("s3").get_object(Bucket=bucket, Key=key)["Body"].read()
-    if hashlib.sha256(data).hexdigest() != digest:
-        sys.exit("nipype-s3: the package at " + uri + " does not match its SHA-256; not run")
-    lib = "/tmp/nipype-s3-agent"
-    zipfile.ZipFile(io.BytesIO(data)).extractall(lib)
-    sys.path.insert(0, lib)
-    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [lib, os.environ.get("PYTHONPATH")]))
-sys.argv = ["nipype-s3 agent"]
-runpy.run_module("nipype_s3.agent", run_name="__main__")
-"""
-
-
-@dataclass
-class _AgentFleet:
-    """The agents of one image: their queue, job definition, and the jobs submitted."""
-
-    image: str | None
-    queue_url: str
-    job_definition: str
-    config_json: str
-    vcpus: int
-    mem_gb: float
-    instance_type: str = "batch"
-    #: agent job id -> {"status", "submitted", "started", "stopped", "reason"}
-    jobs: dict = field(default_factory=dict)
-    #: one node's own Batch job (node.plugin_args = {"batch": "job"}): its name
-    node: str | None = None
-
-    @property
-    def key(self) -> str:
-        return f"node:{self.node}" if self.node else self.image or ""
-
 
 class BatchPlugin(RemotePlugin):
     """Execute a workflow's nodes on AWS Batch (see the module docstring)."""
@@ -497,19 +456,3 @@ class BatchPlugin(RemotePlugin):
         logger.info("BatchPlugin: run %s: %d agent jobs, %.0f vCPU-s, %.0f s busy (s3://%s/%s)",
                     self.run_id, len(jobs), vcpu_s, self._busy_seconds, self.layout.bucket,
                     self.layout.cost_key)
-
-
-def _holds(there: dict, props: dict) -> bool:
-    """Whether a registered job definition's container runs what ``props`` says, and
-    nothing more (no privileged mode, mounts, volumes, secrets, other user)."""
-    def requirements(d):
-        return sorted((r.get("type"), str(r.get("value")))
-                      for r in d.get("resourceRequirements") or [])
-
-    extra = any(there.get(k) for k in ("privileged", "volumes", "mountPoints", "secrets",
-                                         "user", "linuxParameters", "environment",
-                                         "executionRoleArn"))
-    return (not extra and there.get("image") == props["image"]
-            and list(there.get("command") or []) == props["command"]
-            and requirements(there) == requirements(props)
-            and there.get("jobRoleArn") == props.get("jobRoleArn"))

@@ -1,0 +1,64 @@
+"""What BatchPlugin submits: the agent's start-up inside the image, the agents of one
+image (or one node), and whether a registered job definition holds what a run needs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+__all__ = ["_BOOT", "_AgentFleet", "_holds"]
+
+# What an agent job runs: the controller's code, fetched from the content store and run
+# only when its SHA-256 is the one the controller sent (the image is not changed).
+_BOOT = """\
+import hashlib, io, os, runpy, sys, zipfile
+uri, digest = os.environ.get("NIPYPE_S3_PACKAGE"), os.environ.get("NIPYPE_S3_PACKAGE_SHA256")
+if uri:
+    import boto3
+    bucket, key = uri[len("s3://"):].split("/", 1)
+    data = boto3.client("s3").get_object(Bucket=bucket, Key=key)["Body"].read()
+    if hashlib.sha256(data).hexdigest() != digest:
+        sys.exit("nipype-s3: the package at " + uri + " does not match its SHA-256; not run")
+    lib = "/tmp/nipype-s3-agent"
+    zipfile.ZipFile(io.BytesIO(data)).extractall(lib)
+    sys.path.insert(0, lib)
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [lib, os.environ.get("PYTHONPATH")]))
+sys.argv = ["nipype-s3 agent"]
+runpy.run_module("nipype_s3.agent", run_name="__main__")
+"""
+
+
+@dataclass
+class _AgentFleet:
+    """The agents of one image: their queue, job definition, and the jobs submitted."""
+
+    image: str | None
+    queue_url: str
+    job_definition: str
+    config_json: str
+    vcpus: int
+    mem_gb: float
+    instance_type: str = "batch"
+    #: agent job id -> {"status", "submitted", "started", "stopped", "reason"}
+    jobs: dict = field(default_factory=dict)
+    #: one node's own Batch job (node.plugin_args = {"batch": "job"}): its name
+    node: str | None = None
+
+    @property
+    def key(self) -> str:
+        return f"node:{self.node}" if self.node else self.image or ""
+
+
+def _holds(there: dict, props: dict) -> bool:
+    """Whether a registered job definition's container runs what ``props`` says, and
+    nothing more (no privileged mode, mounts, volumes, secrets, other user)."""
+    def requirements(d):
+        return sorted((r.get("type"), str(r.get("value")))
+                      for r in d.get("resourceRequirements") or [])
+
+    extra = any(there.get(k) for k in ("privileged", "volumes", "mountPoints", "secrets",
+                                         "user", "linuxParameters", "environment",
+                                         "executionRoleArn"))
+    return (not extra and there.get("image") == props["image"]
+            and list(there.get("command") or []) == props["command"]
+            and requirements(there) == requirements(props)
+            and there.get("jobRoleArn") == props.get("jobRoleArn"))
