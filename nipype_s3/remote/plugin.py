@@ -29,6 +29,7 @@ from ..secrets import scrub_tree, secret_values
 from .collect import CollectMixin
 from .costs import CostMixin
 from .job import _Job
+from .opening import OpeningMixin
 from .placement import PlacementMixin
 from .staging import StagingMixin
 from .versions import mismatch, runtime_versions
@@ -41,7 +42,7 @@ _FAST_LOOP_SLEEP, _FAST_LOOP_NODES = 0.05, 2000
 _QUICK_POLL, _FEW_JOBS = 0.25, 10
 
 
-class RemotePlugin(PlacementMixin, StagingMixin, CollectMixin, CostMixin,
+class RemotePlugin(OpeningMixin, PlacementMixin, StagingMixin, CollectMixin, CostMixin,
                    SGELikeBatchManagerBase):
     """Run a workflow's nodes remote (see the module docstring).
 

@@ -199,17 +199,21 @@ def test_a_node_that_asks_runs_as_a_batch_job_of_its_own(docker_images, tmp_path
         wf.run(plugin=_plugin(docker_images["test"]))
 
 
+def _sleeper(batch, image):
+    return batch.register_job_definition(
+        jobDefinitionName="nipype-s3-sleeper", type="container", containerProperties={
+            "image": image, "command": ["sleep", "300"],
+            "resourceRequirements": [{"type": "VCPU", "value": "1"},
+                                     {"type": "MEMORY", "value": "512"}]},
+    )["jobDefinitionArn"]
+
+
 def test_cleanup_ends_the_batch_jobs_a_dead_controller_left(docker_images):
     from nipype_s3.ops import cleanup
 
     with LocalCloud() as cloud:
         batch = boto3.client("batch")
-        definition = batch.register_job_definition(
-            jobDefinitionName="nipype-s3-sleeper", type="container", containerProperties={
-                "image": docker_images["test"], "command": ["sleep", "300"],
-                "resourceRequirements": [{"type": "VCPU", "value": "1"},
-                                         {"type": "MEMORY", "value": "512"}]},
-        )["jobDefinitionArn"]
+        definition = _sleeper(batch, docker_images["test"])
         run = "20261206-070000-abc123"
         ours = batch.submit_job(jobName=f"nipype-s3-{run}-agents", jobQueue=cloud.batch.QUEUE,
                                 jobDefinition=definition)["jobId"]
@@ -246,12 +250,7 @@ def test_cleanup_by_a_shortened_run_id_ends_no_batch_job(docker_images):
 
     with LocalCloud() as cloud:
         batch = boto3.client("batch")
-        definition = batch.register_job_definition(
-            jobDefinitionName="nipype-s3-sleeper", type="container", containerProperties={
-                "image": docker_images["test"], "command": ["sleep", "300"],
-                "resourceRequirements": [{"type": "VCPU", "value": "1"},
-                                         {"type": "MEMORY", "value": "512"}]},
-        )["jobDefinitionArn"]
+        definition = _sleeper(batch, docker_images["test"])
         job = batch.submit_job(jobName="nipype-s3-20261206-070000-abc123-agents",
                                jobQueue=cloud.batch.QUEUE, jobDefinition=definition)["jobId"]
         assert cleanup(run_id="20261206")["batch_jobs"] == []

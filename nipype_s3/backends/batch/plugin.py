@@ -26,30 +26,15 @@ import hashlib
 import json
 import logging
 import math
-import os
 import random
-import threading
 import time
 
 import botocore.exceptions
 
 from ...agent.config import AgentConfig
-from ...config import env_endpoint_url
-from ...ec2.jobs import (
-    RunLayout,
-    job_key_parameter,
-    new_job_key,
-    new_run_id,
-    parse_s3_prefix,
-)
 from ...exceptions import ConfigurationError, EC2Error
 from ...remote.placement import check_node_args
 from ...remote.plugin import RemotePlugin
-from ...s3.cas import ContentStore
-from ...s3.credentials import resolve_session
-from ...s3.errors import s3_errors
-from ...s3.session import bucket_region, make_s3_client
-from ...secrets import withheld_names, withheld_paths
 from .jobs import _BOOT, _AgentFleet, _holds
 from .settings import BatchSettings
 
@@ -106,55 +91,22 @@ class BatchPlugin(RemotePlugin):
 
     def _start_run(self) -> None:
         s = self.settings
-        self._reset()
-        bucket, prefix = parse_s3_prefix(s.s3_prefix)
-        self.run_id = new_run_id()
-        self.layout = RunLayout(bucket, prefix, self.run_id)
-        self.started = time.time()
-        session = resolve_session(creds_path=s.creds_path, profile=s.profile)
-        endpoint = s.endpoint_url or env_endpoint_url()
-        region = s.region or session.region_name or bucket_region(bucket, session,
-                                                                  endpoint_url=endpoint)
-        self.region, self.endpoint_url = region, endpoint
-        kwargs = {"region_name": region}
-        self.s3 = make_s3_client(session, bucket=bucket, endpoint_url=endpoint, region=region)
-        self.sqs = session.client("sqs", endpoint_url=os.environ.get("AWS_ENDPOINT_URL_SQS")
-                                  or endpoint, **kwargs)
-        self.ssm = session.client("ssm", endpoint_url=os.environ.get("AWS_ENDPOINT_URL_SSM")
-                                  or endpoint, **kwargs)
-        self.batch = session.client("batch", endpoint_url=os.environ.get(
-            "AWS_ENDPOINT_URL_BATCH") or endpoint, **kwargs)
-        self.store = ContentStore(self.s3, bucket, prefix)
-        self.store.withhold(*withheld_paths())
-        self.store.withhold_names(*withheld_names())
-        self._leased = False
+        session = self._open_run()
+        self.batch = self._client(session, "batch")
         queues = self._call(self.batch.describe_job_queues, jobQueues=[s.job_queue])
         if not queues.get("jobQueues"):
             raise ConfigurationError(
-                f"There is no Batch job queue {s.job_queue!r} in {region}: create one "
+                f"There is no Batch job queue {s.job_queue!r} in {self.region}: create one "
                 "(nipype-s3 batch setup, or the console), or name yours in "
                 "plugin_args['job_queue']. Nothing was submitted.")
         logger.info("BatchPlugin: run %s, files in s3://%s/%s, up to %d agents on %s",
-                    self.run_id, bucket, self.layout.run_prefix, s.max_agents, s.job_queue)
-        self._job_key = new_job_key()
-        with s3_errors(bucket=bucket, key=self.layout.lease_key, action="write the lease to",
-                       endpoint=endpoint):
-            self._write_lease()
-        self._leased = True
-        self.events_queue = self.sqs.create_queue(
-            QueueName=self.layout.queue_name("events"))["QueueUrl"]
-        self.ssm.put_parameter(Name=job_key_parameter(self.run_id), Type="SecureString",
-                               Value=self._job_key.hex(), Overwrite=True,
-                               Description=f"nipype-s3 job-signing key of run {self.run_id}")
-        self._package_uri, self._package_sha256 = (
-            self._ship_package() if s.ship_package else (None, None))
+                    self.run_id, self.layout.bucket, self.layout.run_prefix, s.max_agents,
+                    s.job_queue)
+        self._open_queues()
         self._fleets: dict[str, _AgentFleet] = {}
         self._last_describe = 0.0
         self._fleet(s.instance_type, s.image)
-        self._lease_stop.clear()
-        self._lease_thread = threading.Thread(target=self._lease_loop, daemon=True,
-                                              name="nipype-s3-lease")
-        self._lease_thread.start()
+        self._start_lease()
 
     # -- where a job goes --------------------------------------------------------------
     def _fleet(self, instance_type: str, image: str | None = None) -> _AgentFleet:
@@ -164,20 +116,8 @@ class BatchPlugin(RemotePlugin):
         s = self.settings
         kind = "jobs" if image == s.image else \
             "jobs-" + hashlib.sha256(str(image).encode()).hexdigest()[:10]
-        queue = self.sqs.create_queue(
-            QueueName=self.layout.queue_name(kind),
-            Attributes={"VisibilityTimeout": str(int(s.visibility_timeout)),
-                        "MessageRetentionPeriod": "1209600"})["QueueUrl"]
-        config = AgentConfig(
-            bucket=self.layout.bucket, prefix=self.layout.prefix, run_id=self.run_id,
-            region=self.region, jobs_queue_url=queue, events_queue_url=self.events_queue,
-            job_key_parameter=job_key_parameter(self.run_id),
-            endpoint_url=self.endpoint_url, idle_timeout=s.idle_timeout,
-            max_lifetime=s.max_lifetime, visibility_timeout=int(s.visibility_timeout),
-            heartbeat=s.heartbeat, poll_wait=int(s.poll_wait),
-            lease_check=max(1.0, min(15.0, s.lease_timeout / 4)),
-            max_attempts=int(s.max_attempts), worker_root=s.worker_root,
-            vcpus=s.vcpus, mem_gb=s.mem_gb, versions=self._versions)
+        queue = self._jobs_queue(kind)
+        config = self._agent_config(queue, s.vcpus, s.mem_gb)
         definition = s.job_definition if s.job_definition and image == s.image else \
             self._job_definition(image)
         fleet = _AgentFleet(image, queue, definition, config.to_json(), s.vcpus, s.mem_gb)
@@ -195,10 +135,7 @@ class BatchPlugin(RemotePlugin):
         base = self._fleet(s.instance_type, image)
         name = f"{node.fullname}-{len(self._fleets)}"
         kind = "node-" + hashlib.sha256(name.encode()).hexdigest()[:12]
-        queue = self.sqs.create_queue(
-            QueueName=self.layout.queue_name(kind),
-            Attributes={"VisibilityTimeout": str(int(s.visibility_timeout)),
-                        "MessageRetentionPeriod": "1209600"})["QueueUrl"]
+        queue = self._jobs_queue(kind)
         config = AgentConfig.from_json(base.config_json)
         config.jobs_queue_url, config.vcpus = queue, n_procs
         config.mem_gb = max(mem_gb, 0.5)
@@ -410,13 +347,6 @@ class BatchPlugin(RemotePlugin):
                 f"BatchPlugin could not terminate {len(failed)} job(s) of run {self.run_id}: "
                 f"{', '.join(failed[:5])}. They stop when the run's lease expires; end "
                 f"them now with: nipype-s3 cleanup --run {self.run_id}")
-
-    def _delete_queues(self) -> None:
-        urls = [f.queue_url for f in (getattr(self, "_fleets", None) or {}).values()]
-        urls.append(getattr(self, "events_queue", None))
-        for url in urls:
-            if url:
-                self.sqs.delete_queue(QueueUrl=url)
 
     def _write_cost_report(self) -> None:
         """vCPU-seconds and GiB-seconds of the agent jobs (from Batch's start and stop

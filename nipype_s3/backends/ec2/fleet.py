@@ -15,11 +15,7 @@ from dataclasses import dataclass
 
 import botocore.exceptions
 
-from ...agent.config import AgentConfig
 from ...ec2.instances import FLEET_TAG, InstancePool, LaunchSpec
-from ...ec2.jobs import (
-    job_key_parameter,
-)
 from ...ec2.pricing import instance_shape
 from ...ec2.userdata import render_user_data
 from ...exceptions import EC2Error, InstanceLaunchError
@@ -75,24 +71,12 @@ class FleetMixin:
         kind = "jobs" if default else f"jobs-{_slug(instance_type).replace('.', '-')}"
         if image and not default:
             kind += "-" + hashlib.sha256(image.encode()).hexdigest()[:10]
-        queue = self.sqs.create_queue(
-            QueueName=self.layout.queue_name(kind),
-            Attributes={"VisibilityTimeout": str(int(s.visibility_timeout)),
-                        "MessageRetentionPeriod": "1209600"})["QueueUrl"]
+        queue = self._jobs_queue(kind)
         if s.agent_vcpus:
             vcpus = int(s.agent_vcpus)
         if s.agent_mem_gb:
             mem_gb = float(s.agent_mem_gb)
-        agent_cfg = AgentConfig(
-            bucket=self.layout.bucket, prefix=self.layout.prefix, run_id=self.run_id,
-            region=self.region, jobs_queue_url=queue, events_queue_url=self.events_queue,
-            job_key_parameter=job_key_parameter(self.run_id),
-            endpoint_url=self.endpoint_url, idle_timeout=s.idle_timeout,
-            max_lifetime=s.max_lifetime, visibility_timeout=int(s.visibility_timeout),
-            heartbeat=s.heartbeat, poll_wait=int(s.poll_wait),
-            lease_check=max(1.0, min(15.0, s.lease_timeout / 4)),
-            max_attempts=int(s.max_attempts), worker_root=s.worker_root,
-            vcpus=s.agent_vcpus, mem_gb=s.agent_mem_gb, versions=self._versions)
+        agent_cfg = self._agent_config(queue, s.agent_vcpus, s.agent_mem_gb)
         requirements = _requirements(s.requirements, self._package_uri is None)
         if image:  # the image has nipype and the node's tools: the agent's own needs (if
             # the image lacks them), and the user's requirements
@@ -157,13 +141,6 @@ class FleetMixin:
                 for iid in ids:
                     if iid in fleet.pool.launched:
                         fleet.pool.launched[iid]["terminated"] = now
-
-    def _delete_queues(self) -> None:
-        urls = [f.queue_url for f in (getattr(self, "_fleets", None) or {}).values()]
-        urls.append(getattr(self, "events_queue", None))
-        for url in urls:
-            if url:
-                self.sqs.delete_queue(QueueUrl=url)
 
     def _scale(self) -> None:
         waiting = self._outstanding()

@@ -32,28 +32,12 @@ controller was interrupted.
 from __future__ import annotations
 
 import logging
-import os
-import threading
-import time
 
-from ...config import env_endpoint_url
 from ...ec2.instances import default_ami
-from ...ec2.jobs import (
-    RunLayout,
-    job_key_parameter,
-    new_job_key,
-    new_run_id,
-    parse_s3_prefix,
-)
 from ...ec2.pricing import estimate_cost, smallest_fitting
 from ...exceptions import ConfigurationError
 from ...remote.placement import check_node_args
 from ...remote.plugin import RemotePlugin
-from ...s3.cas import ContentStore
-from ...s3.credentials import resolve_session
-from ...s3.errors import s3_errors
-from ...s3.session import bucket_region, make_s3_client
-from ...secrets import withheld_names, withheld_paths
 from .fleet import FleetMixin, _Fleet
 from .settings import EC2Settings
 
@@ -119,57 +103,15 @@ class EC2Plugin(FleetMixin, RemotePlugin):
 
     def _start_run(self) -> None:
         s = self.settings
-        self._reset()
-        bucket, prefix = parse_s3_prefix(s.s3_prefix)
-        self.run_id = new_run_id()
-        self.layout = RunLayout(bucket, prefix, self.run_id)
-        self.started = time.time()
-        session = resolve_session(creds_path=s.creds_path, profile=s.profile)
-        endpoint = s.endpoint_url or env_endpoint_url()
-        region = s.region or session.region_name
-        if not region:
-            region = bucket_region(bucket, session, endpoint_url=endpoint)
-        self.region = region
-        self.endpoint_url = endpoint
-        kwargs = {"region_name": region}
-        ec2_endpoint = os.environ.get("AWS_ENDPOINT_URL_EC2") or endpoint
-        self.s3 = make_s3_client(session, bucket=bucket, endpoint_url=endpoint, region=region)
-        self.sqs = session.client("sqs", endpoint_url=os.environ.get("AWS_ENDPOINT_URL_SQS")
-                                  or endpoint, **kwargs)
-        self.ssm = session.client("ssm", endpoint_url=os.environ.get("AWS_ENDPOINT_URL_SSM")
-                                  or endpoint, **kwargs)
-        self.ec2 = session.client("ec2", endpoint_url=ec2_endpoint, **kwargs)
-        self.store = ContentStore(self.s3, bucket, prefix)
-        # an input folder that holds them (a home directory, say) is staged without them
-        self.store.withhold(*withheld_paths())
-        self.store.withhold_names(*withheld_names())
-        self.store.on_withheld = lambda paths: logger.warning(
-            "EC2Plugin: %d file(s) of credentials in a folder given to a node are not "
-            "staged, so they do not leave this machine: %s%s (see 'Security' in "
-            "docs/ec2plugin.rst)", len(paths), ", ".join(paths[:5]),
-            " ..." if len(paths) > 5 else "")
+        session = self._open_run()
+        self.ec2 = self._client(session, "ec2")
         self._shapes = {}
-        self._leased = False
         self._shape(s.instance_type)  # a type that does not exist: said before anything is made
         logger.info("EC2Plugin: run %s, files in s3://%s/%s, up to %d x %s in %s",
-                    self.run_id, bucket, self.layout.run_prefix, s.max_instances,
-                    s.instance_type, region)
-        self._job_key = new_job_key()  # signs the lease too
-        with s3_errors(bucket=bucket, key=self.layout.lease_key, action="write the lease to",
-                       endpoint=endpoint):
-            self._write_lease()
-        self._leased = True
-        self.events_queue = self.sqs.create_queue(
-            QueueName=self.layout.queue_name("events"))["QueueUrl"]
-        self.ssm.put_parameter(Name=job_key_parameter(self.run_id), Type="SecureString",
-                               Value=self._job_key.hex(), Overwrite=True,
-                               Description=f"nipype-s3 job-signing key of run {self.run_id}")
+                    self.run_id, self.layout.bucket, self.layout.run_prefix, s.max_instances,
+                    s.instance_type, self.region)
+        self._open_queues()
         self._ami = s.ami or default_ami(self.ssm)
-        self._package_uri, self._package_sha256 = (
-            self._ship_package() if s.ship_package else (None, None))
         self._fleets: dict[str, _Fleet] = {}
         self._fleet(s.instance_type, s.image).pool.check_image()
-        self._lease_stop.clear()
-        self._lease_thread = threading.Thread(target=self._lease_loop, daemon=True,
-                                              name="nipype-s3-lease")
-        self._lease_thread.start()
+        self._start_lease()
