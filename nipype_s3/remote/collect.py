@@ -126,13 +126,13 @@ class CollectMixin:
         try:
             return self._fetch(job), None
         except MessageRejected as exc:
-            logger.error("EC2Plugin: job %s: refused its report (%s); deleted it, waiting "
+            self._log.error("job %s: refused its report (%s); deleted it, waiting "
                          "for its agent's", job.job_id, exc)
             try:
                 self.s3.delete_object(Bucket=self.layout.bucket,
                                       Key=self.layout.done_key(job.job_id))
             except _AWS_ERRORS as err:
-                logger.warning("EC2Plugin: could not delete it: %s", err)
+                self._log.warning("could not delete it: %s", err)
             if job.reported:
                 # its agent said it finished: the genuine report was replaced, and
                 # nobody will write it again; the job runs once more (or, too often
@@ -147,11 +147,11 @@ class CollectMixin:
                         "with the run")
                 queue, body = self._messages[job.job_id]
                 self.sqs.send_message(QueueUrl=queue, MessageBody=body)
-                logger.warning("EC2Plugin: job %s sent again", job.job_id)
+                self._log.warning("job %s sent again", job.job_id)
             return None, None
         except _AWS_ERRORS as exc:
             if transient(exc):
-                logger.warning("EC2Plugin: job %s: fetching its results failed (%s); "
+                self._log.warning("job %s: fetching its results failed (%s); "
                                "trying again", job.job_id, exc)
                 return None, None
             return None, exc
@@ -160,7 +160,7 @@ class CollectMixin:
 
     def _collect_failed(self, job: _Job, error: BaseException) -> None:
         """The node's crash file says why its results could not be brought back."""
-        logger.error("EC2Plugin: job %s (%s): its results could not be brought back: %s",
+        self._log.error("job %s (%s): its results could not be brought back: %s",
                      job.job_id, job.node.fullname, error)
         write_failure_result(job.node, [
             f"{type(error).__name__}: {error}\n",
@@ -184,7 +184,7 @@ class CollectMixin:
             self._annotate_failure(job, report)
         job.done = True
         self.stats["remote_done"] += 1
-        logger.info("EC2Plugin: job %s (%s) %s on %s (attempt %s)", job.job_id,
+        self._log.info("job %s (%s) %s on %s (attempt %s)", job.job_id,
                     job.node.fullname, "finished" if status == "ok" else f"FAILED ({status})",
                     report.get("instance_id"), report.get("attempt"))
 
@@ -253,7 +253,7 @@ class CollectMixin:
             was[entry.path] = data.get("was") if _is_was(data.get("was")) else None
         allowed = [e for e in here if self._may_write(job, e)]
         if len(allowed) < len(here):
-            logger.warning("EC2Plugin: job %s reported %d file(s) outside what it may write; "
+            self._log.warning("job %s reported %d file(s) outside what it may write; "
                            "not written: %s", job.job_id, len(here) - len(allowed),
                            ", ".join(e.path for e in here if e not in allowed)[:500])
         if not allowed:
@@ -262,8 +262,8 @@ class CollectMixin:
             clashes = [e.path for e in allowed if e.link is None and
                        _changed_meanwhile(e, was[e.path])]
             if clashes:
-                logger.warning(
-                    "EC2Plugin: %s wrote %s, which another node changed while it ran "
+                self._log.warning(
+                    "%s wrote %s, which another node changed while it ran "
                     "(nodes on different instances do not see each other's writes); this "
                     "node's version is kept. Have each node write files of its own.",
                     job.node.fullname,
@@ -274,7 +274,7 @@ class CollectMixin:
                 move_link=pathmap.to_controller)
             self.store.get([e for e in allowed if e.link is None], lambda path: (
                 confine_absolute(job.writable, path, what=what)))
-        logger.info("EC2Plugin: %s wrote %d file(s) into folders it was given or paths it "
+        self._log.info("%s wrote %d file(s) into folders it was given or paths it "
                     "was told to write; they are in place here too", job.node.fullname,
                     len(allowed))
 

@@ -224,21 +224,21 @@ class PlacementMixin:
             return bool(args["local"])
         why = self._kind_runs_here(node)
         if why == "credentials":
-            logger.info("EC2Plugin: %s runs on the controller: its credentials (%s) do not "
+            self._log.info("%s runs on the controller: its credentials (%s) do not "
                         "leave this machine", node.fullname, keys[0])
             return True
         if isinstance(node, MapNode):
             return True
         if why == "__main__":
-            logger.warning(
-                "EC2Plugin: %s runs on the controller: its interface %s is defined in the "
+            self._log.warning(
+                "%s runs on the controller: its interface %s is defined in the "
                 "script that runs the workflow (__main__), which an instance cannot import. "
                 "Move it into a module of its own (and install that on the instances with "
                 "plugin_args 'requirements' or 'setup_commands') to run it there.",
                 node.fullname, type(node.interface).__name__)
             return True
         if _cached_always_run(node):
-            logger.info("EC2Plugin: %s runs on the controller: its result for these inputs "
+            self._log.info("%s runs on the controller: its result for these inputs "
                         "is here, and it runs again only to check its source or "
                         "destination", node.fullname)
             return True

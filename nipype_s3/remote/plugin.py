@@ -126,6 +126,11 @@ class RemotePlugin(OpeningMixin, PlacementMixin, StagingMixin, CollectMixin, Cos
         run's (the backend knows what it launched); it may note the boot time."""
         raise NotImplementedError
 
+    @property
+    def _log(self) -> logging.LoggerAdapter:
+        """nipype's workflow logger, each line saying which plugin ("EC2Plugin: ...")."""
+        return _Named(logger, {"plugin": type(self.settings)._PLUGIN})
+
     def _launched(self, agent_id: str) -> bool:
         """Whether ``agent_id`` is one this run started (events naming any other agent
         change nothing)."""
@@ -166,7 +171,7 @@ class RemotePlugin(OpeningMixin, PlacementMixin, StagingMixin, CollectMixin, Cos
             try:
                 self._write_lease()
             except Exception as exc:  # keep trying: agents tolerate a missed renewal
-                logger.warning("EC2Plugin: could not renew the lease: %s", exc)
+                self._log.warning("could not renew the lease: %s", exc)
 
     def _finish_run(self) -> None:
         self._lease_stop.set()
@@ -179,7 +184,7 @@ class RemotePlugin(OpeningMixin, PlacementMixin, StagingMixin, CollectMixin, Cos
                 fn()
             except Exception as exc:
                 errors.append(exc)
-                logger.error("EC2Plugin: cleanup step %s failed: %s", fn.__name__, exc)
+                self._log.error("cleanup step %s failed: %s", fn.__name__, exc)
 
         # independent requests at once (a re-run's teardown was seconds of round trips);
         # the cost report and the sweep of uploads once the instances are ended
@@ -195,7 +200,7 @@ class RemotePlugin(OpeningMixin, PlacementMixin, StagingMixin, CollectMixin, Cos
             self._senders.shutdown(wait=True)
             self._senders = None  # the next run (the same plugin object) makes its own
         if errors and isinstance(errors[0], EC2Error):
-            logger.error("EC2Plugin: instances of run %s may still run: %s", self.run_id,
+            self._log.error("instances of run %s may still run: %s", self.run_id,
                          errors[0])
 
     def _expire_lease(self) -> None:
@@ -220,7 +225,7 @@ class RemotePlugin(OpeningMixin, PlacementMixin, StagingMixin, CollectMixin, Cos
         aborted = abort_incomplete_uploads(self.s3, self.layout.bucket,
                                            self.layout.run_prefix)
         if aborted:
-            logger.info("EC2Plugin: aborted %d incomplete upload(s) below s3://%s/%s",
+            self._log.info("aborted %d incomplete upload(s) below s3://%s/%s",
                         len(aborted), self.layout.bucket, self.layout.run_prefix)
 
     def _submit_job(self, node, updatehash=False):
@@ -234,7 +239,7 @@ class RemotePlugin(OpeningMixin, PlacementMixin, StagingMixin, CollectMixin, Cos
                        remote=False, done=True)
             self._jobs[taskid] = job
             self.stats["local"] += 1
-            logger.info("EC2Plugin: running %s on the controller", node.fullname)
+            self._log.info("running %s on the controller", node.fullname)
             run_node(node, updatehash=updatehash)
             scrub_tree(node_dir, secret_values())
             return taskid
@@ -288,7 +293,7 @@ class RemotePlugin(OpeningMixin, PlacementMixin, StagingMixin, CollectMixin, Cos
 
     def _stop_run(self, error: BaseException, why: str) -> None:
         self._fatal = error
-        logger.error("EC2Plugin: %s", error)
+        self._log.error("%s", error)
         self._fail_outstanding(why)
 
     def _fail_outstanding(self, why: str) -> None:
@@ -328,7 +333,7 @@ class RemotePlugin(OpeningMixin, PlacementMixin, StagingMixin, CollectMixin, Cos
                     if event.get("run_id") != self.run_id:
                         raise MessageRejected(f"an event of run {event.get('run_id')!r}")
                 except MessageRejected as exc:
-                    logger.warning("EC2Plugin: ignored a message on the events queue: %s",
+                    self._log.warning("ignored a message on the events queue: %s",
                                    exc)
                     continue
                 status, iid = event.get("status"), event.get("instance_id")
@@ -380,3 +385,8 @@ def _versions_said(versions) -> dict | None:
                    re.fullmatch(r"[0-9A-Za-z.+-]{1,40}", value) else "?")
             for name, value in versions.items()
             if name in ("python", "nipype", "nibabel", "boto3")}
+
+
+class _Named(logging.LoggerAdapter):
+    def process(self, msg, kwargs):
+        return f"{self.extra['plugin']}: {msg}", kwargs

@@ -184,7 +184,7 @@ class StagingMixin:
         body = make_message(self.layout, job_id, spec_bytes, self._job_key)
         self._messages[job_id] = (queue_url, body)  # to send it again, if it must be
         self.sqs.send_message(QueueUrl=queue_url, MessageBody=body)
-        logger.info("EC2Plugin: submitted %s as job %s (%d input files)", name, job_id,
+        self._log.info("submitted %s as job %s (%d input files)", name, job_id,
                     len(entries))
 
     def _check_sent(self, job: _Job) -> None:
@@ -205,7 +205,7 @@ class StagingMixin:
             err = exc
         if self._fatal is None:
             self._fatal = err
-            logger.error("EC2Plugin: job %s (%s) could not be sent: %s", job.job_id,
+            self._log.error("job %s (%s) could not be sent: %s", job.job_id,
                          job.node.fullname, err)
         self._fail_outstanding("its job could not be sent")
 
