@@ -312,10 +312,23 @@ class LocalBatch:
             job.update(status="FAILED", statusReason=reason, stoppedAt=now)
             if job["attempts"]:
                 job["attempts"][-1].update(stoppedAt=now, statusReason=reason)
-        if proc is not None:
+        if proc is None:
+            return
+        # 'docker run' may not have made its container yet when the job is RUNNING: a
+        # removal that finds none is repeated until the client process ends.
+        deadline = time.monotonic() + 90
+        while True:
             subprocess.run(["docker", "rm", "-f", _container(job["jobId"])],
                            capture_output=True, timeout=60)
-            proc.wait(30)
+            try:
+                proc.wait(2)
+                return
+            except subprocess.TimeoutExpired:
+                if time.monotonic() > deadline:
+                    proc.kill()
+                    proc.wait(10)
+                    raise TimeoutError(f"LocalCloud could not stop Batch job "
+                                       f"{job['jobId']}'s container") from None
 
     def _start(self, job: dict) -> None:
         now = int(time.time() * 1000)
