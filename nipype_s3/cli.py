@@ -11,7 +11,7 @@ import os
 import sys
 
 from . import __version__
-from .exceptions import NipypeS3Error
+from .exceptions import ConfigurationError, NipypeS3Error
 
 __all__ = ["main", "build_parser"]
 
@@ -34,9 +34,16 @@ def build_parser() -> argparse.ArgumentParser:
                     "Prints the output keys and the run's cost report.")
     demo.add_argument("--keep", metavar="DIR",
                       help="also keep a local copy of the outputs in DIR")
-    demo.add_argument("--plugin", default="EC2", choices=["EC2", "Linear", "MultiProc"],
-                      help="EC2 (EC2Plugin on LocalCloud instances, the default) or one of "
-                           "nipype's local plugins")
+    demo.add_argument("--plugin", default=None, choices=["EC2", "Batch", "Linear",
+                                                         "MultiProc"],
+                      help="EC2 (EC2Plugin on LocalCloud instances, the default), Batch "
+                           "(BatchPlugin on LocalCloud's Batch) or one of nipype's local "
+                           "plugins")
+    demo.add_argument("--backend", choices=["ec2", "batch"],
+                      help="the same as --plugin EC2 or --plugin Batch")
+    demo.add_argument("--image", default=None,
+                      help="(Batch) the image the nodes run in (default: "
+                           "nipype-s3-test/nipype:local, from tests/docker/build-images.sh)")
     demo.set_defaults(func=_cmd_demo)
 
     agent = sub.add_parser("agent", help="serve a run's jobs (what runs on each instance)",
@@ -84,13 +91,46 @@ def build_parser() -> argparse.ArgumentParser:
                        help="only use an image already on this machine")
     check.set_defaults(func=_cmd_check_image)
 
+    batch = sub.add_parser(
+        "batch", help="make or remove the AWS Batch job queue BatchPlugin runs on",
+        description="setup: create (or bring up to date) a managed compute environment and "
+                    "a job queue named NAME, the job role nipype-s3-NAME-job (the agents' "
+                    "least-privilege policy for --s3-prefix) and the instance role "
+                    "nipype-s3-NAME-instance; running it again changes only what differs. "
+                    "teardown: remove them (only what setup made). template: print the same "
+                    "as a CloudFormation template.")
+    batch.add_argument("action", choices=["setup", "teardown", "template"])
+    batch.add_argument("--name", required=True, help="names the job queue, the compute "
+                                                     "environment and the roles")
+    batch.add_argument("--s3-prefix", help="(setup, template) the runs' s3_prefix the job "
+                                           "role may use")
+    batch.add_argument("--spot", action="store_true",
+                       help="(setup, template) spot instances (default: on-demand)")
+    batch.add_argument("--max-vcpus", type=int, default=256,
+                       help="(setup, template) the most vCPUs running at once (default 256)")
+    batch.add_argument("--subnets", nargs="+", default=[], metavar="ID",
+                       help="(setup, template) default: the default VPC's")
+    batch.add_argument("--security-groups", nargs="+", default=[], metavar="ID",
+                       help="(setup, template) default: the default VPC's 'default' group")
+    batch.add_argument("--data-bucket", action="append", default=[], metavar="NAME",
+                       help="(setup, template) a bucket the nodes read or write themselves; "
+                            "repeatable")
+    batch.add_argument("--region", help="AWS region (default: your configured one)")
+    batch.set_defaults(func=_cmd_batch)
+
     policy = sub.add_parser(
         "policy", help="print the IAM policy the agents or the controller need",
-        description="Print, as JSON, the least-privilege IAM policy of the agents' instance "
-                    "role or of the controller's credentials for runs below --s3-prefix (the "
-                    "same documents docs/ec2plugin.rst shows).")
-    policy.add_argument("who", choices=["agent", "controller"])
-    policy.add_argument("--s3-prefix", required=True, help="the runs' s3_prefix")
+        description="Print, as JSON, a least-privilege IAM policy for runs below "
+                    "--s3-prefix: the agents' role (agent), the credentials of EC2Plugin's "
+                    "controller (controller) or BatchPlugin's (batch-controller), or what "
+                    "nipype-s3 batch setup/teardown need (batch-setup, with --name). The "
+                    "docs show the same documents.")
+    policy.add_argument("who", choices=["agent", "controller", "batch-controller",
+                                        "batch-setup"])
+    policy.add_argument("--s3-prefix", help="the runs' s3_prefix (all but batch-setup)")
+    policy.add_argument("--name", default="*",
+                        help="(batch-setup, batch-controller) the Batch environment's name "
+                             "(default: any)")
     policy.add_argument("--run", metavar="PATTERN", default="*",
                         help="narrow it to runs whose id matches (e.g. '2026*'; default: all)")
     policy.add_argument("--data-bucket", action="append", default=[], metavar="NAME",
@@ -130,16 +170,53 @@ def _cmd_policy(args) -> int:
     import json
 
     from .ec2.jobs import parse_s3_prefix
-    from .iam import agent_policy, controller_policy
+    from .iam import agent_policy, batch_controller_policy, batch_setup_policy, controller_policy
 
+    if args.who == "batch-setup":
+        print(json.dumps(batch_setup_policy(args.name), indent=2))
+        return 0
+    if not args.s3_prefix:
+        raise ConfigurationError(f"nipype-s3 policy {args.who} needs --s3-prefix: the runs' "
+                                 "s3_prefix (s3://bucket/prefix).")
     bucket, prefix = parse_s3_prefix(args.s3_prefix)
     if args.who == "agent":
         doc = agent_policy(bucket, prefix, run=args.run, data_buckets=tuple(args.data_bucket),
                            ecr_repositories=tuple(args.ecr_repository))
+    elif args.who == "batch-controller":
+        doc = batch_controller_policy(
+            bucket, prefix, run=args.run, job_queue=args.name,
+            job_role_arn=f"arn:aws:iam::*:role/nipype-s3-{args.name}-job")
     else:
         doc = controller_policy(bucket, prefix, run=args.run,
                                 agent_role_arn=args.agent_role_arn)
     print(json.dumps(doc, indent=2))
+    return 0
+
+
+def _cmd_batch(args) -> int:
+    import json
+
+    from .backends.batch import BatchEnvironment, cloudformation_template, setup, teardown
+    from .ops import _client
+
+    if args.action == "teardown":
+        removed = teardown(args.name, lambda s: _client(s, args.region),
+                                       say=print)
+        print(f"nipype-s3 batch teardown: {len(removed)} removed")
+        return 0
+    if not args.s3_prefix:
+        raise ConfigurationError(f"nipype-s3 batch {args.action} needs --s3-prefix: the "
+                                 "runs' s3_prefix, which the job role may use.")
+    env = BatchEnvironment(
+        args.name, args.s3_prefix, spot=args.spot, max_vcpus=args.max_vcpus,
+        subnets=tuple(args.subnets), security_groups=tuple(args.security_groups),
+        data_buckets=tuple(args.data_bucket))
+    if args.action == "template":
+        print(json.dumps(cloudformation_template(env), indent=2))
+        return 0
+    made = setup(env, lambda s: _client(s, args.region), say=print)
+    print("nipype-s3 batch setup: ready. Run with plugin_args "
+          + json.dumps(dict(made, s3_prefix=args.s3_prefix, image="YOUR-IMAGE")))
     return 0
 
 
@@ -216,9 +293,17 @@ def _cmd_cost(args) -> int:
 
 
 def _cmd_demo(args) -> int:
-    from .demo import run_demo
+    from .demo import DEMO_IMAGE, run_demo
 
-    return run_demo(keep=args.keep, plugin=args.plugin)
+    backend = {"ec2": "EC2", "batch": "Batch", None: None}[args.backend]
+    if backend and args.plugin and args.plugin != backend:
+        raise ConfigurationError(f"demo: --backend {args.backend} and --plugin {args.plugin} "
+                                 "disagree: give one of them.")
+    plugin = backend or args.plugin or "EC2"
+    if args.image and plugin != "Batch":
+        raise ConfigurationError("demo: --image is for --backend batch (EC2Plugin's demo "
+                                 "runs on the instances' own Python).")
+    return run_demo(keep=args.keep, plugin=plugin, image=args.image or DEMO_IMAGE)
 
 
 def main(argv: list[str] | None = None) -> int:

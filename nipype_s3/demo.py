@@ -56,7 +56,34 @@ def _say(text: str) -> None:
     print(f"[nipype-s3 demo] {text}", flush=True)
 
 
-def run_demo(keep: str | None = None, plugin: str = "EC2") -> int:
+#: the image the Batch demo runs its nodes in (tests/docker/build-images.sh builds it)
+DEMO_IMAGE = "nipype-s3-test/nipype:local"
+
+
+def _check_demo_image(image: str) -> None:
+    """The Batch demo runs its nodes in ``image`` on this machine's Docker engine: say
+    what is missing before anything starts."""
+    import shutil as _shutil
+    import subprocess
+
+    from .exceptions import ConfigurationError
+
+    if not _shutil.which("docker") or subprocess.run(
+            ["docker", "info"], capture_output=True, timeout=60).returncode != 0:
+        raise ConfigurationError(
+            "demo --backend batch runs the nodes as Batch jobs in containers: it needs a "
+            "running Docker engine (docker info fails here). Start dockerd, or run the "
+            "demo without --backend batch.")
+    if subprocess.run(["docker", "image", "inspect", image], capture_output=True,
+                      timeout=60).returncode != 0:
+        raise ConfigurationError(
+            f"demo --backend batch runs the nodes in the image {image}, which is not on "
+            "this machine: build it with tests/docker/build-images.sh (from a clone of "
+            "nipype_s3), or give --image with python3, nipype and boto3.")
+
+
+def run_demo(keep: str | None = None, plugin: str = "EC2",
+             image: str = DEMO_IMAGE) -> int:
     """Run the demo; return the exit status."""
     import boto3
     import nibabel
@@ -68,6 +95,8 @@ def run_demo(keep: str | None = None, plugin: str = "EC2") -> int:
     from .s3 import UploadItem, list_objects, upload_files
     from .testing import LocalCloud
 
+    if plugin == "Batch":
+        _check_demo_image(image)
     start = time.monotonic()
     data = os.path.join(os.path.dirname(nibabel.__file__), "tests", "data")
     dataset = {
@@ -78,7 +107,7 @@ def run_demo(keep: str | None = None, plugin: str = "EC2") -> int:
     }
     subjects = ["sub-01", "sub-02"]
     workdir = tempfile.mkdtemp(prefix="nipype-s3-demo-")
-    _say("starting LocalCloud: an AWS account on 127.0.0.1 (S3, EC2, SQS, SSM) ...")
+    _say("starting LocalCloud: an AWS account on 127.0.0.1 (S3, EC2, SQS, SSM, Batch) ...")
     try:
         with LocalCloud(directory=os.path.join(workdir, "cloud")) as cloud:
             _say(f"embedded S3 server at {cloud.server.url}")
@@ -122,6 +151,8 @@ def run_demo(keep: str | None = None, plugin: str = "EC2") -> int:
                 _say("running the workflow (grab -> mean/tSNR/mask -> sink) with EC2Plugin on "
                      "up to 2 LocalCloud instances ...")
                 wf.run(plugin=runner)
+            elif plugin == "Batch":
+                runner = _run_on_batch(wf, client, image)
             else:
                 runner = None
                 _say(f"running the workflow with nipype's {plugin} plugin ...")
@@ -137,7 +168,17 @@ def run_demo(keep: str | None = None, plugin: str = "EC2") -> int:
             print(f"s3://{DEMO_BUCKET}/")
             print_tree(keys)
             print()
-            if runner is not None and runner.cost_report:
+            if plugin == "Batch":
+                report = runner.cost_report
+                _say(f"run {runner.run_id}: {len(report['agent_jobs'])} agent job(s), "
+                     f"{report['vcpu_seconds']:.0f} vCPU-s; {report['jobs_remote']} jobs on "
+                     f"Batch, {report['jobs_local']} on the controller")
+                from .backends.batch import teardown
+
+                teardown("nipype-s3-demo", boto3.client, poll=0.2)
+                _say("removed the job queue, compute environment and roles "
+                     "(nipype-s3 batch teardown --name nipype-s3-demo)")
+            elif runner is not None and runner.cost_report:
                 report = runner.cost_report
                 _say(f"run {runner.run_id}: {len(report['instances'])} instance(s), "
                      f"{report['billed_seconds']:.0f} instance-s billed vs "
@@ -148,11 +189,38 @@ def run_demo(keep: str | None = None, plugin: str = "EC2") -> int:
             if not cloud.wait_idle(15):
                 raise RuntimeError(f"instances still running after the run: "
                                    f"{cloud.live_instances()}")
+            if any(j["status"] not in ("SUCCEEDED", "FAILED")
+                   for j in cloud.batch.jobs.values()):
+                raise RuntimeError("Batch jobs still running after the run")
             _say(f"done in {time.monotonic() - start:.1f} s: {len(keys)} outputs in "
-                 f"s3://{DEMO_BUCKET}/derivatives/, no instance left running")
+                 f"s3://{DEMO_BUCKET}/derivatives/, no instance left running"
+                 + (", no Batch job left running" if plugin == "Batch" else ""))
             if keep:
                 _say(f"local copy of the outputs: {os.path.abspath(keep)}")
-            _say("next: README.md and docs/ (S3DataSink, S3DataGrabber, EC2Plugin, LocalCloud)")
+            _say("next: README.md and docs/ (S3DataSink, S3DataGrabber, EC2Plugin, BatchPlugin, "
+                 "LocalCloud)")
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     return 0
+
+
+def _run_on_batch(wf, client, image: str):
+    """Make a job queue as ``nipype-s3 batch setup`` does, and run ``wf`` on it with
+    BatchPlugin, its nodes in ``image``."""
+    import boto3
+
+    from .backends.batch import BatchEnvironment, BatchPlugin, setup
+
+    client.create_bucket(Bucket=DEMO_RUNS_BUCKET)
+    _say("making a Batch job queue as 'nipype-s3 batch setup --name nipype-s3-demo --spot' "
+         "does (compute environment, job queue, job and instance roles) ...")
+    made = setup(BatchEnvironment("nipype-s3-demo", f"s3://{DEMO_RUNS_BUCKET}", spot=True,
+                                  max_vcpus=8), boto3.client, poll=0.2)
+    runner = BatchPlugin(plugin_args=dict(
+        made, s3_prefix=f"s3://{DEMO_RUNS_BUCKET}", image=image, max_agents=2,
+        idle_timeout=10, lease_timeout=20, poll_wait=1, scale_interval=0.5,
+        visibility_timeout=30, heartbeat=5))
+    _say(f"running the workflow (grab -> mean/tSNR/mask -> sink) with BatchPlugin: up to 2 "
+         f"agent jobs in {image} on LocalCloud's Batch ...")
+    wf.run(plugin=runner)
+    return runner

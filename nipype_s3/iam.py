@@ -19,10 +19,18 @@ from __future__ import annotations
 
 from .ec2.jobs import RUN_TAG
 
-__all__ = ["agent_policy", "controller_policy", "AMI_PARAMETER_ARN"]
+__all__ = ["agent_policy", "controller_policy", "batch_controller_policy",
+           "batch_setup_policy", "trust_policy", "AMI_PARAMETER_ARN",
+           "BATCH_INSTANCE_POLICY_ARN"]
 
 #: The public SSM parameters the default AMI is read from.
 AMI_PARAMETER_ARN = "arn:aws:ssm:*::parameter/aws/service/*"
+
+
+#: The AWS-managed policy of a Batch compute environment's instances (the ECS agent:
+#: register the instance, pull images, write the jobs' logs).
+BATCH_INSTANCE_POLICY_ARN = \
+    "arn:aws:iam::aws:policy/service-role/AmazonEC2ContainerServiceforEC2Role"
 
 
 def _s3_prefix_arn(bucket: str, *parts: str) -> str:
@@ -75,12 +83,16 @@ def agent_policy(bucket: str, prefix: str = "", *, run: str = "*",
     return _doc(statements)
 
 
-def controller_policy(bucket: str, prefix: str = "", *,
-                      agent_role_arn: str = "arn:aws:iam::*:role/nipype-s3-agent",
-                      run: str = "*") -> dict:
-    """What the controller (your credentials) needs to run EC2Plugin below
-    ``s3://bucket/prefix``, launching agents with ``agent_role_arn``."""
-    statements = [
+def trust_policy(service: str) -> dict:
+    """The trust policy of a role ``service`` (``ec2.amazonaws.com``,
+    ``ecs-tasks.amazonaws.com``) may take on."""
+    return _doc([{"Effect": "Allow", "Principal": {"Service": service},
+                  "Action": "sts:AssumeRole"}])
+
+
+def _run_statements(bucket: str, prefix: str, run: str) -> list[dict]:
+    """A controller's own: the run's files, queues and signing key."""
+    return [
         _statement("RunFiles", ["s3:GetObject", "s3:PutObject", "s3:DeleteObject",
                                 "s3:AbortMultipartUpload"],
                    [_s3_prefix_arn(bucket, prefix, "runs", run) + "/*",
@@ -92,6 +104,15 @@ def controller_policy(bucket: str, prefix: str = "", *,
                    f"arn:aws:sqs:*:*:nipype-s3-{run}-*"),
         _statement("RunKey", ["ssm:PutParameter", "ssm:GetParameter", "ssm:DeleteParameter"],
                    f"arn:aws:ssm:*:*:parameter/nipype-s3/runs/{run}/*"),
+    ]
+
+
+def controller_policy(bucket: str, prefix: str = "", *,
+                      agent_role_arn: str = "arn:aws:iam::*:role/nipype-s3-agent",
+                      run: str = "*") -> dict:
+    """What the controller (your credentials) needs to run EC2Plugin below
+    ``s3://bucket/prefix``, launching agents with ``agent_role_arn``."""
+    statements = _run_statements(bucket, prefix, run) + [
         _statement("DefaultAmi", ["ssm:GetParameter"], AMI_PARAMETER_ARN),
         _statement("Describe", ["ec2:DescribeInstances", "ec2:DescribeImages",
                                 "ec2:DescribeInstanceTypes"], "*"),
@@ -105,3 +126,60 @@ def controller_policy(bucket: str, prefix: str = "", *,
             "StringEquals": {"iam:PassedToService": "ec2.amazonaws.com"}}),
     ]
     return _doc(statements)
+
+
+def batch_controller_policy(bucket: str, prefix: str = "", *, job_queue: str = "*",
+                            job_role_arn: str = "arn:aws:iam::*:role/nipype-s3-*-job",
+                            run: str = "*") -> dict:
+    """What the controller (your credentials) needs to run BatchPlugin below
+    ``s3://bucket/prefix`` on ``job_queue``, its agents' containers running as
+    ``job_role_arn``: register and submit nipype_s3's own job definitions, follow and end
+    jobs (Batch cannot scope these to a run), and the run's files, queues and key."""
+    definitions = "arn:aws:batch:*:*:job-definition/nipype-s3-*"
+    statements = _run_statements(bucket, prefix, run) + [
+        _statement("Follow", ["batch:DescribeJobQueues", "batch:DescribeComputeEnvironments",
+                              "batch:DescribeJobDefinitions", "batch:DescribeJobs",
+                              "batch:ListJobs"], "*"),
+        _statement("OwnJobDefinitions", ["batch:RegisterJobDefinition",
+                                         "batch:TagResource"], definitions),
+        _statement("Submit", ["batch:SubmitJob"],
+                   [f"arn:aws:batch:*:*:job-queue/{job_queue}", definitions]),
+        _statement("EndJobs", ["batch:TerminateJob"], "arn:aws:batch:*:*:job/*"),
+        _statement("PassJobRole", ["iam:PassRole"], job_role_arn),
+    ]
+    return _doc(statements)
+
+
+def batch_setup_policy(name: str = "*") -> dict:
+    """What ``nipype-s3 batch setup --name NAME`` and ``teardown`` need: the compute
+    environment and job queue ``name`` and its two roles (``nipype-s3-NAME-instance``,
+    ``nipype-s3-NAME-job``; ``*``: any name), Batch's
+    service-linked role, and reading the default VPC."""
+    roles = [f"arn:aws:iam::*:role/nipype-s3-{name}-instance",
+             f"arn:aws:iam::*:role/nipype-s3-{name}-job"]
+    return _doc([
+        _statement("Network", ["ec2:DescribeVpcs", "ec2:DescribeSubnets",
+                               "ec2:DescribeSecurityGroups"], "*"),
+        _statement("Roles", ["iam:CreateRole", "iam:GetRole", "iam:DeleteRole",
+                             "iam:TagRole", "iam:AttachRolePolicy", "iam:DetachRolePolicy",
+                             "iam:ListAttachedRolePolicies", "iam:PutRolePolicy",
+                             "iam:DeleteRolePolicy", "iam:ListRolePolicies"], roles),
+        _statement("PassRoles", ["iam:PassRole"], roles),
+        _statement("InstanceProfile", [
+            "iam:CreateInstanceProfile", "iam:GetInstanceProfile",
+            "iam:DeleteInstanceProfile", "iam:AddRoleToInstanceProfile",
+            "iam:RemoveRoleFromInstanceProfile"],
+            f"arn:aws:iam::*:instance-profile/nipype-s3-{name}-instance"),
+        _statement("BatchServiceRole", ["iam:CreateServiceLinkedRole"],
+                   "arn:aws:iam::*:role/aws-service-role/batch.amazonaws.com/*",
+                   {"StringEquals": {"iam:AWSServiceName": "batch.amazonaws.com"}}),
+        _statement("FindBatchServiceRole", ["iam:ListRoles"], "*"),
+        _statement("Describe", ["batch:DescribeComputeEnvironments",
+                                "batch:DescribeJobQueues"], "*"),
+        _statement("Environment", [
+            "batch:CreateComputeEnvironment", "batch:UpdateComputeEnvironment",
+            "batch:DeleteComputeEnvironment", "batch:CreateJobQueue",
+            "batch:UpdateJobQueue", "batch:DeleteJobQueue", "batch:TagResource"],
+            [f"arn:aws:batch:*:*:compute-environment/{name}",
+             f"arn:aws:batch:*:*:job-queue/{name}"]),
+    ])

@@ -73,6 +73,7 @@ class LocalBatch:
         self.jobs: dict[str, dict] = {}
         self._procs: dict[str, subprocess.Popen] = {}
         self._throttles: dict[str, int] = {}
+        self._ce_updates: dict[str, dict] = {}
         self._lock = threading.Lock()
         self.directory = os.path.join(cloud.directory, "batch")
         self.submitted = 0
@@ -122,6 +123,12 @@ class LocalBatch:
         ops = {"/v1/submitjob": self._submit, "/v1/describejobs": self._describe,
                "/v1/listjobs": self._list, "/v1/terminatejob": self._terminate,
                "/v1/canceljob": self._terminate}
+        if request.method == "POST" and path in ("/v1/deletejobqueue",
+                                                 "/v1/deletecomputeenvironment"):
+            return self._refused_delete(path, body)
+        if request.method == "POST" and path in ("/v1/updatecomputeenvironment",
+                                                 "/v1/describecomputeenvironments"):
+            return self._compute_environments(path, body)
         handler = ops.get(path)
         if handler is None or request.method != "POST":
             return None
@@ -139,6 +146,73 @@ class LocalBatch:
         except ValueError:
             return _error("ClientException", "the request is not JSON")
         return handler(params)
+
+    def _compute_environments(self, path: str, body: bytes):
+        """moto's UpdateComputeEnvironment changes only the state and service role: the
+        compute resources it is given (maxvCpus, ...) are kept here and shown in
+        DescribeComputeEnvironments, as Batch would."""
+        try:
+            params = json.loads(body or b"{}")
+        except ValueError:
+            return _error("ClientException", "the request is not JSON")
+        batch = self.cloud.client("batch", direct=True)
+        if path.endswith("describecomputeenvironments"):
+            kwargs = {k: v for k, v in params.items()
+                      if k in ("computeEnvironments", "maxResults", "nextToken")}
+            found = batch.describe_compute_environments(**kwargs)
+            found.pop("ResponseMetadata", None)
+            for env in found.get("computeEnvironments", []):
+                env.setdefault("computeResources", {}).update(
+                    self._ce_updates.get(env["computeEnvironmentName"], {}))
+            return _ok(found)
+        name = str(params.get("computeEnvironment", "")).rsplit("/", 1)[-1]
+        found = batch.describe_compute_environments(
+            computeEnvironments=[name])["computeEnvironments"]
+        if not found:
+            return _error("ClientException", f"Compute environment {name} does not exist")
+        rest = {k: v for k, v in params.items() if k in ("state", "serviceRole")}
+        if rest:
+            batch.update_compute_environment(computeEnvironment=name, **rest)
+        if params.get("computeResources"):
+            with self._lock:
+                self._ce_updates.setdefault(name, {}).update(params["computeResources"])
+        return _ok({"computeEnvironmentName": name,
+                    "computeEnvironmentArn": found[0]["computeEnvironmentArn"]})
+
+    def _refused_delete(self, path: str, body: bytes):
+        """Batch deletes a job queue or compute environment only once it is DISABLED, and
+        a compute environment only once no job queue uses it; moto deletes either at
+        once. The refusal, or None (moto then deletes)."""
+        try:
+            params = json.loads(body or b"{}")
+        except ValueError:
+            return None
+        batch = self.cloud.client("batch", direct=True)
+        if path.endswith("deletejobqueue"):
+            name = params.get("jobQueue", "")
+            found = batch.describe_job_queues(jobQueues=[name])["jobQueues"]
+            if found and found[0].get("state") != "DISABLED":
+                return _error("ClientException", f"Cannot delete, job queue {name} is "
+                                                 "ENABLED: disable it first")
+            return None
+        name = params.get("computeEnvironment", "")
+        found = batch.describe_compute_environments(
+            computeEnvironments=[name])["computeEnvironments"]
+        if not found:
+            return None
+        if found[0].get("state") != "DISABLED":
+            return _error("ClientException", f"Cannot delete, compute environment {name} "
+                                             "is ENABLED: disable it first")
+        arn = found[0]["computeEnvironmentArn"]
+        users = [q["jobQueueName"] for q in batch.describe_job_queues()["jobQueues"]
+                 if any(o["computeEnvironment"] in (arn, name)
+                        for o in q.get("computeEnvironmentOrder", []))]
+        if users:
+            return _error("ClientException", "Cannot delete, found existing JobQueue "
+                                             f"relationship ({', '.join(users)})")
+        with self._lock:
+            self._ce_updates.pop(found[0]["computeEnvironmentName"], None)
+        return None
 
     def _job_definition(self, name: str) -> dict | None:
         batch = self.cloud.client("batch", direct=True)
@@ -171,6 +245,9 @@ class LocalBatch:
         queues = batch.describe_job_queues(jobQueues=[queue])["jobQueues"]
         if not queues:
             return _error("ClientException", f"JobQueue {queue} not found")
+        if queues[0].get("state") == "DISABLED":
+            return _error("ClientException", f"Job queue {queue} is DISABLED: it takes no "
+                                             "new jobs")
         jobdef = self._job_definition(definition)
         if jobdef is None:
             return _error("ClientException", f"Job definition {definition} not found")

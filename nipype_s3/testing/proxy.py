@@ -44,6 +44,8 @@ class Recorded:
     #: the parameters of an API call (JSON body or query protocol), for the IAM check;
     #: empty for S3, whose bucket and key are in the path
     params: tuple = ()
+    #: the AWS service the request was signed for (``s3``, ``ec2``, ``iam``, ``batch``)
+    service: str = ""
 
     def header(self, name: str) -> str | None:
         """A request header's value (names compared without case)."""
@@ -93,10 +95,18 @@ def _params(action: str, body: bytes, query: str) -> tuple:
     return tuple((k, v) for k, v in pairs if "." not in k or k.endswith(".1"))
 
 
-def _action(method: str, headers, body: bytes, query: str) -> str:
+def _service(headers) -> str:
+    """The service of the request's signature (its credential scope)."""
+    scope = (headers.get("Authorization") or "").split("Credential=", 1)[-1].split("/")
+    return scope[3] if len(scope) > 4 else ""
+
+
+def _action(method: str, headers, body: bytes, query: str, path: str = "") -> str:
     target = headers.get("X-Amz-Target")
     if target:
         return target
+    if _service(headers) == "batch" and path.startswith("/v1/"):
+        return "Batch:" + path[4:].strip("/")  # REST: the operation, in lower case
     for source in (query, body[:4096].decode("latin-1") if body else ""):
         for pair in source.split("&"):
             name, _, value = pair.partition("=")
@@ -221,11 +231,17 @@ class RecordingProxy:
                 path, _, query = self.path.partition("?")
                 seen = tuple((k.lower(), v) for k, v in self.headers.items()
                              if k.lower() not in ("authorization", "x-amz-security-token"))
-                action = _action(self.command, self.headers, body, query)
-                rec = Recorded(self.command, path, query, 0, seen, action)
+                action = _action(self.command, self.headers, body, query, path)
+                service = _service(self.headers)
+
+                def seen_as(code: int) -> Recorded:
+                    return Recorded(self.command, path, query, code, seen, action,
+                                    service=service)
+
+                rec = seen_as(0)
                 refused = _bad_digest(self.command, self.headers, body, action)
                 if refused is not None:  # as S3 does, and moto does not
-                    proxy._record(Recorded(self.command, path, query, 400, seen, action))
+                    proxy._record(seen_as(400))
                     payload = (f'<?xml version="1.0" encoding="UTF-8"?><Error><Code>{refused}'
                                "</Code><Message>The digest given does not match the body "
                                "(checked by LocalCloud)</Message></Error>").encode()
@@ -239,7 +255,7 @@ class RecordingProxy:
                     canned = proxy.responder(rec, body)
                     if canned is not None:
                         code, payload, ctype = canned
-                        proxy._record(Recorded(self.command, path, query, code, seen, action))
+                        proxy._record(seen_as(code))
                         self.send_response(code)
                         self.send_header("Content-Type", ctype)
                         self.send_header("Content-Length", str(len(payload)))
@@ -248,12 +264,12 @@ class RecordingProxy:
                         return
                 fault = proxy._pick_fault(self.command, path, query)
                 if fault == "drop":
-                    proxy._record(Recorded(self.command, path, query, 0, seen, action))
+                    proxy._record(seen_as(0))
                     self.close_connection = True
                     self.connection.shutdown(2)
                     return
                 if fault == "stall":
-                    proxy._record(Recorded(self.command, path, query, 0, seen, action))
+                    proxy._record(seen_as(0))
                     time.sleep(proxy.stall_seconds)
                     self.close_connection = True
                     return
@@ -262,7 +278,7 @@ class RecordingProxy:
                     err = "SlowDown" if code == 503 else "InternalError"
                     payload = (f"<?xml version=\"1.0\" encoding=\"UTF-8\"?><Error><Code>{err}"
                                f"</Code><Message>injected fault</Message></Error>").encode()
-                    proxy._record(Recorded(self.command, path, query, code, seen, action))
+                    proxy._record(seen_as(code))
                     self.send_response(code)
                     self.send_header("Content-Type", "application/xml")
                     self.send_header("Content-Length", str(len(payload)))
@@ -281,7 +297,7 @@ class RecordingProxy:
                 finally:
                     conn.close()
                 proxy._record(Recorded(self.command, path, query, resp.status, seen,
-                                       action, _params(action, body, query)))
+                                       action, _params(action, body, query), service))
                 self.send_response(resp.status)
                 for key, value in resp.getheaders():
                     if key.lower() not in _HOP and key.lower() != "content-length":

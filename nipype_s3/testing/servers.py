@@ -126,6 +126,9 @@ class MotoServer:
         self._log = open(self.log_path, "ab")
         env = dict(os.environ)
         env.pop("AWS_ENDPOINT_URL", None)
+        # AWS's managed policies exist in every account (Batch's instance role attaches
+        # one); moto holds them only when asked
+        env["MOTO_IAM_LOAD_MANAGED_POLICIES"] = "true"
         self._proc = _popen(
             [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
             stdout=self._log, stderr=subprocess.STDOUT, env=env)

@@ -22,10 +22,15 @@ def test_no_command_prints_help(capsys):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("plugin", ["EC2", "Linear"])
-def test_demo_runs_end_to_end_and_leaves_no_process(tmp_path, plugin):
+@pytest.mark.parametrize("plugin", ["EC2", "Linear",
+                                    pytest.param("Batch", marks=pytest.mark.docker)])
+def test_demo_runs_end_to_end_and_leaves_no_process(tmp_path, plugin, request):
+    which = ["--plugin", plugin]
+    if plugin == "Batch":
+        request.getfixturevalue("docker_images")  # skips, saying why, without an engine
+        which = ["--backend", "batch"]
     proc = subprocess.run([sys.executable, "-m", "nipype_s3.cli", "demo", "--keep",
-                           str(tmp_path / "keep"), "--plugin", plugin], capture_output=True,
+                           str(tmp_path / "keep"), *which], capture_output=True,
                           text=True, timeout=300, cwd=str(tmp_path))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     out = proc.stdout
@@ -36,6 +41,9 @@ def test_demo_runs_end_to_end_and_leaves_no_process(tmp_path, plugin):
     assert "no instance left running" in out
     if plugin == "EC2":
         assert "jobs on instances" in out and "cost report: s3://" in out
+    if plugin == "Batch":
+        assert "jobs on Batch" in out and "no Batch job left running" in out
+        assert "removed the job queue, compute environment and roles" in out
     kept = sorted(p.name for p in (tmp_path / "keep").rglob("*.nii.gz"))
     assert len(kept) == 6
     import nibabel as nib
@@ -92,6 +100,14 @@ def _unreachable(monkeypatch, tmp_path):
     (["cleanup", "--run", "../etc"], None, "run id"),
     (["cost", "--run", "x", "--s3-prefix", "not-a-uri"], None, "S3"),
     (["policy", "agent", "--s3-prefix", "s3://b"], None, "bucket"),
+    (["policy", "batch-controller"], None, "needs --s3-prefix"),
+    (["batch", "setup", "--name", "neuro", "--s3-prefix", "s3://my-bucket/runs"],
+     _no_credentials, "no AWS credentials"),
+    (["batch", "teardown", "--name", "neuro"], _unreachable, "could not reach AWS"),
+    (["demo", "--backend", "batch", "--plugin", "Linear"], None, "disagree"),
+    (["demo", "--image", "a/b:1"], None, "--image is for --backend batch"),
+    (["demo", "--backend", "batch", "--image", "nipype-s3-test/not-here:1"], None,
+     "demo --backend batch runs the nodes"),
 ])
 def test_every_cli_failure_is_one_line_saying_what_to_do(capsys, monkeypatch, tmp_path, argv,
                                                         setup, says):

@@ -19,9 +19,17 @@ def test_every_example_is_included_in_a_page():
         assert f"examples/{os.path.basename(example)}" in pages, example
 
 
+def _needs_docker(example: str) -> bool:
+    return "Needs a Docker engine" in open(example).read()
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("example", EXAMPLES, ids=os.path.basename)
-def test_example_runs(example, tmp_path):
+@pytest.mark.parametrize("example", [
+    pytest.param(e, marks=pytest.mark.docker) if _needs_docker(e) else e for e in EXAMPLES],
+    ids=os.path.basename)
+def test_example_runs(example, tmp_path, request):
+    if _needs_docker(example):
+        request.getfixturevalue("docker_images")  # skips, saying why, without an engine
     env = dict(os.environ, NIPYPE_NO_ET="1")
     proc = subprocess.run([sys.executable, example], capture_output=True, text=True,
                           timeout=300, cwd=str(tmp_path), env=env)

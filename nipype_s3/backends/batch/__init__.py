@@ -1,5 +1,8 @@
-"""The AWS Batch backend: BatchPlugin (agents as Batch jobs)."""
+"""The AWS Batch backend: BatchPlugin (agents as Batch jobs), and what it runs on
+(``setup``/``teardown`` of a job queue, the same as a CloudFormation template)."""
 
 from .plugin import BatchPlugin
+from .setup import BatchEnvironment, cloudformation_template, setup, teardown
 
-__all__ = ["BatchPlugin"]
+__all__ = ["BatchPlugin", "BatchEnvironment", "setup", "teardown",
+           "cloudformation_template"]

@@ -63,6 +63,7 @@ class BatchPlugin(RemotePlugin):
     def _prerun_check(self, graph) -> None:
         s = self.settings
         too_big = []
+        self._own_jobs: list[tuple[str, int]] = []  # nodes with a Batch job of their own
         for node in graph.nodes():
             check_node_args(node, _NODE_ARGS)
             args = getattr(node, "plugin_args", None) or {}
@@ -75,8 +76,9 @@ class BatchPlugin(RemotePlugin):
                 continue
             n_procs = max(1, int(getattr(node, "n_procs", 1) or 1))
             mem_gb = float(getattr(node, "mem_gb", 0) or 0)
-            if args.get("batch") == "job":
-                continue  # its own job, sized for it (the queue's limits are Batch's)
+            if args.get("batch") == "job":  # its own job, sized for it
+                self._own_jobs.append((node.fullname, n_procs))
+                continue
             if n_procs > s.vcpus or mem_gb > s.mem_gb:
                 too_big.append((node.fullname, n_procs, mem_gb))
         if too_big:
@@ -99,6 +101,7 @@ class BatchPlugin(RemotePlugin):
                 f"There is no Batch job queue {s.job_queue!r} in {self.region}: create one "
                 "(nipype-s3 batch setup, or the console), or name yours in "
                 "plugin_args['job_queue']. Nothing was submitted.")
+        self._check_capacity(queues["jobQueues"][0])
         logger.info("BatchPlugin: run %s, files in s3://%s/%s, up to %d agents on %s",
                     self.run_id, self.layout.bucket, self.layout.run_prefix, s.max_agents,
                     s.job_queue)
@@ -107,6 +110,33 @@ class BatchPlugin(RemotePlugin):
         self._last_describe = 0.0
         self._fleet(s.instance_type, s.image)
         self._start_lease()
+
+    def _check_capacity(self, queue: dict) -> None:
+        """Refuse, before anything is submitted, an agent or a node of its own larger
+        than every managed compute environment of the queue may ever run (Batch would
+        leave it RUNNABLE for ever)."""
+        names = [o["computeEnvironment"] for o in queue.get("computeEnvironmentOrder", [])]
+        if not names:
+            return
+        found = self._call(self.batch.describe_compute_environments,
+                           computeEnvironments=names).get("computeEnvironments", [])
+        caps = [int((c.get("computeResources") or {}).get("maxvCpus") or 0) for c in found
+                if c.get("type") == "MANAGED"]
+        if not caps or len(caps) < len(found):
+            return  # an unmanaged environment: its size is not Batch's to say
+        cap, s = max(caps), self.settings
+        where = (f"job queue {s.job_queue}'s compute environments run at most {cap} vCPUs "
+                 "(maxvCpus; nipype-s3 batch setup --max-vcpus)")
+        if s.vcpus > cap:
+            raise ConfigurationError(f"BatchPlugin's agents have {s.vcpus} vCPUs "
+                                     f"(agent_vcpus), but {where}. Lower agent_vcpus or "
+                                     "raise maxvCpus. Nothing was submitted.")
+        for name, n_procs in getattr(self, "_own_jobs", []):
+            if n_procs > cap:
+                raise ConfigurationError(
+                    f"Node {name} asks for {n_procs} CPUs (n_procs) for its own Batch job, "
+                    f"but {where}. Lower its n_procs or raise maxvCpus. Nothing was "
+                    "submitted.")
 
     # -- where a job goes --------------------------------------------------------------
     def _fleet(self, instance_type: str, image: str | None = None) -> _AgentFleet:

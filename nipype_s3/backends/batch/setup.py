@@ -1,0 +1,455 @@
+"""What BatchPlugin runs on, made in an account: ``nipype-s3 batch setup`` and
+``teardown``, and the same as a CloudFormation template.
+
+One description, :class:`BatchEnvironment`, says what exists: a managed compute
+environment and a job queue named ``NAME``, the instance role (``nipype-s3-NAME-instance``,
+AWS's managed policy for the ECS agent on Batch's instances) with its instance profile,
+and the job role (``nipype-s3-NAME-job``) the agents' containers run as, holding the
+agents' least-privilege policy (:func:`nipype_s3.iam.agent_policy`). :func:`setup` makes
+it with API calls, :func:`cloudformation_template` writes it as a template: both read
+the same properties, so they cannot drift apart. Everything made is tagged
+``nipype-s3:batch-setup=NAME``, and :func:`teardown` removes only what bears that tag.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import time
+from dataclasses import dataclass
+
+import botocore.exceptions
+
+from ...ec2.jobs import parse_s3_prefix
+from ...exceptions import ConfigurationError, EC2Error
+from ...iam import BATCH_INSTANCE_POLICY_ARN, agent_policy, trust_policy
+
+__all__ = ["BatchEnvironment", "setup", "teardown", "cloudformation_template", "SETUP_TAG",
+           "checked_name"]
+
+logger = logging.getLogger("nipype_s3.batch")
+
+#: The tag on everything ``setup`` makes; ``teardown`` removes nothing without it.
+SETUP_TAG = "nipype-s3:batch-setup"
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{1,43}[A-Za-z0-9]")
+_SUBNET = re.compile(r"subnet-[0-9a-f]{8,17}")
+_GROUP = re.compile(r"sg-[0-9a-f]{8,17}")
+_JOB_POLICY = "nipype-s3-agent"
+
+
+def checked_name(name) -> str:
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
+        raise ConfigurationError(
+            f"Batch environment name {name!r}: use 3 to 45 letters, digits, '-' or '_', "
+            "starting and ending with a letter or digit (it names the compute environment, "
+            "the job queue and the roles nipype-s3-NAME-job and nipype-s3-NAME-instance).")
+    return name
+
+
+def _roles(name: str) -> tuple[str, str]:
+    """The job role's and the instance role's (and instance profile's) names."""
+    return f"nipype-s3-{name}-job", f"nipype-s3-{name}-instance"
+
+
+@dataclass(frozen=True)
+class BatchEnvironment:
+    """A compute environment and job queue for BatchPlugin, and their roles.
+
+    ``s3_prefix`` is the runs' prefix the job role may use (as ``plugin_args``);
+    ``data_buckets`` the buckets the nodes read and write themselves. Without
+    ``subnets``/``security_groups``, the default VPC's subnets and its ``default``
+    security group.
+    """
+
+    name: str
+    s3_prefix: str
+    spot: bool = False
+    max_vcpus: int = 256
+    subnets: tuple[str, ...] = ()
+    security_groups: tuple[str, ...] = ()
+    data_buckets: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        checked_name(self.name)
+        parse_s3_prefix(self.s3_prefix)  # a clear error for a bad prefix
+        if not isinstance(self.max_vcpus, int) or not 1 <= self.max_vcpus <= 100_000:
+            raise ConfigurationError(f"--max-vcpus {self.max_vcpus!r}: give a whole number "
+                                     "of vCPUs from 1 to 100000.")
+        for value, pattern, what in [(s, _SUBNET, "--subnets") for s in self.subnets] + \
+                [(g, _GROUP, "--security-groups") for g in self.security_groups]:
+            if not pattern.fullmatch(value):
+                raise ConfigurationError(f"{what} {value!r} is not an id of that kind "
+                                         "(subnet-..., sg-...).")
+
+    @property
+    def instance_role(self) -> str:
+        return _roles(self.name)[1]
+
+    @property
+    def job_role(self) -> str:
+        return _roles(self.name)[0]
+
+    # -- what exists, said once ---------------------------------------------------------
+    def job_role_policy(self) -> dict:
+        bucket, prefix = parse_s3_prefix(self.s3_prefix)
+        return agent_policy(bucket, prefix, data_buckets=tuple(self.data_buckets))
+
+    def compute_resources(self, subnets, security_groups, instance_profile) -> dict:
+        """The compute environment's ``computeResources`` (the API's spelling)."""
+        spot = self.spot
+        return {"type": "SPOT" if spot else "EC2",
+                "allocationStrategy": "SPOT_PRICE_CAPACITY_OPTIMIZED" if spot
+                else "BEST_FIT_PROGRESSIVE",
+                "minvCpus": 0, "maxvCpus": self.max_vcpus, "instanceTypes": ["optimal"],
+                "subnets": subnets, "securityGroupIds": security_groups,
+                "instanceRole": instance_profile,
+                "tags": {SETUP_TAG: self.name, "Name": f"nipype-s3-batch-{self.name}"}}
+
+    def job_queue(self, compute_environment) -> dict:
+        return {"jobQueueName": self.name, "state": "ENABLED", "priority": 1,
+                "computeEnvironmentOrder": [{"order": 1,
+                                             "computeEnvironment": compute_environment}]}
+
+    @property
+    def tags(self) -> dict:
+        return {SETUP_TAG: self.name}
+
+
+# -- the template ----------------------------------------------------------------------
+def _pascal(value):
+    """The API's camelCase keys as CloudFormation spells them (``minvCpus`` →
+    ``MinvCpus``); tag maps are left as they are."""
+    if isinstance(value, list):
+        return [_pascal(v) for v in value]
+    if isinstance(value, dict):
+        return {k[:1].upper() + k[1:]: (v if k == "tags" else _pascal(v))
+                for k, v in value.items()}
+    return value
+
+
+def cloudformation_template(env: BatchEnvironment) -> dict:
+    """``env`` as a CloudFormation template (subnets and security groups are
+    parameters where ``env`` names none)."""
+    params, subnets, groups = {}, list(env.subnets), list(env.security_groups)
+    if not subnets:
+        params["Subnets"] = {"Type": "List<AWS::EC2::Subnet::Id>",
+                             "Description": "Subnets the compute environment's instances "
+                                            "start in (with a route to S3 and ECR)"}
+        subnets = {"Ref": "Subnets"}
+    if not groups:
+        params["SecurityGroups"] = {"Type": "List<AWS::EC2::SecurityGroup::Id>",
+                                    "Description": "Security groups of the instances "
+                                                   "(outbound HTTPS is enough)"}
+        groups = {"Ref": "SecurityGroups"}
+    tags = [{"Key": k, "Value": v} for k, v in env.tags.items()]
+    compute = _pascal(env.compute_resources(subnets, groups,
+                                            {"Fn::GetAtt": ["InstanceProfile", "Arn"]}))
+    resources = {
+        "InstanceRole": {"Type": "AWS::IAM::Role", "Properties": {
+            "RoleName": env.instance_role,
+            "AssumeRolePolicyDocument": trust_policy("ec2.amazonaws.com"),
+            "ManagedPolicyArns": [BATCH_INSTANCE_POLICY_ARN], "Tags": tags}},
+        "InstanceProfile": {"Type": "AWS::IAM::InstanceProfile", "Properties": {
+            "InstanceProfileName": env.instance_role, "Roles": [{"Ref": "InstanceRole"}]}},
+        "JobRole": {"Type": "AWS::IAM::Role", "Properties": {
+            "RoleName": env.job_role,
+            "AssumeRolePolicyDocument": trust_policy("ecs-tasks.amazonaws.com"),
+            "Policies": [{"PolicyName": _JOB_POLICY,
+                          "PolicyDocument": env.job_role_policy()}], "Tags": tags}},
+        "ComputeEnvironment": {"Type": "AWS::Batch::ComputeEnvironment", "Properties": {
+            "ComputeEnvironmentName": env.name, "Type": "MANAGED", "State": "ENABLED",
+            "ComputeResources": compute, "Tags": env.tags}},
+        "JobQueue": {"Type": "AWS::Batch::JobQueue", "Properties": dict(
+            _pascal(env.job_queue({"Ref": "ComputeEnvironment"})), Tags=env.tags)},
+    }
+    return {"AWSTemplateFormatVersion": "2010-09-09",
+            "Description": f"AWS Batch for nipype_s3's BatchPlugin: job queue {env.name} "
+                           "(nipype-s3 batch setup makes the same)",
+            "Parameters": params, "Resources": resources,
+            "Outputs": {"JobQueue": {"Value": {"Ref": "JobQueue"}},
+                        "JobRoleArn": {"Value": {"Fn::GetAtt": ["JobRole", "Arn"]}}}}
+
+
+# -- the account ---------------------------------------------------------------------
+def _code(exc) -> str:
+    return exc.response.get("Error", {}).get("Code", "") \
+        if isinstance(exc, botocore.exceptions.ClientError) else ""
+
+
+def _aws(what: str, exc) -> EC2Error:
+    return EC2Error(f"nipype-s3 batch: could not {what}: {exc}. Check the credentials' "
+                    "permissions (nipype-s3 policy batch-setup prints what is needed); "
+                    "running the same command again carries on where this one stopped.")
+
+
+def _default_network(ec2) -> tuple[list[str], list[str]]:
+    vpcs = ec2.describe_vpcs(Filters=[{"Name": "isDefault", "Values": ["true"]}])["Vpcs"]
+    if not vpcs:
+        raise ConfigurationError(
+            "This region has no default VPC: give the compute environment's --subnets and "
+            "--security-groups.")
+    vpc = vpcs[0]["VpcId"]
+    subnets = [s["SubnetId"] for s in ec2.describe_subnets(
+        Filters=[{"Name": "vpc-id", "Values": [vpc]}])["Subnets"]]
+    groups = [g["GroupId"] for g in ec2.describe_security_groups(Filters=[
+        {"Name": "vpc-id", "Values": [vpc]}, {"Name": "group-name", "Values": ["default"]}])[
+        "SecurityGroups"]]
+    if not subnets or not groups:
+        raise ConfigurationError(f"The default VPC {vpc} has no subnets or no default "
+                                 "security group: give --subnets and --security-groups.")
+    return sorted(subnets), groups
+
+
+def _role(iam, name: str, service: str, tags: dict, say) -> str:
+    try:
+        role = iam.get_role(RoleName=name)["Role"]
+        if not any(t["Key"] == SETUP_TAG for t in role.get("Tags") or []):
+            raise ConfigurationError(
+                f"An IAM role {name} exists that nipype-s3 batch setup did not make (no "
+                f"{SETUP_TAG} tag): choose another --name, or delete or tag that role.")
+        say(f"role {name}: exists")
+        return role["Arn"]
+    except botocore.exceptions.ClientError as exc:
+        if _code(exc) != "NoSuchEntity":
+            raise
+    arn = iam.create_role(RoleName=name, AssumeRolePolicyDocument=json.dumps(
+        trust_policy(service)), Tags=[{"Key": k, "Value": v} for k, v in tags.items()],
+        Description="made by nipype-s3 batch setup")["Role"]["Arn"]
+    say(f"role {name}: created")
+    return arn
+
+
+def _instance_profile(iam, env: BatchEnvironment, say) -> str:
+    name = env.instance_role
+    try:
+        profile = iam.get_instance_profile(InstanceProfileName=name)["InstanceProfile"]
+    except botocore.exceptions.ClientError as exc:
+        if _code(exc) != "NoSuchEntity":
+            raise
+        profile = iam.create_instance_profile(InstanceProfileName=name)["InstanceProfile"]
+        say(f"instance profile {name}: created")
+    if name not in [r["RoleName"] for r in profile.get("Roles") or []]:
+        iam.add_role_to_instance_profile(InstanceProfileName=name, RoleName=name)
+    return profile["Arn"]
+
+
+def _service_role(iam) -> str:
+    """Batch's service-linked role, made if the account has none yet."""
+    try:
+        return iam.create_service_linked_role(AWSServiceName="batch.amazonaws.com")[
+            "Role"]["Arn"]
+    except botocore.exceptions.ClientError as exc:
+        if _code(exc) not in ("InvalidInput", "EntityAlreadyExists"):
+            raise
+    for page in iam.get_paginator("list_roles").paginate(
+            PathPrefix="/aws-service-role/batch.amazonaws.com/"):
+        for role in page["Roles"]:
+            return role["Arn"]
+    raise EC2Error("AWS said Batch's service-linked role exists, but it was not found")
+
+
+def _wait(describe, what: str, ready, timeout: float, poll: float, *, strict=True):
+    """Poll ``describe()`` (the resource, or None when gone) until ``ready(it)``;
+    ``strict``: an INVALID one is an error."""
+    deadline = time.monotonic() + timeout
+    while True:
+        found = describe()
+        if strict and found is not None and found.get("status") == "INVALID":
+            raise EC2Error(f"{what} is INVALID: {found.get('statusReason', '?')}. Fix the "
+                           "cause, then run nipype-s3 batch teardown and setup again.")
+        if ready(found):
+            return found
+        if time.monotonic() > deadline:
+            raise EC2Error(f"{what} was not ready after {timeout:.0f} s (status "
+                           f"{(found or {}).get('status', 'gone')}); run the same command "
+                           "again to carry on.")
+        time.sleep(poll)
+
+
+def _ours(found: dict | None, env_name: str) -> bool:
+    return bool(found) and (found.get("tags") or {}).get(SETUP_TAG) == env_name
+
+
+def setup(env: BatchEnvironment, client, *, say=logger.info, timeout: float = 600,
+          poll: float = 5) -> dict:
+    """Make ``env`` in the account ``client(service)`` reaches (idempotent: what exists
+    is kept; the job role's policy and the environment's maximum vCPUs are brought up to
+    date). Returns the ``plugin_args`` that use it: ``job_queue`` and ``job_role_arn``."""
+    iam, batch, ec2 = (client(n) for n in ("iam", "batch", "ec2"))
+    if env.subnets and env.security_groups:
+        subnets, groups = list(env.subnets), list(env.security_groups)
+    else:
+        found_subnets, found_groups = _default_network(ec2)
+        subnets = list(env.subnets) or found_subnets
+        groups = list(env.security_groups) or found_groups
+    try:
+        _role(iam, env.instance_role, "ec2.amazonaws.com", env.tags, say)
+        iam.attach_role_policy(RoleName=env.instance_role, PolicyArn=BATCH_INSTANCE_POLICY_ARN)
+        profile = _instance_profile(iam, env, say)
+        job_role = _role(iam, env.job_role, "ecs-tasks.amazonaws.com", env.tags, say)
+        iam.put_role_policy(RoleName=env.job_role, PolicyName=_JOB_POLICY,
+                            PolicyDocument=json.dumps(env.job_role_policy()))
+        service_role = _service_role(iam)
+    except botocore.exceptions.ClientError as exc:
+        raise _aws("make the roles", exc) from exc
+
+    def compute():
+        found = batch.describe_compute_environments(
+            computeEnvironments=[env.name])["computeEnvironments"]
+        found = [c for c in found if c.get("status") != "DELETED"]
+        return found[0] if found else None
+
+    def queue():
+        found = batch.describe_job_queues(jobQueues=[env.name])["jobQueues"]
+        found = [q for q in found if q.get("status") != "DELETED"]
+        return found[0] if found else None
+
+    def settled(found):
+        return found is not None and found.get("status") == "VALID"
+
+    try:
+        existing = compute()
+        wanted = env.compute_resources(subnets, groups, profile)
+        if existing is None:
+            deadline = time.monotonic() + 60
+            while True:  # a new instance profile takes a while to be seen by Batch
+                try:
+                    batch.create_compute_environment(
+                        computeEnvironmentName=env.name, type="MANAGED", state="ENABLED",
+                        computeResources=wanted, serviceRole=service_role, tags=env.tags)
+                    break
+                except botocore.exceptions.ClientError as exc:
+                    if "profile" not in str(exc).lower() or time.monotonic() > deadline:
+                        raise
+                    time.sleep(poll)
+            say(f"compute environment {env.name}: created "
+                f"({wanted['type']}, up to {env.max_vcpus} vCPUs)")
+        elif not _ours(existing, env.name):
+            raise ConfigurationError(
+                f"A compute environment {env.name} exists that nipype-s3 batch setup did "
+                f"not make (no {SETUP_TAG} tag): choose another --name.")
+        else:
+            have = existing.get("computeResources") or {}
+            if have.get("type") != wanted["type"]:
+                raise ConfigurationError(
+                    f"Compute environment {env.name} is {have.get('type')}, not "
+                    f"{wanted['type']}: Batch cannot change that. Run nipype-s3 batch "
+                    "teardown first, or choose another --name.")
+            if have.get("maxvCpus") != env.max_vcpus:
+                _wait(compute, f"compute environment {env.name}", settled, timeout, poll)
+                batch.update_compute_environment(
+                    computeEnvironment=env.name,
+                    computeResources={"maxvCpus": env.max_vcpus})
+                say(f"compute environment {env.name}: up to {env.max_vcpus} vCPUs")
+            else:
+                say(f"compute environment {env.name}: exists")
+        made = _wait(compute, f"compute environment {env.name}", settled, timeout, poll)
+        existing_queue = queue()
+        if existing_queue is None:
+            batch.create_job_queue(**env.job_queue(made["computeEnvironmentArn"]),
+                                   tags=env.tags)
+            say(f"job queue {env.name}: created")
+        elif not _ours(existing_queue, env.name):
+            raise ConfigurationError(
+                f"A job queue {env.name} exists that nipype-s3 batch setup did not make "
+                f"(no {SETUP_TAG} tag): choose another --name.")
+        else:
+            say(f"job queue {env.name}: exists")
+        _wait(queue, f"job queue {env.name}", settled, timeout, poll)
+    except botocore.exceptions.ClientError as exc:
+        raise _aws(f"make compute environment and job queue {env.name}", exc) from exc
+    return {"job_queue": env.name, "job_role_arn": job_role}
+
+
+def teardown(name: str, client, *, say=logger.info, timeout: float = 900,
+             poll: float = 5) -> list[str]:
+    """Remove what ``setup`` made for ``name`` (only what bears its tag; what is
+    already gone is skipped). Returns what was removed."""
+    checked_name(name)
+    iam, batch = client("iam"), client("batch")
+    removed: list[str] = []
+
+    def look(kind: str):
+        if kind == "queue":
+            found = batch.describe_job_queues(jobQueues=[name])["jobQueues"]
+        else:
+            found = batch.describe_compute_environments(
+                computeEnvironments=[name])["computeEnvironments"]
+        found = [f for f in found if f.get("status") != "DELETED"]
+        return found[0] if found else None
+
+    try:
+        for kind, what, update, delete in (
+                ("queue", f"job queue {name}", lambda: batch.update_job_queue(
+                    jobQueue=name, state="DISABLED"),
+                 lambda: batch.delete_job_queue(jobQueue=name)),
+                ("compute", f"compute environment {name}",
+                 lambda: batch.update_compute_environment(computeEnvironment=name,
+                                                          state="DISABLED"),
+                 lambda: batch.delete_compute_environment(computeEnvironment=name))):
+            found = look(kind)
+            if found is None:
+                say(f"{what}: not there")
+                continue
+            if not _ours(found, name):
+                raise ConfigurationError(
+                    f"{what} was not made by nipype-s3 batch setup (no {SETUP_TAG} tag): "
+                    "nothing was removed. Remove it yourself.")
+            if found.get("state") != "DISABLED":
+                _wait(lambda k=kind: look(k), what, lambda f: f is None or f.get(
+                    "status") in ("VALID", "INVALID"), timeout, poll, strict=False)
+                update()
+            _wait(lambda k=kind: look(k), what, lambda f: f is None or (
+                f.get("state") == "DISABLED" and f.get("status") in ("VALID", "INVALID")),
+                timeout, poll, strict=False)
+            delete()
+            _wait(lambda k=kind: look(k), what, lambda f: f is None, timeout, poll,
+                  strict=False)
+            say(f"{what}: removed")
+            removed.append(what)
+    except botocore.exceptions.ClientError as exc:
+        raise _aws(f"remove job queue and compute environment {name}", exc) from exc
+    try:
+        removed += _remove_roles(iam, name, say)
+    except botocore.exceptions.ClientError as exc:
+        raise _aws(f"remove the roles of {name}", exc) from exc
+    return removed
+
+
+def _remove_roles(iam, name: str, say) -> list[str]:
+    job_role, instance_role = _roles(name)
+    removed = []
+    for role in (job_role, instance_role):
+        try:
+            found = iam.get_role(RoleName=role)["Role"]
+        except botocore.exceptions.ClientError as exc:
+            if _code(exc) != "NoSuchEntity":
+                raise
+            say(f"role {role}: not there")
+            continue
+        tags = {t["Key"]: t["Value"] for t in found.get("Tags") or []}
+        if tags.get(SETUP_TAG) != name:
+            raise ConfigurationError(f"role {role} was not made by nipype-s3 batch setup "
+                                     f"(no {SETUP_TAG} tag): it was left. Remove it "
+                                     "yourself.")
+        if role == instance_role:
+            try:
+                iam.remove_role_from_instance_profile(InstanceProfileName=role,
+                                                      RoleName=role)
+            except botocore.exceptions.ClientError as exc:
+                if _code(exc) != "NoSuchEntity":
+                    raise
+            try:
+                iam.delete_instance_profile(InstanceProfileName=role)
+            except botocore.exceptions.ClientError as exc:
+                if _code(exc) != "NoSuchEntity":
+                    raise
+        for policy in iam.list_role_policies(RoleName=role)["PolicyNames"]:
+            iam.delete_role_policy(RoleName=role, PolicyName=policy)
+        for attached in iam.list_attached_role_policies(RoleName=role)["AttachedPolicies"]:
+            iam.detach_role_policy(RoleName=role, PolicyArn=attached["PolicyArn"])
+        iam.delete_role(RoleName=role)
+        say(f"role {role}: removed")
+        removed.append(f"role {role}")
+    return removed

@@ -1,0 +1,185 @@
+"""``nipype-s3 batch setup``/``teardown`` on LocalCloud: they make (idempotently) and
+remove exactly what the CloudFormation template describes, touch nothing they did not
+make, and BatchPlugin refuses an agent larger than the queue's compute environment
+before submitting anything."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import boto3
+import pytest
+
+from nipype_s3 import BatchPlugin
+from nipype_s3.backends.batch import BatchEnvironment, cloudformation_template, setup, teardown
+from nipype_s3.cli import main
+from nipype_s3.exceptions import ConfigurationError
+from nipype_s3.iam import BATCH_INSTANCE_POLICY_ARN, batch_controller_policy, batch_setup_policy
+from nipype_s3.testing import LocalCloud
+
+ROOT = os.path.join(os.path.dirname(__file__), "..", "..")
+PREFIX = "s3://my-bucket/nipype-runs"
+
+
+def _camel(value):
+    if isinstance(value, list):
+        return [_camel(v) for v in value]
+    if isinstance(value, dict):
+        return {k[:1].lower() + k[1:]: (v if k == "Tags" else _camel(v))
+                for k, v in value.items()}
+    return value
+
+
+@pytest.fixture
+def cloud():
+    with LocalCloud(boot="direct") as local:
+        yield local
+        assert local.errors == []
+
+
+def test_setup_makes_what_the_template_describes_and_teardown_removes_it(cloud):
+    env = BatchEnvironment("neuro-spot", PREFIX, spot=True, max_vcpus=32)
+    said: list[str] = []
+    made = setup(env, boto3.client, say=said.append, poll=0.1)
+    assert made == {"job_queue": "neuro-spot", "job_role_arn":
+                    "arn:aws:iam::123456789012:role/nipype-s3-neuro-spot-job"}
+    assert "compute environment neuro-spot: created (SPOT, up to 32 vCPUs)" in said
+    template = cloudformation_template(env)["Resources"]
+    batch, iam = boto3.client("batch"), boto3.client("iam")
+    (compute,) = batch.describe_compute_environments(
+        computeEnvironments=["neuro-spot"])["computeEnvironments"]
+    want = _camel(template["ComputeEnvironment"]["Properties"]["ComputeResources"])
+    have = compute["computeResources"]
+    for key in ("type", "allocationStrategy", "minvCpus", "maxvCpus", "instanceTypes",
+                "tags"):
+        assert have[key] == want[key], key
+    assert have["instanceRole"].endswith(":instance-profile/nipype-s3-neuro-spot-instance")
+    assert compute["type"] == "MANAGED" and compute["status"] == "VALID"
+    (queue,) = batch.describe_job_queues(jobQueues=["neuro-spot"])["jobQueues"]
+    want_queue = _camel(template["JobQueue"]["Properties"])
+    assert (queue["priority"], queue["state"]) == (want_queue["priority"], want_queue["state"])
+    assert queue["computeEnvironmentOrder"][0]["computeEnvironment"] == \
+        compute["computeEnvironmentArn"]
+    job = template["JobRole"]["Properties"]
+    assert iam.get_role(RoleName=job["RoleName"])["Role"]["AssumeRolePolicyDocument"] == \
+        job["AssumeRolePolicyDocument"]
+    assert iam.get_role_policy(RoleName=job["RoleName"], PolicyName="nipype-s3-agent")[
+        "PolicyDocument"] == job["Policies"][0]["PolicyDocument"]
+    instance = template["InstanceRole"]["Properties"]
+    assert [p["PolicyArn"] for p in iam.list_attached_role_policies(
+        RoleName=instance["RoleName"])["AttachedPolicies"]] == \
+        instance["ManagedPolicyArns"] == [BATCH_INSTANCE_POLICY_ARN]
+    profile = iam.get_instance_profile(InstanceProfileName="nipype-s3-neuro-spot-instance")
+    assert [r["RoleName"] for r in profile["InstanceProfile"]["Roles"]] == \
+        [instance["RoleName"]]
+
+    # again: nothing new; a larger maximum is brought up to date; spot cannot become
+    # on-demand in place
+    said.clear()
+    setup(BatchEnvironment("neuro-spot", PREFIX, spot=True, max_vcpus=64), boto3.client,
+          say=said.append, poll=0.1)
+    assert not [line for line in said if "created" in line]
+    assert batch.describe_compute_environments(computeEnvironments=["neuro-spot"])[
+        "computeEnvironments"][0]["computeResources"]["maxvCpus"] == 64
+    with pytest.raises(ConfigurationError, match="is SPOT, not EC2.*teardown"):
+        setup(BatchEnvironment("neuro-spot", PREFIX, max_vcpus=64), boto3.client, poll=0.1)
+
+    # teardown removes what setup made, and nothing else; a second one has nothing to do
+    with pytest.raises(ConfigurationError, match="not made by nipype-s3 batch setup"):
+        teardown(cloud.batch.QUEUE, boto3.client, poll=0.1)
+    assert teardown("neuro-spot", boto3.client, poll=0.1) == [
+        "job queue neuro-spot", "compute environment neuro-spot",
+        "role nipype-s3-neuro-spot-job", "role nipype-s3-neuro-spot-instance"]
+    assert teardown("neuro-spot", boto3.client, poll=0.1) == []
+    assert batch.describe_job_queues(jobQueues=[cloud.batch.QUEUE])["jobQueues"]
+    assert not [r for r in iam.list_roles()["Roles"] if "neuro-spot" in r["RoleName"]]
+
+
+def test_setup_leaves_alone_a_role_it_did_not_make(cloud):
+    iam = boto3.client("iam")
+    iam.create_role(RoleName="nipype-s3-theirs-job", AssumeRolePolicyDocument="{}")
+    with pytest.raises(ConfigurationError, match="nipype-s3-theirs-job exists that"):
+        setup(BatchEnvironment("theirs", PREFIX), boto3.client, poll=0.1)
+    with pytest.raises(ConfigurationError, match="nipype-s3-theirs-job was not made"):
+        teardown("theirs", boto3.client, poll=0.1)
+    assert iam.get_role(RoleName="nipype-s3-theirs-job")
+
+
+def test_localcloud_batch_refuses_deletes_aws_refuses(cloud):
+    env = BatchEnvironment("strict", PREFIX, max_vcpus=4)
+    setup(env, boto3.client, poll=0.1)
+    batch = boto3.client("batch")
+    for call, kwargs in ((batch.delete_job_queue, {"jobQueue": "strict"}),
+                         (batch.delete_compute_environment, {"computeEnvironment": "strict"})):
+        with pytest.raises(batch.exceptions.ClientException, match="disable it first"):
+            call(**kwargs)
+    batch.update_compute_environment(computeEnvironment="strict", state="DISABLED")
+    with pytest.raises(batch.exceptions.ClientException, match="JobQueue relationship"):
+        batch.delete_compute_environment(computeEnvironment="strict")
+    batch.update_job_queue(jobQueue="strict", state="DISABLED")
+    with pytest.raises(batch.exceptions.ClientException, match="DISABLED"):
+        batch.submit_job(jobName="x", jobQueue="strict", jobDefinition="any")
+    teardown("strict", boto3.client, poll=0.1)
+
+
+def test_an_agent_larger_than_the_compute_environment_is_refused_before_submitting(
+        cloud, tmp_path):
+    from nipype import Function, Node, Workflow
+
+    made = setup(BatchEnvironment("tiny", PREFIX, max_vcpus=2), boto3.client, poll=0.1)
+    boto3.client("s3").create_bucket(Bucket="my-bucket")
+
+    def one():
+        return 1
+
+    wf = Workflow("big", base_dir=str(tmp_path))
+    big = Node(Function(output_names=["y"], function=one), name="big")
+    wf.add_nodes([big])
+    before = cloud.batch.submitted
+    args = dict(made, s3_prefix=PREFIX, image="nipype-s3-test/nipype:local")
+    with pytest.raises(ConfigurationError, match=r"4 vCPUs \(agent_vcpus\).*at most 2"):
+        wf.run(plugin=BatchPlugin(plugin_args=dict(args, agent_vcpus=4)))
+    big.n_procs = 3
+    big.plugin_args = {"batch": "job"}
+    with pytest.raises(ConfigurationError, match="Node big.big asks for 3 CPUs.*at most 2"):
+        wf.run(plugin=BatchPlugin(plugin_args=args))
+    assert cloud.batch.submitted == before
+    assert not boto3.client("sqs").list_queues(QueueNamePrefix="nipype-s3-").get("QueueUrls")
+    teardown("tiny", boto3.client, poll=0.1)
+
+
+def test_the_cli_prints_plugin_args_and_one_line_errors(cloud, capsys):
+    assert main(["batch", "setup", "--name", "cli-env", "--s3-prefix", PREFIX,
+                 "--max-vcpus", "8"]) == 0
+    out = capsys.readouterr().out
+    args = json.loads(out.rsplit("plugin_args ", 1)[1])
+    assert args["job_queue"] == "cli-env" and args["job_role_arn"].endswith(
+        "role/nipype-s3-cli-env-job")
+    assert main(["batch", "teardown", "--name", "cli-env"]) == 0
+    assert "4 removed" in capsys.readouterr().out
+    for argv, said in ((["batch", "setup", "--name", "x"], "needs --s3-prefix"),
+                       (["batch", "setup", "--name", "bad name", "--s3-prefix", PREFIX],
+                        "Batch environment name 'bad name'"),
+                       (["batch", "setup", "--name", "abc", "--s3-prefix", PREFIX,
+                         "--subnets", "vpc-1"], "--subnets 'vpc-1'"),
+                       (["batch", "template", "--name", "abc", "--s3-prefix", PREFIX,
+                         "--max-vcpus", "0"], "--max-vcpus 0")):
+        assert main(argv) == 1
+        err = capsys.readouterr().err
+        assert said in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_the_docs_print_the_template_and_policies_this_code_makes():
+    doc = open(os.path.join(ROOT, "docs", "batch.rst")).read()
+    template = cloudformation_template(BatchEnvironment("neuro-spot", PREFIX, spot=True))
+    with open(os.path.join(ROOT, "docs", "batch", "neuro-spot.template.json")) as f:
+        assert json.load(f) == template
+    assert "literalinclude:: batch/neuro-spot.template.json" in doc
+    for document in (batch_setup_policy("neuro-spot"),
+                     batch_controller_policy("my-bucket", "nipype-runs",
+                                             job_queue="neuro-spot",
+                                             job_role_arn="arn:aws:iam::*:role/"
+                                                          "nipype-s3-neuro-spot-job")):
+        block = "\n".join("    " + line for line in json.dumps(document, indent=2).splitlines())
+        assert block in doc
