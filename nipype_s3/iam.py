@@ -102,7 +102,7 @@ def _run_statements(bucket: str, prefix: str, run: str) -> list[dict]:
         _statement("Queues", ["sqs:CreateQueue", "sqs:DeleteQueue", "sqs:SendMessage",
                               "sqs:ReceiveMessage", "sqs:DeleteMessage"],
                    f"arn:aws:sqs:*:*:nipype-s3-{run}-*"),
-        _statement("RunKey", ["ssm:PutParameter", "ssm:GetParameter", "ssm:DeleteParameter"],
+        _statement("RunKey", ["ssm:PutParameter", "ssm:DeleteParameter"],
                    f"arn:aws:ssm:*:*:parameter/nipype-s3/runs/{run}/*"),
     ]
 
@@ -164,7 +164,7 @@ def batch_setup_policy(name: str = "*") -> dict:
                              "iam:TagRole", "iam:AttachRolePolicy", "iam:DetachRolePolicy",
                              "iam:ListAttachedRolePolicies", "iam:PutRolePolicy",
                              "iam:DeleteRolePolicy", "iam:ListRolePolicies"], roles),
-        _statement("PassRoles", ["iam:PassRole"], roles),
+        _statement("PassInstanceRole", ["iam:PassRole"], roles[0]),
         _statement("InstanceProfile", [
             "iam:CreateInstanceProfile", "iam:GetInstanceProfile",
             "iam:DeleteInstanceProfile", "iam:AddRoleToInstanceProfile",

@@ -234,9 +234,11 @@ class RecordingProxy:
                 action = _action(self.command, self.headers, body, query, path)
                 service = _service(self.headers)
 
+                params = _params(action, body, query)
+
                 def seen_as(code: int) -> Recorded:
-                    return Recorded(self.command, path, query, code, seen, action,
-                                    service=service)
+                    return Recorded(self.command, path, query, code, seen, action, params,
+                                    service)
 
                 rec = seen_as(0)
                 refused = _bad_digest(self.command, self.headers, body, action)
@@ -297,7 +299,7 @@ class RecordingProxy:
                 finally:
                     conn.close()
                 proxy._record(Recorded(self.command, path, query, resp.status, seen,
-                                       action, _params(action, body, query), service))
+                                       action, params, service))
                 self.send_response(resp.status)
                 for key, value in resp.getheaders():
                     if key.lower() not in _HOP and key.lower() != "content-length":

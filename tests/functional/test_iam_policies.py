@@ -12,8 +12,14 @@ import boto3
 import pytest
 from nipype import Function, Node, Workflow
 
-from nipype_s3 import EC2Plugin
-from nipype_s3.iam import agent_policy, controller_policy
+from nipype_s3 import BatchPlugin, EC2Plugin
+from nipype_s3.backends.batch import BatchEnvironment, setup, teardown
+from nipype_s3.iam import (
+    agent_policy,
+    batch_controller_policy,
+    batch_setup_policy,
+    controller_policy,
+)
 from nipype_s3.testing import LocalCloud
 from nipype_s3.testing.localcloud import AGENT_APP_ID
 
@@ -81,10 +87,64 @@ def _api_calls(rec) -> list[tuple[str, str]]:
         name = params.get("Name", "")
         account = "" if name.startswith("/aws/service/") else "123456789012"
         return [(f"ssm:{op}", f"arn:aws:ssm:us-east-1:{account}:parameter/{name.lstrip('/')}")]
+    if rec.service == "iam":
+        return _iam_calls(rec.action, params)
+    if rec.service == "batch":
+        return _batch_calls(rec.action.split(":", 1)[1], params)
     calls = [(f"ec2:{rec.action}", "*")]
     if rec.action == "RunInstances":  # tagging at launch and passing the role
         calls.append(("ec2:CreateTags", "*"))
         calls.append(("iam:PassRole", "arn:aws:iam::123456789012:role/nipype-s3-agent"))
+    return calls
+
+
+ACCOUNT = "arn:aws:{}:us-east-1:123456789012:"
+IAM = "arn:aws:iam::123456789012:"
+#: the job role BatchPlugin's runs here pass (made by setup)
+JOB_ROLE = f"{IAM}role/nipype-s3-neuro-job"
+
+
+def _iam_calls(op: str, params: dict) -> list[tuple[str, str]]:
+    if op == "ListRoles":
+        return [("iam:ListRoles", "*")]
+    if op == "CreateServiceLinkedRole":
+        return [("iam:CreateServiceLinkedRole",
+                 f"{IAM}role/aws-service-role/{params['AWSServiceName']}/x")]
+    if "InstanceProfileName" in params:
+        return [(f"iam:{op}", f"{IAM}instance-profile/{params['InstanceProfileName']}")]
+    calls = [(f"iam:{op}", f"{IAM}role/{params['RoleName']}")]
+    if op == "CreateRole":  # setup tags every role it makes: that needs TagRole too
+        calls.append(("iam:TagRole", calls[0][1]))
+    return calls
+
+
+def _batch_name(value: str, kind: str) -> str:
+    return value if value.startswith("arn:") else ACCOUNT.format("batch") + f"{kind}/{value}"
+
+
+def _batch_calls(op: str, params: dict) -> list[tuple[str, str]]:
+    """(IAM action, resource) of a Batch call (its operation in lower case, as its REST
+    path has it; IAM's action names are not case-sensitive). nipype_s3 tags every job
+    definition, compute environment and job queue it makes."""
+    if op.startswith(("describe", "list")):
+        return [(f"batch:{op}", "*")]
+    if op == "submitjob":
+        return [("batch:submitjob", _batch_name(params["jobQueue"], "job-queue")),
+                ("batch:submitjob", _batch_name(params["jobDefinition"], "job-definition"))]
+    if op == "terminatejob":
+        return [("batch:terminatejob", _batch_name(params["jobId"], "job"))]
+    if op == "registerjobdefinition":
+        arn = _batch_name(params["jobDefinitionName"], "job-definition")
+        return [("batch:registerjobdefinition", arn), ("batch:tagresource", arn),
+                ("iam:passrole", JOB_ROLE)]
+    kind, key = ("job-queue", "jobQueue") if "jobqueue" in op else \
+        ("compute-environment", "computeEnvironment")
+    name = params.get(key) or params.get(f"{key}Name")
+    calls = [(f"batch:{op}", _batch_name(name, kind))]
+    if op.startswith("create"):
+        calls.append(("batch:tagresource", calls[0][1]))
+    if op == "createcomputeenvironment":  # its instance profile's role
+        calls.append(("iam:passrole", f"{IAM}role/nipype-s3-{name}-instance"))
     return calls
 
 
@@ -93,15 +153,31 @@ def _allowed(policy: dict, action: str, resource: str) -> bool:
         actions = stmt["Action"] if isinstance(stmt["Action"], list) else [stmt["Action"]]
         resources = stmt["Resource"] if isinstance(stmt["Resource"], list) else \
             [stmt["Resource"]]
-        if any(fnmatch.fnmatchcase(action, a) for a in actions) and \
+        if any(fnmatch.fnmatchcase(action.lower(), a.lower()) for a in actions) and \
                 any(fnmatch.fnmatchcase(resource, r) for r in resources):
             return True
     return False
 
 
 def _policy_actions(policy: dict) -> set[str]:
-    return {a for s in policy["Statement"] for a in (
+    return {a.lower() for s in policy["Statement"] for a in (
         s["Action"] if isinstance(s["Action"], list) else [s["Action"]])}
+
+
+def _check(records, policies: dict, failure_paths: dict):
+    """(refused calls, allowed actions never used) of ``records`` against the policy of
+    each caller (``agent``: requests with the agents' user agent)."""
+    refused, used = [], {who: set() for who in policies}
+    for rec in records:
+        who = "agent" if AGENT_APP_ID in (rec.header("user-agent") or "") else "controller"
+        for action, resource in _api_calls(rec):
+            used[who].add(action.lower())
+            if not _allowed(policies[who], action, resource):
+                refused.append((who, action, resource))
+    paths = {a.lower() for a in failure_paths}
+    unused = {who: sorted(_policy_actions(policy) - used[who] - paths)
+              for who, policy in policies.items()}
+    return sorted(set(refused)), unused
 
 
 def test_every_call_of_a_run_is_allowed_and_every_allowed_action_is_used(tmp_path,
@@ -122,20 +198,55 @@ def test_every_call_of_a_run_is_allowed_and_every_allowed_action_is_used(tmp_pat
             "done_scan_interval": 1}))
         assert cloud.live_instances() == []
         records = list(cloud.proxy.requests)
-    agent, controller = agent_policy(BUCKET, PREFIX), controller_policy(BUCKET, PREFIX)
-    refused, used = [], {"agent": set(), "controller": set()}
-    for rec in records:
-        who = "agent" if AGENT_APP_ID in (rec.header("user-agent") or "") else "controller"
-        policy = agent if who == "agent" else controller
-        for action, resource in _api_calls(rec):
-            used[who].add(action)
-            if not _allowed(policy, action, resource):
-                refused.append((who, action, resource))
-    assert sorted(set(refused)) == []
-    assert used["agent"] and used["controller"]
-    unused = {who: sorted(_policy_actions(policy) - used[who] - set(FAILURE_PATHS))
-              for who, policy in (("agent", agent), ("controller", controller))}
+    refused, unused = _check(records, {"agent": agent_policy(BUCKET, PREFIX),
+                                       "controller": controller_policy(BUCKET, PREFIX)},
+                             FAILURE_PATHS)
+    assert refused == []
     assert unused == {"agent": [], "controller": []}
+
+
+@pytest.mark.docker
+def test_every_call_of_a_batch_run_and_of_its_setup_is_allowed_and_used(tmp_path,
+                                                                       docker_images):
+    with LocalCloud(agents_via_proxy=True) as cloud:
+        boto3.client("s3").create_bucket(Bucket=BUCKET)
+        cloud.proxy.clear()
+        env = BatchEnvironment("neuro", f"s3://{BUCKET}/{PREFIX}", max_vcpus=8)
+        setup(env, boto3.client, poll=0.1)
+        setup(BatchEnvironment("neuro", env.s3_prefix, max_vcpus=16), boto3.client,
+              poll=0.1)  # again: finds Batch's service role, raises the maximum
+        set_up = list(cloud.proxy.requests)
+        cloud.proxy.clear()
+        wf = Workflow("least", base_dir=str(tmp_path / "wf"))
+        wf.config["execution"]["poll_sleep_duration"] = 0.3
+        square = Node(Function(input_names=["x"], output_names=["y"],
+                               function=_square), name="square")
+        square.inputs.x = 3
+        own = Node(Function(input_names=["x"], output_names=["y"], function=_square),
+                   name="own")
+        own.plugin_args = {"batch": "job"}
+        wf.connect(square, "y", own, "x")
+        wf.run(plugin=BatchPlugin(plugin_args={
+            "s3_prefix": f"s3://{BUCKET}/{PREFIX}", "job_queue": "neuro",
+            "job_role_arn": JOB_ROLE, "image": docker_images["test"], "idle_timeout": 5,
+            "max_agents": 1, "done_scan_interval": 1}))
+        run = list(cloud.proxy.requests)
+        cloud.proxy.clear()
+        teardown("neuro", boto3.client, poll=0.1)
+        torn = list(cloud.proxy.requests)
+    refused, unused = _check(run, {
+        "agent": agent_policy(BUCKET, PREFIX),
+        "controller": batch_controller_policy(BUCKET, PREFIX, job_queue="neuro",
+                                              job_role_arn=JOB_ROLE)}, FAILURE_PATHS)
+    assert refused == []
+    assert unused == {"agent": [], "controller": []}
+    refused, unused = _check(set_up + torn, {"controller": batch_setup_policy("neuro")}, {})
+    assert refused == []
+    assert unused == {"controller": []}
+
+
+def _square(x):
+    return x * x
 
 
 def test_a_run_scoped_policy_refuses_another_runs_resources():
