@@ -290,9 +290,11 @@ class CollectMixin:
         """Make the node's result file carry the remote traceback, instance and log."""
         log_uri = f"s3://{self.layout.bucket}/{report['log_key']}" if report.get("log_key") \
             else "(no log)"
-        where = (f"\n[nipype_s3] node {job.node.fullname} ran as job {job.job_id} on instance "
-                 f"{report.get('instance_id')} (attempt {report.get('attempt')}); agent log: "
-                 f"{log_uri}\n")
+        where = (f"\n[nipype_s3] node {job.node.fullname} ran as job {job.job_id} on "
+                 f"{self._AGENT_KIND} {report.get('instance_id')} (attempt "
+                 f"{report.get('attempt')}); agent log: {log_uri}\n")
+        if isinstance(report.get("instance_id"), str):
+            where += self._where_ran(report["instance_id"])
         if report.get("error"):
             where += f"[nipype_s3] {report['error']}\n"
         root = report.get("worker_root")

@@ -144,6 +144,14 @@ class RemotePlugin(OpeningMixin, PlacementMixin, StagingMixin, CollectMixin, Cos
         """What the backend ends when the run ends (instances, queues), however it ends."""
         return []
 
+    #: what an agent runs on, as a crash file names it
+    _AGENT_KIND = "instance"
+
+    def _where_ran(self, agent_id: str) -> str:
+        """Lines a failed node's crash file adds about where its agent ran (the
+        backend's own logs), each starting ``[nipype_s3]``; empty where there is none."""
+        return ""
+
     def _reset(self) -> None:
         """What one run learns, forgotten before the next: one plugin object can run
         workflows one after the other, as ``Linear`` can."""

@@ -256,3 +256,32 @@ def test_cleanup_by_a_shortened_run_id_ends_no_batch_job(docker_images):
         assert cleanup(run_id="20261206")["batch_jobs"] == []
         assert cleanup(run_id="20261206-070000-abc12")["batch_jobs"] == []
         assert cloud.batch.jobs[job]["status"] not in ("SUCCEEDED", "FAILED")
+
+
+def _fails(x):
+    print(f"about to fail on subject {x}")
+    raise ValueError(f"bad subject {x}")
+
+
+def test_a_failing_node_crash_file_has_the_traceback_batch_job_log_stream_and_tail(
+        docker_images, tmp_path):
+    wf = Workflow("failing", base_dir=str(tmp_path / "wf"))
+    wf.config["execution"].update(crashdump_dir=str(tmp_path / "crash"),
+                                  crashfile_format="txt", poll_sleep_duration=0.3)
+    node = Node(Function(input_names=["x"], output_names=["y"], function=_fails),
+                name="fails")
+    node.inputs.x = 7
+    wf.add_nodes([node])
+    with LocalCloud() as cloud:
+        boto3.client("s3").create_bucket(Bucket="batch-runs")
+        with pytest.raises(RuntimeError):
+            wf.run(plugin=_plugin(docker_images["test"]))
+        streams = {j["jobId"]: j["container"].get("logStreamName")
+                   for j in cloud.batch.jobs.values()}
+    (crash,) = (tmp_path / "crash").glob("crash-*fails*.txt")
+    text = crash.read_text()
+    assert "ValueError: bad subject 7" in text
+    assert "about to fail on subject 7" in text  # the job's own log, its last lines
+    (agent,) = [j for j, stream in streams.items() if stream and f"on Batch job {j} " in text]
+    assert ("[nipype_s3] job queue nipype-s3-local; CloudWatch Logs group /aws/batch/job, "
+            f"stream {streams[agent]}") in text

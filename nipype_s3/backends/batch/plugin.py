@@ -298,6 +298,8 @@ class BatchPlugin(RemotePlugin):
                     continue
                 info["status"] = job.get("status", info["status"])
                 info["reason"] = job.get("statusReason", "")
+                info["stream"] = (job.get("container") or {}).get("logStreamName") or \
+                    info.get("stream")
                 for mark in ("startedAt", "stoppedAt"):
                     if job.get(mark):
                         info[mark[:-2]] = job[mark] / 1000.0
@@ -340,6 +342,27 @@ class BatchPlugin(RemotePlugin):
 
     def _end_steps(self) -> list:
         return [self._terminate_agents, self._delete_queues]
+
+    _AGENT_KIND = "Batch job"
+
+    def _where_ran(self, agent_id: str) -> str:
+        """The agent's Batch job and its CloudWatch log stream (only for this run's own
+        agent jobs: the id in a report is only a claim)."""
+        info = next((f.jobs[agent_id] for f in self._fleets.values()
+                     if agent_id in f.jobs), None)
+        if info is None:
+            return ""
+        if not info.get("stream"):
+            try:
+                found = self._call(self.batch.describe_jobs, jobs=[agent_id]).get("jobs", [])
+                info["stream"] = (found[0].get("container") or {}).get("logStreamName") \
+                    if found else None
+            except botocore.exceptions.ClientError as exc:
+                self._log.debug("DescribeJobs %s: %s", agent_id, exc)
+        stream = info.get("stream")
+        log = (f"CloudWatch Logs group /aws/batch/job, stream {stream}" if stream else
+               "its CloudWatch log stream is not known yet (DescribeJobs gives it)")
+        return f"[nipype_s3] job queue {self.settings.job_queue}; {log}\n"
 
     def _terminate_agents(self) -> None:
         """End every job of the run not yet over, whatever ended the run: those it
