@@ -218,9 +218,9 @@ class PlacementMixin:
             if keys and not args["local"]:
                 raise ConfigurationError(
                     f"Node {node.fullname}: {keys[0]} names credentials of this machine, "
-                    "and EC2Plugin does not send credentials to instances. Remove "
-                    "plugin_args {'local': False} (the node then runs here), or leave "
-                    f"{keys[0]} unset so that the instances' role is used.")
+                    f"and {type(self).__name__} does not send credentials to its agents. "
+                    "Remove plugin_args {'local': False} (the node then runs here), or "
+                    f"leave {keys[0]} unset so that the agents' role is used.")
             return bool(args["local"])
         why = self._kind_runs_here(node)
         if why == "credentials":

@@ -16,6 +16,51 @@ from nipype_s3.testing import LocalCloud
 
 pytestmark = [pytest.mark.docker, pytest.mark.slow]
 
+#: AWS Batch's limits (moto holds none; LocalCloud holds them too)
+SUBMIT_BYTES, OVERRIDES_CHARS, ARRAY_SIZE, DESCRIBE_IDS = 30 * 1024, 8192, 10_000, 100
+
+
+@pytest.fixture(autouse=True)
+def batch_calls(monkeypatch):
+    """A botocore hook on every Batch client made during the test: each call is held
+    against AWS's limits before it is sent, and recorded (operation, request body)."""
+    import json
+
+    import botocore.session
+
+    calls, broken = [], []
+
+    def check(model, params, **_):
+        body = params.get("body") or b"{}"
+        data = json.loads(body)
+        calls.append((model.name, data))
+        if model.name == "SubmitJob":
+            overrides = json.dumps(data.get("containerOverrides") or {},
+                                   separators=(",", ":"))
+            size = (data.get("arrayProperties") or {}).get("size")
+            if len(body) > SUBMIT_BYTES or len(overrides) > OVERRIDES_CHARS or \
+                    (size is not None and not 2 <= size <= ARRAY_SIZE) or data.get(
+                        "dependsOn"):
+                broken.append((model.name, len(body), len(overrides), size))
+        if model.name == "DescribeJobs" and len(data.get("jobs", [])) > DESCRIBE_IDS:
+            broken.append((model.name, len(data["jobs"])))
+
+    create = botocore.session.Session.create_client
+
+    def create_client(self, service_name, *args, **kwargs):
+        client = create(self, service_name, *args, **kwargs)
+        if service_name == "batch":
+            client.meta.events.register("before-call.batch.*", check)
+        return client
+
+    monkeypatch.setattr(botocore.session.Session, "create_client", create_client)
+    yield calls
+    assert broken == []
+
+
+def _registrations(calls) -> int:
+    return sum(1 for name, _ in calls if name == "RegisterJobDefinition")
+
 
 def _square(x):
     return x * x
@@ -61,7 +106,7 @@ def _plugin(image, **more):
 
 
 def test_same_results_as_linear_rerun_submits_nothing_all_agents_ended(
-        docker_images, tmp_path):
+        docker_images, tmp_path, batch_calls):
     linear = _results(_workflow(tmp_path / "linear").run(plugin="Linear"))
     with LocalCloud() as cloud:
         boto3.client("s3").create_bucket(Bucket="batch-runs")
@@ -80,6 +125,9 @@ def test_same_results_as_linear_rerun_submits_nothing_all_agents_ended(
     assert remote == linear and again == linear
     assert len([d for d in definitions if d["jobDefinitionName"].startswith("nipype-s3-")]) \
         == 1  # one per image and shape, across both runs
+    assert _registrations(batch_calls) == 1
+    assert {name for name, _ in batch_calls} >= {"SubmitJob", "DescribeJobs",
+                                                  "TerminateJob"}
 
 
 def test_an_image_that_cannot_run_stops_the_run_saying_why(docker_images, tmp_path):
@@ -285,3 +333,111 @@ def test_a_failing_node_crash_file_has_the_traceback_batch_job_log_stream_and_ta
     (agent,) = [j for j, stream in streams.items() if stream and f"on Batch job {j} " in text]
     assert ("[nipype_s3] job queue nipype-s3-local; CloudWatch Logs group /aws/batch/job, "
             f"stream {streams[agent]}") in text
+
+
+def _double(x):
+    return 2 * x
+
+
+def _mean_of_nifti(in_file):
+    import os
+
+    import nibabel as nib
+    import numpy as np
+
+    img = nib.load(in_file)
+    mean = np.asanyarray(img.dataobj, dtype="float32").mean(axis=-1)
+    out = os.path.abspath("mean.nii")
+    nib.save(nib.Nifti1Image(mean, img.affine), out)
+    return out
+
+
+def _study(base_dir, nifti, sink_to, own_jobs=False):
+    """The shapes of the issue: iterables over 25 subjects joined by a JoinNode, a
+    MapNode over 30 items, a real NIfTI step, and grab -> process -> sink."""
+    from nipype_s3 import S3DataGrabber, S3DataSink
+
+    wf = Workflow("study", base_dir=str(base_dir))
+    wf.config["execution"]["poll_sleep_duration"] = 0.3
+    src = Node(IdentityInterface(fields=["subject"]), name="src")
+    src.iterables = ("subject", list(range(1, 26)))
+    square = Node(Function(input_names=["x"], output_names=["y"], function=_square),
+                  name="square")
+    join = JoinNode(Function(input_names=["values"], output_names=["total"],
+                             function=_total), joinsource="src", joinfield="values",
+                    name="join")
+    many = MapNode(Function(input_names=["x"], output_names=["y"], function=_double),
+                   iterfield=["x"], name="many")
+    many.inputs.x = list(range(30))
+    nifti_mean = Node(Function(input_names=["in_file"], output_names=["out"],
+                               function=_mean_of_nifti), name="nifti_mean")
+    nifti_mean.inputs.in_file = nifti
+    grab = Node(S3DataGrabber(outfields=["func"]), "grab")
+    grab.inputs.bucket = "batch-runs"
+    grab.inputs.bucket_path = "raw/"
+    grab.inputs.template = "*"
+    grab.inputs.field_template = {"func": "sub-01/func/*_bold.nii.gz"}
+    grab.inputs.template_args = {"func": [[]]}
+    grabbed_mean = Node(Function(input_names=["in_file"], output_names=["out"],
+                                 function=_mean_of_nifti), name="grabbed_mean")
+    sink = Node(S3DataSink(base_directory=f"s3://batch-runs/{sink_to}"), "sink")
+    wf.connect(src, "subject", square, "x")
+    wf.connect(square, "y", join, "values")
+    wf.connect(grab, "func", grabbed_mean, "in_file")
+    wf.connect(grabbed_mean, "out", sink, "sub-01.@mean")
+    wf.add_nodes([many, nifti_mean])
+    if own_jobs:  # not the 25 subjects' and 30 items' nodes: each job boots an agent
+        # (about 8 s a wave of 8 here; all 60 take 80 s, too long for CI's budget)
+        for node in (join, nifti_mean, grab, grabbed_mean, sink):
+            node.plugin_args = {"batch": "job"}
+    return wf
+
+
+def _files_and_values(result, base_dir):
+    import hashlib
+
+    out = {}
+    for node in result.nodes():
+        for name, value in _results_of(node).items():
+            values = value if isinstance(value, list) else [value]
+            out[f"{node.fullname}.{name}"] = [
+                hashlib.sha256(open(v, "rb").read()).hexdigest()
+                if isinstance(v, str) and v.startswith(str(base_dir)) else v for v in values]
+    return out
+
+
+def _results_of(node):
+    outputs = node.result.outputs
+    if outputs is None:
+        return {}
+    values = outputs.trait_get() if hasattr(outputs, "trait_get") else outputs.dictcopy()
+    return {k: v for k, v in values.items() if not k.startswith("_")}
+
+
+@pytest.mark.parametrize("own_jobs", [False, True], ids=["agents", "a-job-per-node"])
+def test_the_issue_shapes_match_linear_byte_for_byte_in_both_modes(
+        docker_images, tmp_path, nifti_files, own_jobs, batch_calls):
+    import hashlib
+
+    with LocalCloud() as cloud:
+        s3 = boto3.client("s3")
+        s3.create_bucket(Bucket="batch-runs")
+        s3.upload_file(nifti_files["example4d.nii.gz"], "batch-runs",
+                       "raw/sub-01/func/sub-01_task-rest_bold.nii.gz")
+        base_linear, base_batch = tmp_path / "linear", tmp_path / "batch"
+        linear = _files_and_values(_study(base_linear, nifti_files["functional.nii"],
+                                          "linear").run(plugin="Linear"), base_linear)
+        remote = _files_and_values(_study(base_batch, nifti_files["functional.nii"], "batch",
+                                          own_jobs).run(plugin=_plugin(
+            docker_images["test"], max_agents=3)), base_batch)
+        sunk = {where: hashlib.sha256(s3.get_object(
+            Bucket="batch-runs", Key=f"{where}/sub-01/mean.nii")["Body"].read()).hexdigest()
+            for where in ("linear", "batch")}
+        own = [j for j in cloud.batch.jobs.values() if j["jobName"].endswith("-node")]
+        assert all(j["status"] in ("SUCCEEDED", "FAILED") for j in cloud.batch.jobs.values())
+    assert remote.pop("study.sink.out_file") == ["s3://batch-runs/batch/sub-01/mean.nii"]
+    assert linear.pop("study.sink.out_file") == ["s3://batch-runs/linear/sub-01/mean.nii"]
+    assert remote == linear
+    assert sunk["linear"] == sunk["batch"]
+    assert len(own) == (5 if own_jobs else 0)
+    assert _registrations(batch_calls) == 1
