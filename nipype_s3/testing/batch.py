@@ -32,6 +32,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import threading
 import time
@@ -67,9 +68,16 @@ class LocalBatch:
 
     QUEUE = "nipype-s3-local"
 
-    def __init__(self, cloud, *, max_running: int = 8) -> None:
+    def __init__(self, cloud, *, max_running: int = 8, engine: str | None = None) -> None:
+        if engine not in (None, "docker", "sandbox"):
+            raise ValueError(f"LocalBatch engine must be 'docker' or 'sandbox', not {engine!r}")
         self.cloud = cloud
         self.max_running = max_running
+        #: "docker", "sandbox" or None (Docker where an engine answers, else the sandbox)
+        self.engine = engine
+        #: images whose pull fails (CannotPullContainerError) where no engine checks them
+        self.unpullable: set[str] = set()
+        self._boxes: dict[str, object] = {}
         self.jobs: dict[str, dict] = {}
         self._procs: dict[str, subprocess.Popen] = {}
         self._throttles: dict[str, int] = {}
@@ -340,12 +348,16 @@ class LocalBatch:
     # -- running jobs ------------------------------------------------------------------
     def step(self) -> None:
         """Start what is runnable, note what ended (called by LocalCloud's watcher)."""
+        keep: list = []
         with self._lock:
             for job_id, proc in list(self._procs.items()):
                 code = proc.poll()
                 if code is None:
                     continue
                 del self._procs[job_id]
+                box = self._boxes.pop(job_id, None)
+                if box is not None and code == 0:
+                    keep.append(box)
                 job = self.jobs[job_id]
                 if job["status"] in _FINAL:
                     continue
@@ -353,6 +365,8 @@ class LocalBatch:
             running = sum(1 for j in self.jobs.values()
                           if j["status"] in ("STARTING", "RUNNING"))
             todo = [j for j in self.jobs.values() if j["status"] == "RUNNABLE"]
+        for box in keep:
+            box.save_environment()  # the environment it built, for later jobs and instances
         for job in todo[:max(0, self.max_running - running)]:
             self._start(job)
 
@@ -390,6 +404,13 @@ class LocalBatch:
             if job["attempts"]:
                 job["attempts"][-1].update(stoppedAt=now, statusReason=reason)
         if proc is None:
+            return
+        if self._boxes.pop(job["jobId"], None) is not None:  # a sandboxed process
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            proc.wait(30)
             return
         # 'docker run' may not have made its container yet when the job is RUNNING: a
         # removal that finds none is repeated until the client process ends.
@@ -434,13 +455,13 @@ class LocalBatch:
                                 vcpus=int(float(resources.get("VCPU", 1))),
                                 memory=int(float(resources.get("MEMORY", 2048))))
         log_path = os.path.join(self.directory, f"{job['jobId']}.log")
-        if not shutil.which("docker") or subprocess.run(
-                ["docker", "info"], capture_output=True, timeout=60).returncode != 0:
+        engine, why = self._engine()
+        if engine is None:
             with open(log_path, "w") as fobj:
-                fobj.write("LocalCloud: no Docker engine answers 'docker info'\n")
+                fobj.write(f"LocalCloud: {why}\n")
             with self._lock:
-                reason = ("CannotPullContainerError: LocalCloud has no Docker engine to run "
-                          f"{job['container']['image']} (docker info fails)")
+                reason = ("CannotPullContainerError: LocalCloud cannot run "
+                          f"{job['container']['image']}: {why}")
                 job.update(status="FAILED", statusReason=reason, stoppedAt=now)
                 attempt.update(stoppedAt=now, statusReason=reason)
             return
@@ -458,6 +479,9 @@ class LocalBatch:
                 job.update(status="FAILED", statusReason=reason, stoppedAt=now)
                 attempt.update(stoppedAt=now, statusReason=reason)
             return
+        if engine == "sandbox":
+            self._start_sandboxed(job, env, command, log_path, now)
+            return
         names = sorted(env) + [n for n in _ROLE_NAMES if n in self.cloud.agent_env()]
         values = dict(os.environ, **self.cloud.agent_env(), **env)
         argv = ["docker", "run", "--rm", "--pull", "never", "--name", _container(job["jobId"]),
@@ -472,6 +496,68 @@ class LocalBatch:
                                     start_new_session=True)
         with self._lock:
             self._procs[job["jobId"]] = proc
+            if job["status"] == "STARTING":
+                job.update(status="RUNNING", startedAt=now)
+
+    def _engine(self) -> tuple[str | None, str]:
+        """(what runs the jobs now, why nothing can)."""
+        docker = shutil.which("docker") is not None and subprocess.run(
+            ["docker", "info"], capture_output=True, timeout=60).returncode == 0
+        if self.engine in (None, "docker") and docker:
+            return "docker", ""
+        if self.engine == "docker":
+            return None, "no Docker engine answers 'docker info'"
+        from .sandbox import sandbox_available
+
+        why = sandbox_available()
+        if why is None:
+            return "sandbox", ""
+        return None, f"no Docker engine answers 'docker info', and {why}"
+
+    def _start_sandboxed(self, job: dict, env: dict, command: list, log_path: str,
+                         now: int) -> None:
+        """Without a Docker engine: the job's command as a process in a sandbox that plays
+        the image (see :mod:`nipype_s3.testing.sandbox`), its ``python3`` the
+        controller's Python and pinned packages, built by the EC2 bootstrap's own steps
+        (pip from the package index; kept for later jobs and instances). The image's own
+        tools do not exist there."""
+        import shlex
+
+        from ..ec2.userdata import render_user_data
+        from ..remote.staging import _requirements
+        from .sandbox import Sandbox
+
+        image = job["container"]["image"]
+        attempt = job["attempts"][-1]
+        if image in self.unpullable:
+            with self._lock:
+                reason = (f"CannotPullContainerError: pull image {image}: not found "
+                          "(LocalCloud: made to fail)")
+                job.update(status="FAILED", statusReason=reason, stoppedAt=now)
+                attempt.update(stoppedAt=now, statusReason=reason)
+            return
+        name = job["jobId"].replace(":", "-")
+        root = os.path.join(self.directory, "sandboxes", f"{name}-{len(job['attempts'])}")
+        os.makedirs(os.path.join(root, "log"), exist_ok=True)
+        # the bootstrap's header sets a few variables of its own: the job's win
+        run = "\n".join([f"export {k}={shlex.quote(v)}" for k, v in sorted(env.items())] + [
+            'export PATH="/opt/nipype-s3/bin:$PATH"', "mkdir -p /tmp/job && cd /tmp/job",
+            shlex.join(str(c) for c in command), "exit $?"])
+        script = render_user_data(
+            run_id=f"LocalCloud Batch job {name}", config_json="{}",
+            region=self.cloud.region, worker_root="/tmp/nipype-s3-work",
+            requirements=_requirements([], False), setup_commands=run)
+        box = Sandbox(root, f"batch-{name}", dict(self.cloud.agent_env(), NIPYPE_NO_ET="1"))
+        argv = box.prepare(script)
+        if not os.path.lexists(log_path):
+            os.symlink(os.path.join(root, "log", "nipype-s3-agent.log"), log_path)
+        with open(os.path.join(root, "sandbox.log"), "ab") as log:
+            proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT,
+                                    stdin=subprocess.DEVNULL, cwd=root,
+                                    env=box.environment(), start_new_session=True)
+        with self._lock:
+            self._procs[job["jobId"]] = proc
+            self._boxes[job["jobId"]] = box
             if job["status"] == "STARTING":
                 job.update(status="RUNNING", startedAt=now)
 

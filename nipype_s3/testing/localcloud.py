@@ -78,13 +78,19 @@ class LocalCloud:
         ``"direct"``: the agent starts at once as a process of this machine's Python
         (faster; for tests of the agent itself). Where the sandbox cannot work, the
         default is ``"direct"``, with a warning saying why.
+    batch_engine : {"docker", "sandbox"}, optional
+        What runs AWS Batch's jobs (:attr:`batch`): this machine's Docker engine, their
+        image for real; or, where there is none (the default picks), their command in
+        the instances' sandbox, the image played by the controller's Python and pinned
+        packages (its own tools do not exist there).
     """
 
     INSTANCE_PROFILE = "nipype-s3-agent"
 
     def __init__(self, region: str = "us-east-1", directory: str | None = None,
                  record: bool = True, keep: bool = False,
-                 agents_via_proxy: bool = False, boot: str | None = None) -> None:
+                 agents_via_proxy: bool = False, boot: str | None = None,
+                 batch_engine: str | None = None) -> None:
         if boot not in (None, "user-data", "direct"):
             raise ValueError(f"LocalCloud boot must be 'user-data' or 'direct', not {boot!r}")
         if boot is None:
@@ -122,7 +128,7 @@ class LocalCloud:
         self._seen_commands: set[str] = set()
         self.errors: list[str] = []
         #: AWS Batch's jobs, run as containers (see nipype_s3.testing.batch)
-        self.batch = LocalBatch(self)
+        self.batch = LocalBatch(self, engine=batch_engine)
 
     # -- lifecycle ----------------------------------------------------------------------
     @property

@@ -142,3 +142,68 @@ def test_without_a_docker_engine_a_job_fails_saying_so(monkeypatch):
     assert done["status"] == "FAILED"
     assert done["statusReason"].startswith("CannotPullContainerError: LocalCloud has no "
                                            "Docker engine")
+
+
+def _sandbox_or_skip():
+    from nipype_s3.testing.sandbox import sandbox_available
+
+    why = sandbox_available()
+    if why:
+        pytest.skip(f"LocalCloud's Batch without Docker runs jobs in the sandbox: {why}")
+
+
+def _square(x):
+    return x * x
+
+
+def test_without_docker_a_job_is_a_sandboxed_process_and_batchplugin_runs_on_it(tmp_path):
+    """No engine: the same command in the instances' sandbox, its python3 the
+    controller's environment (as the EC2 bootstrap builds it); Batch's states, exit
+    codes and variables as with Docker; an unpullable image fails as Batch says."""
+    _sandbox_or_skip()
+    from nipype import Function, Node, Workflow
+    from nipype.interfaces.utility import IdentityInterface
+
+    from nipype_s3 import BatchPlugin
+
+    secret = tmp_path / "controller-only.txt"
+    secret.write_text("not on the instance")
+    probe = ("import os, sys; print('job', os.environ['AWS_BATCH_JOB_ID'], 'attempt', "
+             f"os.environ['AWS_BATCH_JOB_ATTEMPT'], os.path.exists({str(secret)!r})); "
+             "sys.exit(int(os.environ['EXIT']))")
+
+    def build(base):
+        wf = Workflow("sandboxed", base_dir=str(base))
+        wf.config["execution"]["poll_sleep_duration"] = 0.3
+        src = Node(IdentityInterface(fields=["x"]), name="src")
+        src.iterables = ("x", [2, 3])
+        square = Node(Function(input_names=["x"], output_names=["y"], function=_square),
+                      name="square")
+        wf.connect(src, "x", square, "x")
+        return wf
+
+    with LocalCloud(batch_engine="sandbox") as cloud:
+        batch = _batch()
+        definition = _definition(batch, "any/image:1", ["python3", "-c", probe])
+        ids = {code: batch.submit_job(
+            jobName=f"exit{code}", jobQueue=cloud.batch.QUEUE, jobDefinition=definition,
+            containerOverrides={"environment": [{"name": "EXIT", "value": str(code)}]})[
+            "jobId"] for code in (0, 3)}
+        cloud.batch.unpullable.add("any/missing:1")
+        missing = batch.submit_job(jobName="missing", jobQueue=cloud.batch.QUEUE,
+                                   jobDefinition=_definition(batch, "any/missing:1",
+                                                             ["true"], "missing"))["jobId"]
+        jobs = _wait(batch, [*ids.values(), missing])
+        logs = {code: cloud.batch._log(job) for code, job in ids.items()}
+        boto3.client("s3").create_bucket(Bucket="batch-runs")
+        plugin = BatchPlugin(plugin_args={
+            "s3_prefix": "s3://batch-runs/runs", "job_queue": cloud.batch.QUEUE,
+            "image": "any/image:1", "idle_timeout": 5, "max_agents": 1})
+        result = build(tmp_path / "batch").run(plugin=plugin)
+        assert all(j["status"] in ("SUCCEEDED", "FAILED") for j in cloud.batch.jobs.values())
+    assert jobs[ids[0]]["status"] == "SUCCEEDED" and jobs[ids[0]]["container"]["exitCode"] == 0
+    assert jobs[ids[3]]["status"] == "FAILED" and jobs[ids[3]]["container"]["exitCode"] == 3
+    assert f"job {ids[0]} attempt 1 False" in logs[0]  # the controller's file: out of reach
+    assert jobs[missing]["statusReason"].startswith("CannotPullContainerError")
+    squares = sorted(n.result.outputs.y for n in result.nodes() if n.name == "square")
+    assert squares == [4, 9] and plugin.stats["remote_done"] == 2
