@@ -140,10 +140,11 @@ def batch_controller_policy(bucket: str, prefix: str = "", *, job_queue: str = "
         _statement("Follow", ["batch:DescribeJobQueues", "batch:DescribeComputeEnvironments",
                               "batch:DescribeJobDefinitions", "batch:DescribeJobs",
                               "batch:ListJobs"], "*"),
-        _statement("OwnJobDefinitions", ["batch:RegisterJobDefinition",
-                                         "batch:TagResource"], definitions),
+        _statement("OwnJobDefinitions", ["batch:RegisterJobDefinition"], definitions),
         _statement("Submit", ["batch:SubmitJob"],
                    [f"arn:aws:batch:*:*:job-queue/{job_queue}", definitions]),
+        _statement("TagOnCreate", ["batch:TagResource"],
+                   [definitions, "arn:aws:batch:*:*:job/*"]),
         _statement("EndJobs", ["batch:TerminateJob"], "arn:aws:batch:*:*:job/*"),
         _statement("PassJobRole", ["iam:PassRole"], job_role_arn),
     ]
