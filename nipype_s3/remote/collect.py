@@ -185,8 +185,9 @@ class CollectMixin:
         job.done = True
         self.stats["remote_done"] += 1
         self._log.info("job %s (%s) %s on %s (attempt %s)", job.job_id,
-                    job.node.fullname, "finished" if status == "ok" else f"FAILED ({status})",
-                    report.get("instance_id"), report.get("attempt"))
+                    job.node.fullname, "finished" if status == "ok" else
+                    f"FAILED ({plain(status)})", plain(report.get("instance_id")),
+                    plain(report.get("attempt")))
 
     def _fetch(self, job: _Job) -> float:
         """A finished job's report and node directory, into the controller's; returns
@@ -291,12 +292,12 @@ class CollectMixin:
         log_uri = f"s3://{self.layout.bucket}/{report['log_key']}" if report.get("log_key") \
             else "(no log)"
         where = (f"\n[nipype_s3] node {job.node.fullname} ran as job {job.job_id} on "
-                 f"{self._AGENT_KIND} {report.get('instance_id')} (attempt "
-                 f"{report.get('attempt')}); agent log: {log_uri}\n")
+                 f"{self._AGENT_KIND} {plain(report.get('instance_id'))} (attempt "
+                 f"{plain(report.get('attempt'))}); agent log: {plain(log_uri, 400)}\n")
         if isinstance(report.get("instance_id"), str):
             where += self._where_ran(report["instance_id"])
         if report.get("error"):
-            where += f"[nipype_s3] {report['error']}\n"
+            where += f"[nipype_s3] {plain(str(report['error']).strip(), 2000, lines=True)}\n"
         root = report.get("worker_root")
         here = PathMap(root if isinstance(root, str) and os.path.isabs(root) else "/")
         tail = str(report.get("log_tail") or "")
@@ -325,8 +326,17 @@ class CollectMixin:
         else:
             lines = [here.text_to_controller(str(line))
                      for line in report.get("traceback") or []] or [
-                f"RemoteNodeError: job {job.job_id} did not finish ({report.get('status')}).\n"]
+                f"RemoteNodeError: job {job.job_id} did not finish "
+                f"({plain(report.get('status'))}).\n"]
             write_failure_result(job.node, [where] + lines)
+
+
+def plain(value, limit: int = 120, *, lines: bool = False) -> str:
+    """What a report says, as one short line of plain text (``lines``: newlines kept)
+    (a report is a claim: its fields may hold anything, terminal escapes included)."""
+    text = "".join(c if c.isprintable() or (lines and c == "\n") else "?"
+                   for c in str(value))
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 _MISSING_FILE = re.compile(r"No such file or directory: '([^'\n]+)'")

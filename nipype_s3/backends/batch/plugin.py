@@ -33,6 +33,7 @@ import botocore.exceptions
 
 from ...agent.config import AgentConfig
 from ...exceptions import ConfigurationError, EC2Error
+from ...remote.collect import plain
 from ...remote.placement import check_node_args
 from ...remote.plugin import RemotePlugin
 from .jobs import _BOOT, _AgentFleet, _holds
@@ -303,7 +304,7 @@ class BatchPlugin(RemotePlugin):
                 if info is None:
                     continue
                 info["status"] = job.get("status", info["status"])
-                info["reason"] = job.get("statusReason", "")
+                info["reason"] = plain(job.get("statusReason", ""), 300)  # anyone's text
                 info["stream"] = (job.get("container") or {}).get("logStreamName") or \
                     info.get("stream")
                 for mark in ("startedAt", "stoppedAt"):
@@ -359,13 +360,14 @@ class BatchPlugin(RemotePlugin):
         if info is None:
             return ""
         if not info.get("stream"):
-            try:
-                found = self._call(self.batch.describe_jobs, jobs=[agent_id]).get("jobs", [])
+            try:  # one call: a crash file is not worth waiting on Batch for
+                found = self.batch.describe_jobs(jobs=[agent_id]).get("jobs", [])
                 info["stream"] = (found[0].get("container") or {}).get("logStreamName") \
                     if found else None
-            except botocore.exceptions.ClientError as exc:
+            except (botocore.exceptions.BotoCoreError,
+                    botocore.exceptions.ClientError) as exc:
                 self._log.debug("DescribeJobs %s: %s", agent_id, exc)
-        stream = info.get("stream")
+        stream = plain(info.get("stream"), 300) if info.get("stream") else None
         log = (f"CloudWatch Logs group /aws/batch/job, stream {stream}" if stream else
                "its CloudWatch log stream is not known yet (DescribeJobs gives it)")
         return f"[nipype_s3] job queue {self.settings.job_queue}; {log}\n"
