@@ -11,6 +11,7 @@ from nipype import Function, JoinNode, MapNode, Node, Workflow
 from nipype.interfaces.utility import IdentityInterface
 
 from nipype_s3 import BatchPlugin
+from nipype_s3.backends.batch.jobs import _BOOT
 from nipype_s3.exceptions import ConfigurationError, EC2Error
 from nipype_s3.testing import LocalCloud
 
@@ -291,6 +292,19 @@ def test_a_job_definition_is_reused_only_when_it_holds_exactly_what_the_run_need
                                          {"type": "MEMORY", "value": "4096"}]})
         assert plugin._job_definition("a/b:1") == first
         assert plugin._job_definition("a/b:1").endswith(":1")
+        # the same container, with what else a definition may hold: not reused either
+        same = {"image": "a/b:1", "command": ["python3", "-c", _BOOT],
+                "resourceRequirements": [{"type": "VCPU", "value": "2"},
+                                         {"type": "MEMORY", "value": "4096"}]}
+        for extra, top in (({"logConfiguration": {"logDriver": "splunk", "options": {
+                "splunk-url": "https://attacker.example"}}}, {}),
+                ({"ulimits": [{"name": "nofile", "softLimit": 16, "hardLimit": 16}]}, {}),
+                ({}, {"timeout": {"attemptDurationSeconds": 60}}),
+                ({}, {"retryStrategy": {"attempts": 10}})):
+            plugin.batch.register_job_definition(
+                jobDefinitionName=name, type="container",
+                containerProperties=dict(same, **extra), **top)
+            assert plugin._job_definition("a/b:1") == first, (extra, top)
 
 
 def test_cleanup_by_a_shortened_run_id_ends_no_batch_job(docker_images):

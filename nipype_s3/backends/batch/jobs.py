@@ -48,17 +48,32 @@ class _AgentFleet:
         return f"node:{self.node}" if self.node else self.image or ""
 
 
-def _holds(there: dict, props: dict) -> bool:
-    """Whether a registered job definition's container runs what ``props`` says, and
-    nothing more (no privileged mode, mounts, volumes, secrets, other user)."""
+#: what a job definition registered by nipype_s3 may hold besides its container, as
+#: Batch describes it (anything else set means someone else's revision)
+_DESCRIBED = {"jobDefinitionName", "jobDefinitionArn", "revision", "status", "type", "tags",
+              "containerProperties", "platformCapabilities", "containerOrchestrationType",
+              "propagateTags", "parameters"}
+#: what its container holds: the rest must be empty
+_OURS = {"image", "command", "resourceRequirements", "jobRoleArn"}
+
+
+def _holds(described: dict, props: dict) -> bool:
+    """Whether a registered job definition runs exactly what ``props`` says, and nothing
+    more: every other field empty (no log driver, ulimits, timeout, retries, mounts,
+    privileged mode, secrets, user...). Anyone who may register job definitions can add
+    a revision under a name they can work out."""
     def requirements(d):
         return sorted((r.get("type"), str(r.get("value")))
                       for r in d.get("resourceRequirements") or [])
 
-    extra = any(there.get(k) for k in ("privileged", "volumes", "mountPoints", "secrets",
-                                         "user", "linuxParameters", "environment",
-                                         "executionRoleArn"))
-    return (not extra and there.get("image") == props["image"]
+    there = described.get("containerProperties") or {}
+    extra = [k for k, v in described.items() if k not in _DESCRIBED and v] + \
+        [k for k, v in there.items() if k not in _OURS and v]
+    return (not extra and described.get("type") == "container"
+            and not described.get("parameters") and not described.get("propagateTags")
+            and described.get("platformCapabilities", ["EC2"]) == ["EC2"]
+            and described.get("containerOrchestrationType", "ECS") == "ECS"
+            and there.get("image") == props["image"]
             and list(there.get("command") or []) == props["command"]
             and requirements(there) == requirements(props)
             and there.get("jobRoleArn") == props.get("jobRoleArn"))

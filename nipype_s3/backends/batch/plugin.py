@@ -197,8 +197,7 @@ class BatchPlugin(RemotePlugin):
                            status="ACTIVE").get("jobDefinitions", [])
         # a revision is reused only when it holds exactly this (anyone who may register
         # job definitions can add a revision under a name they can work out)
-        same = [d for d in found if _holds(d.get("containerProperties") or {}, props)
-                and d.get("type") == "container"]
+        same = [d for d in found if _holds(d, props)]
         if same:
             return max(same, key=lambda d: d["revision"])["jobDefinitionArn"]
         made = self._call(self.batch.register_job_definition, jobDefinitionName=name,
