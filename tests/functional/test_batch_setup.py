@@ -96,7 +96,7 @@ def test_setup_makes_what_the_template_describes_and_teardown_removes_it(cloud):
     assert not [r for r in iam.list_roles()["Roles"] if "neuro-spot" in r["RoleName"]]
 
 
-def test_setup_leaves_alone_a_role_it_did_not_make(cloud):
+def test_setup_leaves_alone_a_role_it_did_not_make_or_whose_trust_changed(cloud):
     iam = boto3.client("iam")
     iam.create_role(RoleName="nipype-s3-theirs-job", AssumeRolePolicyDocument="{}")
     with pytest.raises(ConfigurationError, match="nipype-s3-theirs-job exists that"):
@@ -104,6 +104,21 @@ def test_setup_leaves_alone_a_role_it_did_not_make(cloud):
     with pytest.raises(ConfigurationError, match="nipype-s3-theirs-job was not made"):
         teardown("theirs", boto3.client, poll=0.1)
     assert iam.get_role(RoleName="nipype-s3-theirs-job")
+    # tagged for another name, and trusting someone else: no policy goes to it
+    outsider = json.dumps({"Version": "2012-10-17", "Statement": [{
+        "Effect": "Allow", "Principal": {"AWS": "arn:aws:iam::999999999999:root"},
+        "Action": "sts:AssumeRole"}]})
+    iam.create_role(RoleName="nipype-s3-neuro-job", AssumeRolePolicyDocument=outsider,
+                    Tags=[{"Key": "nipype-s3:batch-setup", "Value": "other"}])
+    with pytest.raises(ConfigurationError, match="tag is 'other'"):
+        setup(BatchEnvironment("neuro", PREFIX), boto3.client, poll=0.1)
+    iam.tag_role(RoleName="nipype-s3-neuro-job",
+                 Tags=[{"Key": "nipype-s3:batch-setup", "Value": "neuro"}])
+    with pytest.raises(ConfigurationError, match="trusts other principals"):
+        setup(BatchEnvironment("neuro", PREFIX), boto3.client, poll=0.1)
+    assert iam.list_role_policies(RoleName="nipype-s3-neuro-job")["PolicyNames"] == []
+    assert not [r for r in iam.list_roles()["Roles"]  # nothing else was made either
+                if r["RoleName"] in ("nipype-s3-neuro-instance", "nipype-s3-theirs-instance")]
 
 
 def test_localcloud_batch_refuses_deletes_aws_refuses(cloud):

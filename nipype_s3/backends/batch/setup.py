@@ -201,18 +201,43 @@ def _default_network(ec2) -> tuple[list[str], list[str]]:
     return sorted(subnets), groups
 
 
-def _role(iam, name: str, service: str, tags: dict, say) -> str:
+def _trust(document) -> dict:
+    """A role's trust policy as IAM gives it (a dict, or its URL-encoded JSON)."""
+    if isinstance(document, str):
+        import urllib.parse
+
+        document = json.loads(urllib.parse.unquote(document))
+    return document
+
+
+def _existing_role(iam, name: str, service: str, tags: dict) -> str | None:
+    """The ARN of the role setup made for this name (None: there is none), or an error
+    when one is there that is not that."""
     try:
         role = iam.get_role(RoleName=name)["Role"]
-        if not any(t["Key"] == SETUP_TAG for t in role.get("Tags") or []):
+        found = {t["Key"]: t["Value"] for t in role.get("Tags") or []}
+        if found.get(SETUP_TAG) != tags[SETUP_TAG]:
             raise ConfigurationError(
-                f"An IAM role {name} exists that nipype-s3 batch setup did not make (no "
-                f"{SETUP_TAG} tag): choose another --name, or delete or tag that role.")
-        say(f"role {name}: exists")
+                f"An IAM role {name} exists that nipype-s3 batch setup did not make for "
+                f"{tags[SETUP_TAG]} (its {SETUP_TAG} tag is {found.get(SETUP_TAG)!r}): "
+                "nothing was changed. Choose another --name, or delete that role.")
+        if _trust(role.get("AssumeRolePolicyDocument")) != trust_policy(service):
+            raise ConfigurationError(
+                f"The IAM role {name} trusts other principals than {service} (its trust "
+                "policy was changed after setup made it): nothing was given to it. Delete "
+                "the role (nipype-s3 batch teardown) and run setup again.")
         return role["Arn"]
     except botocore.exceptions.ClientError as exc:
         if _code(exc) != "NoSuchEntity":
             raise
+    return None
+
+
+def _role(iam, name: str, service: str, tags: dict, say) -> str:
+    arn = _existing_role(iam, name, service, tags)
+    if arn is not None:
+        say(f"role {name}: exists")
+        return arn
     arn = iam.create_role(RoleName=name, AssumeRolePolicyDocument=json.dumps(
         trust_policy(service)), Tags=[{"Key": k, "Value": v} for k, v in tags.items()],
         Description="made by nipype-s3 batch setup")["Role"]["Arn"]
@@ -284,6 +309,9 @@ def setup(env: BatchEnvironment, client, *, say=logger.info, timeout: float = 60
         subnets = list(env.subnets) or found_subnets
         groups = list(env.security_groups) or found_groups
     try:
+        for name, service in ((env.instance_role, "ec2.amazonaws.com"),
+                              (env.job_role, "ecs-tasks.amazonaws.com")):
+            _existing_role(iam, name, service, env.tags)  # both checked before any change
         _role(iam, env.instance_role, "ec2.amazonaws.com", env.tags, say)
         iam.attach_role_policy(RoleName=env.instance_role, PolicyArn=BATCH_INSTANCE_POLICY_ARN)
         profile = _instance_profile(iam, env, say)
