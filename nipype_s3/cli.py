@@ -128,9 +128,9 @@ def build_parser() -> argparse.ArgumentParser:
     policy.add_argument("who", choices=["agent", "controller", "batch-controller",
                                         "batch-setup"])
     policy.add_argument("--s3-prefix", help="the runs' s3_prefix (all but batch-setup)")
-    policy.add_argument("--name", default="*",
-                        help="(batch-setup, batch-controller) the Batch environment's name "
-                             "(default: any)")
+    policy.add_argument("--name", help="(batch-setup, batch-controller; required) the "
+                                       "Batch environment's name (nipype-s3 batch setup "
+                                       "--name)")
     policy.add_argument("--run", metavar="PATTERN", default="*",
                         help="narrow it to runs whose id matches (e.g. '2026*'; default: all)")
     policy.add_argument("--data-bucket", action="append", default=[], metavar="NAME",
@@ -172,6 +172,10 @@ def _cmd_policy(args) -> int:
     from .ec2.jobs import parse_s3_prefix
     from .iam import agent_policy, batch_controller_policy, batch_setup_policy, controller_policy
 
+    if args.who.startswith("batch-") and not args.name:
+        raise ConfigurationError(f"nipype-s3 policy {args.who} needs --name: the Batch "
+                                 "environment's name (its job queue and roles), as given "
+                                 "to nipype-s3 batch setup.")
     if args.who == "batch-setup":
         print(json.dumps(batch_setup_policy(args.name), indent=2))
         return 0

@@ -140,19 +140,24 @@ def batch_controller_policy(bucket: str, prefix: str = "", *, job_queue: str = "
         _statement("Follow", ["batch:DescribeJobQueues", "batch:DescribeComputeEnvironments",
                               "batch:DescribeJobDefinitions", "batch:DescribeJobs",
                               "batch:ListJobs"], "*"),
-        _statement("OwnJobDefinitions", ["batch:RegisterJobDefinition"], definitions),
+        _statement("OwnJobDefinitions", ["batch:RegisterJobDefinition"], definitions, {
+            "BoolIfExists": {"batch:Privileged": "false"},
+            "StringEqualsIfExists": {"batch:LogDriver": "awslogs"}}),
         _statement("Submit", ["batch:SubmitJob"],
                    [f"arn:aws:batch:*:*:job-queue/{job_queue}", definitions]),
         _statement("TagOnCreate", ["batch:TagResource"],
                    [definitions, "arn:aws:batch:*:*:job/*"]),
-        _statement("EndJobs", ["batch:TerminateJob"], "arn:aws:batch:*:*:job/*"),
+        _statement("EndRunJobs", ["batch:TerminateJob"], "arn:aws:batch:*:*:job/*", {
+            "Null": {f"aws:ResourceTag/{RUN_TAG}": "false"}}),
         _statement("PassJobRole", ["iam:PassRole"], job_role_arn),
     ]
     return _doc(statements)
 
 
 def batch_setup_policy(name: str = "*") -> dict:
-    """What ``nipype-s3 batch setup --name NAME`` and ``teardown`` need: the compute
+    """What ``nipype-s3 batch setup --name NAME`` and ``teardown`` need: an
+    administrator's policy (it makes roles and writes their policies, so whoever holds it
+    can give a role of those names any permission and take it on). The compute
     environment and job queue ``name`` and its two roles (``nipype-s3-NAME-instance``,
     ``nipype-s3-NAME-job``; ``*``: any name), Batch's
     service-linked role, and reading the default VPC."""
@@ -162,9 +167,11 @@ def batch_setup_policy(name: str = "*") -> dict:
         _statement("Network", ["ec2:DescribeVpcs", "ec2:DescribeSubnets",
                                "ec2:DescribeSecurityGroups"], "*"),
         _statement("Roles", ["iam:CreateRole", "iam:GetRole", "iam:DeleteRole",
-                             "iam:TagRole", "iam:AttachRolePolicy", "iam:DetachRolePolicy",
+                             "iam:TagRole", "iam:DetachRolePolicy",
                              "iam:ListAttachedRolePolicies", "iam:PutRolePolicy",
                              "iam:DeleteRolePolicy", "iam:ListRolePolicies"], roles),
+        _statement("InstancePolicy", ["iam:AttachRolePolicy"], roles[0], {
+            "ArnEquals": {"iam:PolicyARN": BATCH_INSTANCE_POLICY_ARN}}),
         _statement("PassInstanceRole", ["iam:PassRole"], roles[0]),
         _statement("InstanceProfile", [
             "iam:CreateInstanceProfile", "iam:GetInstanceProfile",
