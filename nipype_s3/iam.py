@@ -21,11 +21,14 @@ from .ec2.jobs import RUN_TAG
 
 __all__ = ["agent_policy", "controller_policy", "batch_controller_policy",
            "batch_setup_policy", "trust_policy", "AMI_PARAMETER_ARN",
-           "BATCH_INSTANCE_POLICY_ARN"]
+           "BATCH_INSTANCE_POLICY_ARN", "BATCH_SETUP_TAG"]
 
 #: The public SSM parameters the default AMI is read from.
 AMI_PARAMETER_ARN = "arn:aws:ssm:*::parameter/aws/service/*"
 
+
+#: The tag on what ``nipype-s3 batch setup`` makes (its value: the setup's name).
+BATCH_SETUP_TAG = "nipype-s3:batch-setup"
 
 #: The AWS-managed policy of a Batch compute environment's instances (the ECS agent:
 #: register the instance, pull images, write the jobs' logs).
@@ -165,7 +168,14 @@ def batch_setup_policy(name: str = "*") -> dict:
              f"arn:aws:iam::*:role/nipype-s3-{name}-job"]
     return _doc([
         _statement("Network", ["ec2:DescribeVpcs", "ec2:DescribeSubnets",
-                               "ec2:DescribeSecurityGroups"], "*"),
+                               "ec2:DescribeSecurityGroups", "ec2:DescribeLaunchTemplates"],
+                   "*"),
+        _statement("MakeLaunchTemplate", ["ec2:CreateLaunchTemplate", "ec2:CreateTags"],
+                   "arn:aws:ec2:*:*:launch-template/*", {
+                       "StringEquals": {f"aws:RequestTag/{BATCH_SETUP_TAG}": name}}),
+        _statement("RemoveLaunchTemplate", ["ec2:DeleteLaunchTemplate"],
+                   "arn:aws:ec2:*:*:launch-template/*", {
+                       "StringEquals": {f"aws:ResourceTag/{BATCH_SETUP_TAG}": name}}),
         _statement("Roles", ["iam:CreateRole", "iam:GetRole", "iam:DeleteRole",
                              "iam:TagRole", "iam:DetachRolePolicy",
                              "iam:ListAttachedRolePolicies", "iam:PutRolePolicy",

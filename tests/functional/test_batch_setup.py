@@ -55,6 +55,13 @@ def test_setup_makes_what_the_template_describes_and_teardown_removes_it(cloud):
                 "tags"):
         assert have[key] == want[key], key
     assert have["instanceRole"].endswith(":instance-profile/nipype-s3-neuro-spot-instance")
+    assert have["launchTemplate"] == want["launchTemplate"]
+    ec2 = boto3.client("ec2")
+    (version,) = ec2.describe_launch_template_versions(
+        LaunchTemplateName="nipype-s3-neuro-spot")["LaunchTemplateVersions"]
+    assert version["LaunchTemplateData"]["MetadataOptions"] == \
+        template["LaunchTemplate"]["Properties"]["LaunchTemplateData"]["MetadataOptions"]
+    assert version["LaunchTemplateData"]["MetadataOptions"]["HttpPutResponseHopLimit"] == 1
     assert compute["type"] == "MANAGED" and compute["status"] == "VALID"
     (queue,) = batch.describe_job_queues(jobQueues=["neuro-spot"])["jobQueues"]
     want_queue = _camel(template["JobQueue"]["Properties"])
@@ -90,7 +97,8 @@ def test_setup_makes_what_the_template_describes_and_teardown_removes_it(cloud):
         teardown(cloud.batch.QUEUE, boto3.client, poll=0.1)
     assert teardown("neuro-spot", boto3.client, poll=0.1) == [
         "job queue neuro-spot", "compute environment neuro-spot",
-        "role nipype-s3-neuro-spot-job", "role nipype-s3-neuro-spot-instance"]
+        "launch template nipype-s3-neuro-spot", "role nipype-s3-neuro-spot-job",
+        "role nipype-s3-neuro-spot-instance"]
     assert teardown("neuro-spot", boto3.client, poll=0.1) == []
     assert batch.describe_job_queues(jobQueues=[cloud.batch.QUEUE])["jobQueues"]
     assert not [r for r in iam.list_roles()["Roles"] if "neuro-spot" in r["RoleName"]]
@@ -172,7 +180,7 @@ def test_the_cli_prints_plugin_args_and_one_line_errors(cloud, capsys):
     assert args["job_queue"] == "cli-env" and args["job_role_arn"].endswith(
         "role/nipype-s3-cli-env-job")
     assert main(["batch", "teardown", "--name", "cli-env"]) == 0
-    assert "4 removed" in capsys.readouterr().out
+    assert "5 removed" in capsys.readouterr().out
     for argv, said in ((["batch", "setup", "--name", "x"], "needs --s3-prefix"),
                        (["batch", "setup", "--name", "bad name", "--s3-prefix", PREFIX],
                         "Batch environment name 'bad name'"),

@@ -91,6 +91,10 @@ def _api_calls(rec) -> list[tuple[str, str]]:
         return _iam_calls(rec.action, params)
     if rec.service == "batch":
         return _batch_calls(rec.action.split(":", 1)[1], params)
+    if rec.action in ("CreateLaunchTemplate", "DeleteLaunchTemplate"):
+        arn = "arn:aws:ec2:us-east-1:123456789012:launch-template/lt-1"
+        return [(f"ec2:{rec.action}", arn)] + (
+            [("ec2:CreateTags", arn)] if rec.action == "CreateLaunchTemplate" else [])
     calls = [(f"ec2:{rec.action}", "*")]
     if rec.action == "RunInstances":  # tagging at launch and passing the role
         calls.append(("ec2:CreateTags", "*"))

@@ -4,6 +4,7 @@
 One description, :class:`BatchEnvironment`, says what exists: a managed compute
 environment and a job queue named ``NAME``, the instance role (``nipype-s3-NAME-instance``,
 AWS's managed policy for the ECS agent on Batch's instances) with its instance profile,
+a launch template that keeps the instances' metadata service from the jobs' containers,
 and the job role (``nipype-s3-NAME-job``) the agents' containers run as, holding the
 agents' least-privilege policy (:func:`nipype_s3.iam.agent_policy`). :func:`setup` makes
 it with API calls, :func:`cloudformation_template` writes it as a template: both read
@@ -23,7 +24,7 @@ import botocore.exceptions
 
 from ...ec2.jobs import parse_s3_prefix
 from ...exceptions import ConfigurationError, EC2Error
-from ...iam import BATCH_INSTANCE_POLICY_ARN, agent_policy, trust_policy
+from ...iam import BATCH_INSTANCE_POLICY_ARN, BATCH_SETUP_TAG, agent_policy, trust_policy
 
 __all__ = ["BatchEnvironment", "setup", "teardown", "cloudformation_template", "SETUP_TAG",
            "checked_name"]
@@ -31,7 +32,7 @@ __all__ = ["BatchEnvironment", "setup", "teardown", "cloudformation_template", "
 logger = logging.getLogger("nipype_s3.batch")
 
 #: The tag on everything ``setup`` makes; ``teardown`` removes nothing without it.
-SETUP_TAG = "nipype-s3:batch-setup"
+SETUP_TAG = BATCH_SETUP_TAG
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{1,43}[A-Za-z0-9]")
 _SUBNET = re.compile(r"subnet-[0-9a-f]{8,17}")
 _GROUP = re.compile(r"sg-[0-9a-f]{8,17}")
@@ -91,6 +92,18 @@ class BatchEnvironment:
         return _roles(self.name)[0]
 
     # -- what exists, said once ---------------------------------------------------------
+    @property
+    def launch_template(self) -> str:
+        return f"nipype-s3-{self.name}"
+
+    @staticmethod
+    def launch_template_data() -> dict:
+        """The instances' launch template: the metadata service only with a session token
+        and one network hop, so the jobs' containers cannot reach the instance role
+        (their own role comes from the container agent)."""
+        return {"MetadataOptions": {"HttpEndpoint": "enabled", "HttpTokens": "required",
+                                    "HttpPutResponseHopLimit": 1}}
+
     def job_role_policy(self) -> dict:
         bucket, prefix = parse_s3_prefix(self.s3_prefix)
         return agent_policy(bucket, prefix, data_buckets=tuple(self.data_buckets))
@@ -104,6 +117,8 @@ class BatchEnvironment:
                 "minvCpus": 0, "maxvCpus": self.max_vcpus, "instanceTypes": ["optimal"],
                 "subnets": subnets, "securityGroupIds": security_groups,
                 "instanceRole": instance_profile,
+                "launchTemplate": {"launchTemplateName": self.launch_template,
+                                   "version": "$Default"},
                 "tags": {SETUP_TAG: self.name, "Name": f"nipype-s3-batch-{self.name}"}}
 
     def job_queue(self, compute_environment) -> dict:
@@ -146,6 +161,10 @@ def cloudformation_template(env: BatchEnvironment) -> dict:
     compute = _pascal(env.compute_resources(subnets, groups,
                                             {"Fn::GetAtt": ["InstanceProfile", "Arn"]}))
     resources = {
+        "LaunchTemplate": {"Type": "AWS::EC2::LaunchTemplate", "Properties": {
+            "LaunchTemplateName": env.launch_template,
+            "LaunchTemplateData": env.launch_template_data(),
+            "TagSpecifications": [{"ResourceType": "launch-template", "Tags": tags}]}},
         "InstanceRole": {"Type": "AWS::IAM::Role", "Properties": {
             "RoleName": env.instance_role,
             "AssumeRolePolicyDocument": trust_policy("ec2.amazonaws.com"),
@@ -157,7 +176,8 @@ def cloudformation_template(env: BatchEnvironment) -> dict:
             "AssumeRolePolicyDocument": trust_policy("ecs-tasks.amazonaws.com"),
             "Policies": [{"PolicyName": _JOB_POLICY,
                           "PolicyDocument": env.job_role_policy()}], "Tags": tags}},
-        "ComputeEnvironment": {"Type": "AWS::Batch::ComputeEnvironment", "Properties": {
+        "ComputeEnvironment": {"Type": "AWS::Batch::ComputeEnvironment",
+                               "DependsOn": "LaunchTemplate", "Properties": {
             "ComputeEnvironmentName": env.name, "Type": "MANAGED", "State": "ENABLED",
             "ComputeResources": compute, "Tags": env.tags}},
         "JobQueue": {"Type": "AWS::Batch::JobQueue", "Properties": dict(
@@ -259,6 +279,29 @@ def _instance_profile(iam, env: BatchEnvironment, say) -> str:
     return profile["Arn"]
 
 
+def _launch_template(ec2, env: BatchEnvironment, say) -> None:
+    name = env.launch_template
+    try:
+        found = ec2.describe_launch_templates(LaunchTemplateNames=[name])["LaunchTemplates"]
+    except botocore.exceptions.ClientError as exc:
+        if "NotFound" not in _code(exc):
+            raise
+        found = []
+    if found:
+        tags = {t["Key"]: t["Value"] for t in found[0].get("Tags") or []}
+        if tags.get(SETUP_TAG) != env.name:
+            raise ConfigurationError(
+                f"A launch template {name} exists that nipype-s3 batch setup did not make "
+                f"for {env.name}: choose another --name, or delete that template.")
+        say(f"launch template {name}: exists")
+        return
+    ec2.create_launch_template(
+        LaunchTemplateName=name, LaunchTemplateData=env.launch_template_data(),
+        TagSpecifications=[{"ResourceType": "launch-template", "Tags": [
+            {"Key": k, "Value": v} for k, v in env.tags.items()]}])
+    say(f"launch template {name}: created (metadata service: session tokens, one hop)")
+
+
 def _service_role(iam) -> str:
     """Batch's service-linked role, made if the account has none yet."""
     try:
@@ -336,6 +379,10 @@ def setup(env: BatchEnvironment, client, *, say=logger.info, timeout: float = 60
     def settled(found):
         return found is not None and found.get("status") == "VALID"
 
+    try:
+        _launch_template(ec2, env, say)
+    except botocore.exceptions.ClientError as exc:
+        raise _aws("make the launch template", exc) from exc
     try:
         existing = compute()
         wanted = env.compute_resources(subnets, groups, profile)
@@ -439,10 +486,36 @@ def teardown(name: str, client, *, say=logger.info, timeout: float = 900,
     except botocore.exceptions.ClientError as exc:
         raise _aws(f"remove job queue and compute environment {name}", exc) from exc
     try:
+        removed += _remove_launch_template(client("ec2"), name, say)
+    except botocore.exceptions.ClientError as exc:
+        raise _aws(f"remove the launch template of {name}", exc) from exc
+    try:
         removed += _remove_roles(iam, name, say)
     except botocore.exceptions.ClientError as exc:
         raise _aws(f"remove the roles of {name}", exc) from exc
     return removed
+
+
+def _remove_launch_template(ec2, name: str, say) -> list[str]:
+    template = f"nipype-s3-{name}"
+    try:
+        found = ec2.describe_launch_templates(LaunchTemplateNames=[template])[
+            "LaunchTemplates"]
+    except botocore.exceptions.ClientError as exc:
+        if "NotFound" not in _code(exc):
+            raise
+        found = []
+    if not found:
+        say(f"launch template {template}: not there")
+        return []
+    tags = {t["Key"]: t["Value"] for t in found[0].get("Tags") or []}
+    if tags.get(SETUP_TAG) != name:
+        raise ConfigurationError(f"launch template {template} was not made by nipype-s3 "
+                                 f"batch setup (no {SETUP_TAG} tag): it was left. Remove "
+                                 "it yourself.")
+    ec2.delete_launch_template(LaunchTemplateName=template)
+    say(f"launch template {template}: removed")
+    return [f"launch template {template}"]
 
 
 def _remove_roles(iam, name: str, say) -> list[str]:
