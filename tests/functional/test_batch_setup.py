@@ -187,7 +187,13 @@ def test_the_cli_prints_plugin_args_and_one_line_errors(cloud, capsys):
                        (["batch", "setup", "--name", "abc", "--s3-prefix", PREFIX,
                          "--subnets", "vpc-1"], "--subnets 'vpc-1'"),
                        (["batch", "template", "--name", "abc", "--s3-prefix", PREFIX,
-                         "--max-vcpus", "0"], "--max-vcpus 0")):
+                         "--max-vcpus", "0"], "--max-vcpus 0"),
+                       (["batch", "template", "--name", "abc", "--s3-prefix", PREFIX,
+                         "--data-bucket", "*"], "no wildcards"),
+                       (["batch", "template", "--name", "abc", "--s3-prefix", "s3://my-bucket/x*"],
+                        "no wildcards"),
+                       (["batch", "template", "--name", "abc", "--s3-prefix", PREFIX,
+                         "--data-bucket", "data/raw"], "a bucket's name only")):
         assert main(argv) == 1
         err = capsys.readouterr().err
         assert said in err and len(err.strip().splitlines()) == 1, err

@@ -74,6 +74,18 @@ class BatchEnvironment:
     def __post_init__(self) -> None:
         checked_name(self.name)
         parse_s3_prefix(self.s3_prefix)  # a clear error for a bad prefix
+        # they become ARNs in the job role's policy: a wildcard would widen it
+        for value, what in [(self.s3_prefix, "--s3-prefix")] + [
+                (b, "--data-bucket") for b in self.data_buckets]:
+            if any(c in str(value) for c in "*?"):
+                raise ConfigurationError(f"{what} {value!r}: no wildcards ('*', '?'); name "
+                                         "the bucket (and prefix) itself.")
+        from ...s3.uri import parse_s3_uri
+
+        for bucket in self.data_buckets:
+            if "/" in bucket or parse_s3_uri(f"s3://{bucket}").bucket != bucket:
+                raise ConfigurationError(f"--data-bucket {bucket!r}: give a bucket's name "
+                                         "only (my-data), not a path.")
         if not isinstance(self.max_vcpus, int) or not 1 <= self.max_vcpus <= 100_000:
             raise ConfigurationError(f"--max-vcpus {self.max_vcpus!r}: give a whole number "
                                      "of vCPUs from 1 to 100000.")
