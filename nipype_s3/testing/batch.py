@@ -370,7 +370,14 @@ class LocalBatch:
         for job in todo[:max(0, self.max_running - running)]:
             self._start(job)
 
+    def _env_file_gone(self, job_id: str) -> None:
+        try:
+            os.unlink(os.path.join(self.directory, f"{job_id}.env"))
+        except OSError:
+            pass
+
     def _finish(self, job: dict, code: int) -> None:
+        self._env_file_gone(job["jobId"])
         log = self._log(job["jobId"])
         attempt = job["attempts"][-1] if job["attempts"] else {}
         now = int(time.time() * 1000)
@@ -405,6 +412,7 @@ class LocalBatch:
                 job["attempts"][-1].update(stoppedAt=now, statusReason=reason)
         if proc is None:
             return
+        self._env_file_gone(job["jobId"])
         if self._boxes.pop(job["jobId"], None) is not None:  # a sandboxed process
             try:
                 os.killpg(proc.pid, signal.SIGKILL)
@@ -482,18 +490,28 @@ class LocalBatch:
         if engine == "sandbox":
             self._start_sandboxed(job, env, command, log_path, now)
             return
-        names = sorted(env) + [n for n in _ROLE_NAMES if n in self.cloud.agent_env()]
-        values = dict(os.environ, **self.cloud.agent_env(), **env)
+        role = {n: v for n, v in self.cloud.agent_env().items() if n in _ROLE_NAMES}
+        values = dict(role, **env)  # the job's own variables win, as in Batch
+        if any("\n" in v for v in values.values()):
+            with self._lock:
+                reason = ("ClientException: LocalCloud cannot pass a variable holding a "
+                          "newline to a container (docker's env-file)")
+                job.update(status="FAILED", statusReason=reason, stoppedAt=now)
+                attempt.update(stoppedAt=now, statusReason=reason)
+            return
+        # in a file only the container reads (not the docker client's own environment,
+        # where a job's PATH, LD_PRELOAD or DOCKER_HOST would steer this machine's docker)
+        env_file = os.path.join(self.directory, f"{job['jobId']}.env")
+        fd = os.open(env_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as fobj:
+            fobj.writelines(f"{name}={value}\n" for name, value in sorted(values.items()))
         argv = ["docker", "run", "--rm", "--pull", "never", "--name", _container(job["jobId"]),
                 "--label", f"nipype-s3-localcloud={job['jobId']}", "--network", "host",
-                "--memory", f"{job['container']['memory']}m"]
-        for name in names:
-            argv += ["-e", name]  # the value from this process's environment only
-        argv += [props["image"], *command]
+                "--memory", f"{job['container']['memory']}m", "--env-file", env_file,
+                props["image"], *command]
         with open(log_path, "ab") as log:
             proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT,
-                                    stdin=subprocess.DEVNULL, env=values,
-                                    start_new_session=True)
+                                    stdin=subprocess.DEVNULL, start_new_session=True)
         with self._lock:
             self._procs[job["jobId"]] = proc
             if job["status"] == "STARTING":

@@ -129,19 +129,20 @@ def test_aws_limits_and_throttling(cloud, docker_images):
     assert _wait(batch, [job])[job]["status"] == "SUCCEEDED"
 
 
-def test_without_a_docker_engine_a_job_fails_saying_so(monkeypatch):
+def test_docker_asked_for_and_no_engine_a_job_fails_saying_so(monkeypatch):
     import nipype_s3.testing.batch as local_batch
 
     monkeypatch.setattr(local_batch.shutil, "which", lambda name: None)
-    with LocalCloud(boot="direct") as cloud:
+    with LocalCloud(boot="direct", batch_engine="docker") as cloud:
         batch = _batch()
         definition = _definition(batch, "nipype-s3-test/nipype:local", ["true"])
         job = batch.submit_job(jobName="x", jobQueue=cloud.batch.QUEUE,
                                jobDefinition=definition)["jobId"]
         (done,) = _wait(batch, [job]).values()
     assert done["status"] == "FAILED"
-    assert done["statusReason"].startswith("CannotPullContainerError: LocalCloud has no "
-                                           "Docker engine")
+    assert done["statusReason"] == (
+        "CannotPullContainerError: LocalCloud cannot run nipype-s3-test/nipype:local: no "
+        "Docker engine answers 'docker info'")
 
 
 def _sandbox_or_skip():
