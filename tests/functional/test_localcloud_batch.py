@@ -58,7 +58,9 @@ def test_a_job_runs_its_image_and_command_with_batchs_variables(cloud, docker_im
         ids[code] = batch.submit_job(
             jobName=f"exit-{code}", jobQueue=cloud.batch.QUEUE, jobDefinition=definition,
             containerOverrides={"command": ["python3", "-c", script], "environment": [
-                {"name": "GREETING", "value": "hello"}, {"name": "EXIT", "value": str(code)}]},
+                {"name": "GREETING", "value": "hello"}, {"name": "EXIT", "value": str(code)},
+                # the container's, not this machine's docker client's
+                {"name": "DOCKER_HOST", "value": "tcp://127.0.0.1:9"}]},
         )["jobId"]
     jobs = _wait(batch, list(ids.values()))
     ok, failed = jobs[ids[0]], jobs[ids[3]]
