@@ -9,6 +9,7 @@ import logging
 __version__ = "0.1.0"
 
 from .exceptions import (  # noqa: E402
+    BatchError,
     ConfigurationError,
     CredentialsError,
     EC2Error,
@@ -61,6 +62,7 @@ __all__ = [
     "S3WrongRegion",
     "TransferFailed",
     "EC2Error",
+    "BatchError",
     "InstanceLaunchError",
     "InstanceTimeout",
     "RemoteNodeError",

@@ -39,6 +39,7 @@ __all__ = [
     "S3WrongRegion",
     "TransferFailed",
     "EC2Error",
+    "BatchError",
     "InstanceLaunchError",
     "InstanceTimeout",
     "RemoteNodeError",
@@ -124,6 +125,11 @@ class TransferFailed(S3Error):
 
 class EC2Error(NipypeS3Error):
     """An EC2 request or an instance failed."""
+
+
+class BatchError(EC2Error):
+    """AWS Batch refused a call, or a run's Batch jobs failed (an :class:`EC2Error` too,
+    as what both backends raise)."""
 
 
 class InstanceLaunchError(EC2Error):

@@ -212,3 +212,28 @@ def test_the_docs_print_the_template_and_policies_this_code_makes():
                                                           "nipype-s3-neuro-spot-job")):
         block = "\n".join("    " + line for line in json.dumps(document, indent=2).splitlines())
         assert block in doc
+
+
+def test_a_disabled_queue_or_a_missing_job_definition_is_refused_before_submitting(
+        cloud, tmp_path):
+    from nipype import Function, Node, Workflow
+
+    boto3.client("s3").create_bucket(Bucket="my-bucket")
+
+    def one():
+        return 1
+
+    wf = Workflow("refused", base_dir=str(tmp_path))
+    wf.add_nodes([Node(Function(output_names=["y"], function=one), name="one")])
+    batch = boto3.client("batch")
+    args = {"s3_prefix": PREFIX, "job_queue": cloud.batch.QUEUE,
+            "image": "nipype-s3-test/nipype:local"}
+    batch.update_job_queue(jobQueue=cloud.batch.QUEUE, state="DISABLED")
+    with pytest.raises(ConfigurationError, match=r"is DISABLED.*Enable it.*Nothing was "
+                                                 "submitted"):
+        wf.run(plugin=BatchPlugin(plugin_args=args))
+    batch.update_job_queue(jobQueue=cloud.batch.QUEUE, state="ENABLED")
+    with pytest.raises(ConfigurationError, match="no active Batch job definition 'my-def:7'"):
+        wf.run(plugin=BatchPlugin(plugin_args=dict(args, job_definition="my-def:7")))
+    assert cloud.batch.submitted == 0
+    assert not boto3.client("sqs").list_queues(QueueNamePrefix="nipype-s3-").get("QueueUrls")

@@ -12,7 +12,7 @@ from nipype.interfaces.utility import IdentityInterface
 
 from nipype_s3 import BatchPlugin
 from nipype_s3.backends.batch.jobs import _BOOT
-from nipype_s3.exceptions import ConfigurationError, EC2Error
+from nipype_s3.exceptions import BatchError, ConfigurationError
 from nipype_s3.testing import LocalCloud
 
 pytestmark = [pytest.mark.docker, pytest.mark.slow]
@@ -134,7 +134,7 @@ def test_same_results_as_linear_rerun_submits_nothing_all_agents_ended(
 def test_an_image_that_cannot_run_stops_the_run_saying_why(docker_images, tmp_path):
     with LocalCloud() as cloud:
         boto3.client("s3").create_bucket(Bucket="batch-runs")
-        with pytest.raises(EC2Error) as err:
+        with pytest.raises(BatchError) as err:
             _workflow(tmp_path / "w").run(plugin=_plugin("nipype-s3-test/not-here:1",
                                                          max_boot_failures=2))
         jobs = list(cloud.batch.jobs.values())

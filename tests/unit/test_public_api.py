@@ -20,6 +20,7 @@ EXPECTED = {
     "S3WrongRegion",
     "TransferFailed",
     "EC2Error",
+    "BatchError",
     "InstanceLaunchError",
     "InstanceTimeout",
     "RemoteNodeError",

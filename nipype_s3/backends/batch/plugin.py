@@ -32,7 +32,7 @@ import time
 import botocore.exceptions
 
 from ...agent.config import AgentConfig
-from ...exceptions import ConfigurationError, EC2Error
+from ...exceptions import BatchError, ConfigurationError
 from ...remote.collect import plain
 from ...remote.placement import check_node_args
 from ...remote.plugin import RemotePlugin
@@ -104,7 +104,16 @@ class BatchPlugin(RemotePlugin):
                 f"There is no Batch job queue {s.job_queue!r} in {self.region}: create one "
                 "(nipype-s3 batch setup, or the console), or name yours in "
                 "plugin_args['job_queue']. Nothing was submitted.")
-        self._check_capacity(queues["jobQueues"][0])
+        queue = queues["jobQueues"][0]
+        if queue.get("state") != "ENABLED" or queue.get("status") not in ("VALID", None):
+            raise ConfigurationError(
+                f"The Batch job queue {s.job_queue!r} is {queue.get('state')} and "
+                f"{queue.get('status')} ({plain(queue.get('statusReason', ''), 200)}): it "
+                "takes no jobs. Enable it (aws batch update-job-queue --state ENABLED), or "
+                "name another in plugin_args['job_queue']. Nothing was submitted.")
+        if s.job_definition:
+            self._check_job_definition(s.job_definition)
+        self._check_capacity(queue)
         logger.info("BatchPlugin: run %s, files in s3://%s/%s, up to %d agents on %s",
                     self.run_id, self.layout.bucket, self.layout.run_prefix, s.max_agents,
                     s.job_queue)
@@ -113,6 +122,23 @@ class BatchPlugin(RemotePlugin):
         self._last_describe = self._last_submit = 0.0
         self._fleet(s.instance_type, s.image)
         self._start_lease()
+
+    def _check_job_definition(self, name: str) -> None:
+        """The job definition the user named exists and is active (name, name:revision
+        or ARN), before anything is submitted."""
+        if name.startswith("arn:"):
+            found = self._call(self.batch.describe_job_definitions, jobDefinitions=[name])
+        else:
+            base, _, revision = name.partition(":")
+            found = self._call(self.batch.describe_job_definitions, jobDefinitionName=base,
+                               status="ACTIVE")
+            found = {"jobDefinitions": [d for d in found.get("jobDefinitions", [])
+                                        if not revision or str(d.get("revision")) == revision]}
+        if not [d for d in found.get("jobDefinitions", []) if d.get("status") == "ACTIVE"]:
+            raise ConfigurationError(
+                f"There is no active Batch job definition {name!r} in {self.region} "
+                "(plugin_args['job_definition']): register it, or give 'image' instead to "
+                "let BatchPlugin register one. Nothing was submitted.")
 
     def _check_capacity(self, queue: dict) -> None:
         """Refuse, before anything is submitted, an agent or a node of its own larger
@@ -252,6 +278,20 @@ class BatchPlugin(RemotePlugin):
                 live_all += wanted
 
     def _submit(self, fleet: _AgentFleet, count: int) -> None:
+        """Submit ``count`` agents of ``fleet``; a refusal stops the run saying why."""
+        try:
+            self._submit_now(fleet, count)
+        except botocore.exceptions.ClientError as exc:
+            err = exc.response.get("Error", {})
+            self._stop_run(BatchError(
+                f"AWS Batch refused to submit the agents of run {self.run_id} to job queue "
+                f"{self.settings.job_queue}: {plain(err.get('Code'))}: "
+                f"{plain(err.get('Message'), 300)}. Check the job queue (enabled, its "
+                "compute environments valid) and the job definition "
+                f"({fleet.job_definition}), and that these credentials may submit to them "
+                "(nipype-s3 policy batch-controller)."), "Batch refused to run its agents")
+
+    def _submit_now(self, fleet: _AgentFleet, count: int) -> None:
         env = [{"name": "NIPYPE_S3_AGENT_CONFIG", "value": fleet.config_json},
                {"name": "NIPYPE_NO_ET", "value": "1"},
                {"name": "OMP_NUM_THREADS", "value": "1"}]
@@ -319,7 +359,7 @@ class BatchPlugin(RemotePlugin):
             return False
         images = sorted({f.image for f in self._fleets.values() if f.image})
         reasons = sorted({info.get("reason") or "no reason given" for _, info in dead})
-        self._stop_run(EC2Error(
+        self._stop_run(BatchError(
             f"{len(dead)} agent jobs of run {self.run_id} ended before their agent started "
             f"({', '.join(a for a, _ in dead[:3])}); Batch says: {'; '.join(reasons[:3])}. "
             f"Check the image ({', '.join(images) or 'the job definition'}: nipype-s3 "
@@ -403,7 +443,7 @@ class BatchPlugin(RemotePlugin):
                 if info["status"] not in _FINAL:
                     info["status"], info["stopped"] = "FAILED", now
         if failed:
-            raise EC2Error(
+            raise BatchError(
                 f"BatchPlugin could not terminate {len(failed)} job(s) of run {self.run_id}: "
                 f"{', '.join(failed[:5])}. They stop when the run's lease expires; end "
                 f"them now with: nipype-s3 cleanup --run {self.run_id}")

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import botocore.exceptions
 
 from ...ec2.jobs import parse_s3_prefix
-from ...exceptions import ConfigurationError, EC2Error
+from ...exceptions import BatchError, ConfigurationError
 from ...iam import BATCH_INSTANCE_POLICY_ARN, BATCH_SETUP_TAG, agent_policy, trust_policy
 
 __all__ = ["BatchEnvironment", "setup", "teardown", "cloudformation_template", "SETUP_TAG",
@@ -209,8 +209,8 @@ def _code(exc) -> str:
         if isinstance(exc, botocore.exceptions.ClientError) else ""
 
 
-def _aws(what: str, exc) -> EC2Error:
-    return EC2Error(f"nipype-s3 batch: could not {what}: {exc}. Check the credentials' "
+def _aws(what: str, exc) -> BatchError:
+    return BatchError(f"nipype-s3 batch: could not {what}: {exc}. Check the credentials' "
                     "permissions (nipype-s3 policy batch-setup prints what is needed); "
                     "running the same command again carries on where this one stopped.")
 
@@ -326,7 +326,7 @@ def _service_role(iam) -> str:
             PathPrefix="/aws-service-role/batch.amazonaws.com/"):
         for role in page["Roles"]:
             return role["Arn"]
-    raise EC2Error("AWS said Batch's service-linked role exists, but it was not found")
+    raise BatchError("AWS said Batch's service-linked role exists, but it was not found")
 
 
 def _wait(describe, what: str, ready, timeout: float, poll: float, *, strict=True):
@@ -336,12 +336,12 @@ def _wait(describe, what: str, ready, timeout: float, poll: float, *, strict=Tru
     while True:
         found = describe()
         if strict and found is not None and found.get("status") == "INVALID":
-            raise EC2Error(f"{what} is INVALID: {found.get('statusReason', '?')}. Fix the "
+            raise BatchError(f"{what} is INVALID: {found.get('statusReason', '?')}. Fix the "
                            "cause, then run nipype-s3 batch teardown and setup again.")
         if ready(found):
             return found
         if time.monotonic() > deadline:
-            raise EC2Error(f"{what} was not ready after {timeout:.0f} s (status "
+            raise BatchError(f"{what} was not ready after {timeout:.0f} s (status "
                            f"{(found or {}).get('status', 'gone')}); run the same command "
                            "again to carry on.")
         time.sleep(poll)
