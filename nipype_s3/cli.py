@@ -172,10 +172,14 @@ def _cmd_policy(args) -> int:
     from .ec2.jobs import parse_s3_prefix
     from .iam import agent_policy, batch_controller_policy, batch_setup_policy, controller_policy
 
-    if args.who.startswith("batch-") and not args.name:
-        raise ConfigurationError(f"nipype-s3 policy {args.who} needs --name: the Batch "
-                                 "environment's name (its job queue and roles), as given "
-                                 "to nipype-s3 batch setup.")
+    if args.who.startswith("batch-"):
+        from .backends.batch.setup import checked_name
+
+        if not args.name:
+            raise ConfigurationError(f"nipype-s3 policy {args.who} needs --name: the Batch "
+                                     "environment's name (its job queue and roles), as "
+                                     "given to nipype-s3 batch setup.")
+        checked_name(args.name)
     if args.who == "batch-setup":
         print(json.dumps(batch_setup_policy(args.name), indent=2))
         return 0
@@ -204,9 +208,10 @@ def _cmd_batch(args) -> int:
     from .ops import _client
 
     if args.action == "teardown":
-        removed = teardown(args.name, lambda s: _client(s, args.region),
-                                       say=print)
-        print(f"nipype-s3 batch teardown: {len(removed)} removed")
+        removed = teardown(args.name, lambda s: _client(s, args.region), say=print)
+        print(f"nipype-s3 batch teardown: {len(removed)} removed" if removed else
+              f"nipype-s3 batch teardown: nothing named {args.name} was there (removed "
+              "already, or made with another --name or --region)")
         return 0
     if not args.s3_prefix:
         raise ConfigurationError(f"nipype-s3 batch {args.action} needs --s3-prefix: the "
@@ -307,6 +312,21 @@ def _cmd_demo(args) -> int:
     if args.image and plugin != "Batch":
         raise ConfigurationError("demo: --image is for --backend batch (EC2Plugin's demo "
                                  "runs on the instances' own Python).")
+    if args.image:
+        from .remote.settings import checked_image
+
+        checked_image(args.image, "demo --image")
+    if args.keep:
+        keep = os.path.abspath(args.keep)
+        try:
+            os.makedirs(keep, exist_ok=True)
+            probe = os.path.join(keep, ".nipype-s3-demo-probe")
+            open(probe, "w").close()
+            os.unlink(probe)
+        except OSError as exc:
+            raise ConfigurationError(f"demo --keep {args.keep!r}: cannot write there "
+                                     f"({exc.strerror}); give a folder you can write.") \
+                from None
     return run_demo(keep=args.keep, plugin=plugin, image=args.image or DEMO_IMAGE)
 
 

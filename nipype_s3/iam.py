@@ -179,6 +179,7 @@ def batch_setup_policy(name: str = "*") -> dict:
         _statement("Roles", ["iam:CreateRole", "iam:GetRole", "iam:DeleteRole",
                              "iam:TagRole", "iam:DetachRolePolicy",
                              "iam:ListAttachedRolePolicies", "iam:PutRolePolicy",
+                             "iam:GetRolePolicy",
                              "iam:DeleteRolePolicy", "iam:ListRolePolicies"], roles),
         _statement("InstancePolicy", ["iam:AttachRolePolicy"], roles[0], {
             "ArnEquals": {"iam:PolicyARN": BATCH_INSTANCE_POLICY_ARN}}),

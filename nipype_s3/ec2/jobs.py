@@ -288,13 +288,13 @@ def read_bounded(client, bucket: str, key: str, limit: int, *, what: str) -> byt
     return data
 
 
-def parse_s3_prefix(value: str):
+def parse_s3_prefix(value: str, plugin: str = "EC2Plugin"):
     """``s3://bucket/prefix`` → (bucket, prefix) with a clear error."""
     from ..s3.uri import parse_s3_uri
 
     if not value:
         raise ConfigurationError(
-            "EC2Plugin needs plugin_args['s3_prefix'], an s3:// location for the run's "
+            f"{plugin} needs plugin_args['s3_prefix'], an s3:// location for the run's "
             "files, e.g. {'s3_prefix': 's3://my-bucket/nipype-runs'}.")
     uri = parse_s3_uri(value)
     if uri.key.startswith("/") or "//" in uri.key:

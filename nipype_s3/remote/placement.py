@@ -166,9 +166,10 @@ def check_node_args(node, known: dict) -> None:
     if args is None or args == {}:
         return
     if not isinstance(args, dict):
+        example = ", ".join(f"{k!r}" for k in sorted(known))
         raise ConfigurationError(
-            f"Node {node.fullname}: plugin_args must be a dict (e.g. {{'local': True}} or "
-            f"{{'instance_type': 'r6i.large'}}), not {args!r}.")
+            f"Node {node.fullname}: plugin_args must be a dict (e.g. {{'local': True}}; "
+            f"this plugin reads {example}), not {args!r}.")
     for key, value in args.items():
         if key in _OTHER_PLUGINS_ARGS:
             continue

@@ -109,6 +109,8 @@ class RemoteSettings:
     _PLUGIN = "RemotePlugin"
     _SIZING_HINT = ""
     _AT_LEAST = AT_LEAST
+    #: the other backend's plugin_args, with where their job is done here
+    _ELSEWHERE = {}
 
     @classmethod
     def from_plugin_args(cls, args: dict | None):
@@ -123,6 +125,11 @@ class RemoteSettings:
                 f"{name} plugin_args {multiproc[0]!r} is MultiProc's (what one machine "
                 f"may use). {cls._SIZING_HINT}; a node's own n_procs/mem_gb still pack "
                 f"jobs on each. Remove {multiproc[0]!r}.")
+        elsewhere = [arg for arg in sorted(unknown) if arg in cls._ELSEWHERE]
+        if elsewhere:
+            raise ConfigurationError(
+                f"{name} does not take plugin_args {elsewhere[0]!r}: "
+                f"{cls._ELSEWHERE[elsewhere[0]]}. Remove {elsewhere[0]!r}.")
         if unknown:
             import difflib
 
@@ -134,7 +141,7 @@ class RemoteSettings:
                 f"{sorted(known)}.")
         settings = cls(**{k: _checked_arg(k, v, cls.__dataclass_fields__[k].type, name)
                           for k, v in args.items() if k in known})
-        parse_s3_prefix(settings.s3_prefix)
+        parse_s3_prefix(settings.s3_prefix, settings._PLUGIN)
         for arg, low in cls._AT_LEAST.items():
             value = getattr(settings, arg)
             if value is not None and value < low:

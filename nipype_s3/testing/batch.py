@@ -202,6 +202,14 @@ class LocalBatch:
             if found and found[0].get("state") != "DISABLED":
                 return _error("ClientException", f"Cannot delete, job queue {name} is "
                                                  "ENABLED: disable it first")
+            if found:  # Batch ends the jobs still in a queue it deletes
+                arn = found[0]["jobQueueArn"]
+                with self._lock:
+                    live = [j for j in self.jobs.values()
+                            if j["jobQueue"] == arn and j["status"] not in _FINAL]
+                for job in live:
+                    self._stop(job, f"Job queue {found[0]['jobQueueName']} was deleted",
+                               exit_code=None)
             return None
         name = params.get("computeEnvironment", "")
         found = batch.describe_compute_environments(
@@ -365,6 +373,14 @@ class LocalBatch:
             running = sum(1 for j in self.jobs.values()
                           if j["status"] in ("STARTING", "RUNNING"))
             todo = [j for j in self.jobs.values() if j["status"] == "RUNNABLE"]
+            for parent in [j for j in self.jobs.values() if j["status"] not in _FINAL
+                           and "size" in j.get("arrayProperties", {})]:
+                kids = [self.jobs.get(f"{parent['jobId']}:{i}")
+                        for i in range(parent["arrayProperties"]["size"])]
+                if all(k is not None and k["status"] in _FINAL for k in kids):
+                    failed = any(k["status"] == "FAILED" for k in kids)
+                    parent.update(status="FAILED" if failed else "SUCCEEDED",
+                                  stoppedAt=max(k.get("stoppedAt", 0) for k in kids))
         for box in keep:
             box.save_environment()  # the environment it built, for later jobs and instances
         for job in todo[:max(0, self.max_running - running)]:

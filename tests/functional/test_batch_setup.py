@@ -91,6 +91,16 @@ def test_setup_makes_what_the_template_describes_and_teardown_removes_it(cloud):
         "computeEnvironments"][0]["computeResources"]["maxvCpus"] == 64
     with pytest.raises(ConfigurationError, match="is SPOT, not EC2.*teardown"):
         setup(BatchEnvironment("neuro-spot", PREFIX, max_vcpus=64), boto3.client, poll=0.1)
+    with pytest.raises(ConfigurationError, match=r"has subnets .*\(--subnets\).*teardown"):
+        setup(BatchEnvironment("neuro-spot", PREFIX, spot=True, max_vcpus=64,
+                               subnets=("subnet-0123456789abcdef0",)), boto3.client,
+              poll=0.1)
+    said.clear()
+    setup(BatchEnvironment("neuro-spot", PREFIX, spot=True, max_vcpus=64,
+                           data_buckets=("my-data",)), boto3.client, say=said.append,
+          poll=0.1)
+    assert "role nipype-s3-neuro-spot-job: its policy updated (the agents' for " \
+           f"{PREFIX})" in said
 
     # teardown removes what setup made, and nothing else; a second one has nothing to do
     with pytest.raises(ConfigurationError, match="not made by nipype-s3 batch setup"):

@@ -109,6 +109,11 @@ def _unreachable(monkeypatch, tmp_path):
     (["demo", "--image", "a/b:1"], None, "--image is for --backend batch"),
     (["demo", "--backend", "batch", "--image", "nipype-s3-test/not-here:1"], None,
      "demo --backend batch runs the nodes"),
+    (["demo", "--backend", "batch", "--image", "NotAnImage!"], None,
+     "demo --image must be a container image reference"),
+    (["demo", "--keep", "/proc/nope"], None, "demo --keep '/proc/nope': cannot write"),
+    (["policy", "batch-controller", "--name", "bad name", "--s3-prefix", "s3://my-bucket/r"],
+     None, "Batch environment name 'bad name'"),
 ])
 def test_every_cli_failure_is_one_line_saying_what_to_do(capsys, monkeypatch, tmp_path, argv,
                                                         setup, says):

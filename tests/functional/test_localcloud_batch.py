@@ -85,6 +85,26 @@ def test_an_array_job_runs_each_index(cloud, docker_images):
     (summary,) = batch.describe_jobs(jobs=[parent])["jobs"]
     assert summary["status"] == "SUCCEEDED"
     assert summary["arrayProperties"] == {"size": 3, "statusSummary": {"SUCCEEDED": 3}}
+    deadline = time.time() + 10  # LocalCloud's own record follows
+    while cloud.batch.jobs[parent]["status"] != "SUCCEEDED" and time.time() < deadline:
+        time.sleep(0.2)
+    assert cloud.batch.jobs[parent]["status"] == "SUCCEEDED"
+
+
+@pytest.mark.docker
+def test_deleting_a_queue_ends_its_jobs(cloud, docker_images):
+    batch = _batch()
+    sleeper = _definition(batch, docker_images["test"], ["sleep", "300"], "sleeper")
+    job = batch.submit_job(jobName="long", jobQueue=cloud.batch.QUEUE,
+                           jobDefinition=sleeper)["jobId"]
+    deadline = time.time() + 60
+    while cloud.batch.jobs[job]["status"] != "RUNNING" and time.time() < deadline:
+        time.sleep(0.2)
+    batch.update_job_queue(jobQueue=cloud.batch.QUEUE, state="DISABLED")
+    batch.delete_job_queue(jobQueue=cloud.batch.QUEUE)
+    (done,) = _wait(batch, [job]).values()
+    assert done["status"] == "FAILED"
+    assert done["statusReason"] == f"Job queue {cloud.batch.QUEUE} was deleted"
 
 
 @pytest.mark.docker

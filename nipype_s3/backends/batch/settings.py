@@ -59,6 +59,21 @@ class BatchSettings(RemoteSettings):
     _SIZING_HINT = ("BatchPlugin sizes its agents instead: 'agent_vcpus' and "
                     "'agent_mem_gb' (each agent job's), and 'max_agents' (how many at once)")
     _AT_LEAST = dict(AT_LEAST, max_agents=1, max_boot_failures=1)
+    _ELSEWHERE = {
+        "spot": "spot or on-demand is the job queue's compute environment's "
+                "(nipype-s3 batch setup --spot)",
+        "instance_type": "Batch picks the instances; size the agents with 'agent_vcpus' "
+                         "and 'agent_mem_gb'",
+        "max_instances": "use 'max_agents' (agent jobs at once); the compute "
+                         "environment's maxvCpus caps the instances",
+        "iam_instance_profile": "the agents run with the job role: 'job_role_arn' "
+                                "(nipype-s3 batch setup makes one)",
+        "ami": "Batch picks the instances' AMI; the agents run in 'image'",
+        "subnet_id": "the compute environment's subnets are its own (nipype-s3 batch "
+                     "setup --subnets)",
+        "security_group_ids": "the compute environment's security groups are its own "
+                              "(nipype-s3 batch setup --security-groups)",
+    }
 
     def _check(self) -> None:
         if not self.job_queue:

@@ -234,7 +234,7 @@ def _default_network(ec2) -> tuple[list[str], list[str]]:
 
 
 def _trust(document) -> dict:
-    """A role's trust policy as IAM gives it (a dict, or its URL-encoded JSON)."""
+    """A policy document as IAM gives it (a dict, or its URL-encoded JSON)."""
     if isinstance(document, str):
         import urllib.parse
 
@@ -371,8 +371,18 @@ def setup(env: BatchEnvironment, client, *, say=logger.info, timeout: float = 60
         iam.attach_role_policy(RoleName=env.instance_role, PolicyArn=BATCH_INSTANCE_POLICY_ARN)
         profile = _instance_profile(iam, env, say)
         job_role = _role(iam, env.job_role, "ecs-tasks.amazonaws.com", env.tags, say)
-        iam.put_role_policy(RoleName=env.job_role, PolicyName=_JOB_POLICY,
-                            PolicyDocument=json.dumps(env.job_role_policy()))
+        try:
+            had = _trust(iam.get_role_policy(RoleName=env.job_role, PolicyName=_JOB_POLICY)[
+                "PolicyDocument"])
+        except botocore.exceptions.ClientError as exc:
+            if _code(exc) != "NoSuchEntity":
+                raise
+            had = None
+        if had != env.job_role_policy():
+            iam.put_role_policy(RoleName=env.job_role, PolicyName=_JOB_POLICY,
+                                PolicyDocument=json.dumps(env.job_role_policy()))
+            say(f"role {env.job_role}: its policy {'set' if had is None else 'updated'} "
+                f"(the agents' for {env.s3_prefix})")
         service_role = _service_role(iam)
     except botocore.exceptions.ClientError as exc:
         raise _aws("make the roles", exc) from exc
@@ -423,6 +433,16 @@ def setup(env: BatchEnvironment, client, *, say=logger.info, timeout: float = 60
                     f"Compute environment {env.name} is {have.get('type')}, not "
                     f"{wanted['type']}: Batch cannot change that. Run nipype-s3 batch "
                     "teardown first, or choose another --name.")
+            for key, given, flag in (("subnets", env.subnets, "--subnets"),
+                                     ("securityGroupIds", env.security_groups,
+                                      "--security-groups")):
+                if given and sorted(have.get(key) or []) != sorted(given):
+                    raise ConfigurationError(
+                        f"Compute environment {env.name} has {key} "
+                        f"{' '.join(sorted(have.get(key) or []))}, not {' '.join(given)} "
+                        f"({flag}): setup changes only the maximum vCPUs of one that "
+                        "exists. Run nipype-s3 batch teardown first, or choose another "
+                        "--name.")
             if have.get("maxvCpus") != env.max_vcpus:
                 _wait(compute, f"compute environment {env.name}", settled, timeout, poll)
                 batch.update_compute_environment(
