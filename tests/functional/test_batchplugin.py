@@ -15,6 +15,8 @@ from nipype_s3.backends.batch.jobs import _BOOT
 from nipype_s3.exceptions import BatchError, ConfigurationError
 from nipype_s3.testing import LocalCloud
 
+from .test_ec2plugin import _mean_of_nifti  # the same real NIfTI step
+
 pytestmark = [pytest.mark.docker, pytest.mark.slow]
 
 #: AWS Batch's limits (moto holds none; LocalCloud holds them too)
@@ -353,19 +355,6 @@ def _double(x):
     return 2 * x
 
 
-def _mean_of_nifti(in_file):
-    import os
-
-    import nibabel as nib
-    import numpy as np
-
-    img = nib.load(in_file)
-    mean = np.asanyarray(img.dataobj, dtype="float32").mean(axis=-1)
-    out = os.path.abspath("mean.nii")
-    nib.save(nib.Nifti1Image(mean, img.affine), out)
-    return out
-
-
 def _study(base_dir, nifti, sink_to, own_jobs=False):
     """The shapes of the issue: iterables over 25 subjects joined by a JoinNode, a
     MapNode over 30 items, a real NIfTI step, and grab -> process -> sink."""
@@ -445,12 +434,12 @@ def test_the_issue_shapes_match_linear_byte_for_byte_in_both_modes(
                                           own_jobs).run(plugin=_plugin(
             docker_images["test"], max_agents=3)), base_batch)
         sunk = {where: hashlib.sha256(s3.get_object(
-            Bucket="batch-runs", Key=f"{where}/sub-01/mean.nii")["Body"].read()).hexdigest()
+            Bucket="batch-runs", Key=f"{where}/sub-01/mean.nii.gz")["Body"].read()).hexdigest()
             for where in ("linear", "batch")}
         own = [j for j in cloud.batch.jobs.values() if j["jobName"].endswith("-node")]
         assert all(j["status"] in ("SUCCEEDED", "FAILED") for j in cloud.batch.jobs.values())
-    assert remote.pop("study.sink.out_file") == ["s3://batch-runs/batch/sub-01/mean.nii"]
-    assert linear.pop("study.sink.out_file") == ["s3://batch-runs/linear/sub-01/mean.nii"]
+    assert remote.pop("study.sink.out_file") == ["s3://batch-runs/batch/sub-01/mean.nii.gz"]
+    assert linear.pop("study.sink.out_file") == ["s3://batch-runs/linear/sub-01/mean.nii.gz"]
     assert remote == linear
     assert sunk["linear"] == sunk["batch"]
     assert len(own) == (5 if own_jobs else 0)
