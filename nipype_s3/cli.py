@@ -115,6 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
     batch.add_argument("--data-bucket", action="append", default=[], metavar="NAME",
                        help="(setup, template) a bucket the nodes read or write themselves; "
                             "repeatable")
+    batch.add_argument("--instance-types", nargs="+", default=["optimal"], metavar="TYPE",
+                       help="(setup, template) instance types or families (default: "
+                            "optimal; add e.g. g5 for nodes that ask for GPUs)")
     batch.add_argument("--region", help="AWS region (default: your configured one)")
     batch.set_defaults(func=_cmd_batch)
 
@@ -219,7 +222,7 @@ def _cmd_batch(args) -> int:
     env = BatchEnvironment(
         args.name, args.s3_prefix, spot=args.spot, max_vcpus=args.max_vcpus,
         subnets=tuple(args.subnets), security_groups=tuple(args.security_groups),
-        data_buckets=tuple(args.data_bucket))
+        data_buckets=tuple(args.data_bucket), instance_types=tuple(args.instance_types))
     if args.action == "template":
         print(json.dumps(cloudformation_template(env), indent=2))
         return 0

@@ -373,6 +373,12 @@ class LocalBatch:
             running = sum(1 for j in self.jobs.values()
                           if j["status"] in ("STARTING", "RUNNING"))
             todo = [j for j in self.jobs.values() if j["status"] == "RUNNABLE"]
+            if not shutil.which("nvidia-smi"):  # no GPU here: as a compute environment
+                # without GPU instances, Batch holds a job that asks for one, RUNNABLE
+                for job in [j for j in todo if _gpus(j)]:
+                    job["statusReason"] = ("LocalCloud: this machine has no GPU; the job "
+                                           "waits, as on a queue without GPU instances")
+                todo = [j for j in todo if not _gpus(j)]
             for parent in [j for j in self.jobs.values() if j["status"] not in _FINAL
                            and "size" in j.get("arrayProperties", {})]:
                 kids = [self.jobs.get(f"{parent['jobId']}:{i}")
@@ -478,6 +484,8 @@ class LocalBatch:
         job["container"].update(command=command, logStreamName=stream,
                                 vcpus=int(float(resources.get("VCPU", 1))),
                                 memory=int(float(resources.get("MEMORY", 2048))))
+        if resources.get("GPU"):
+            job["container"]["gpus"] = int(float(resources["GPU"]))
         log_path = os.path.join(self.directory, f"{job['jobId']}.log")
         engine, why = self._engine()
         if engine is None:
@@ -523,8 +531,10 @@ class LocalBatch:
             fobj.writelines(f"{name}={value}\n" for name, value in sorted(values.items()))
         argv = ["docker", "run", "--rm", "--pull", "never", "--name", _container(job["jobId"]),
                 "--label", f"nipype-s3-localcloud={job['jobId']}", "--network", "host",
-                "--memory", f"{job['container']['memory']}m", "--env-file", env_file,
-                props["image"], *command]
+                "--memory", f"{job['container']['memory']}m", "--env-file", env_file]
+        if _gpus(job):
+            argv += ["--gpus", str(_gpus(job))]
+        argv += [props["image"], *command]
         with open(log_path, "ab") as log:
             proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT,
                                     stdin=subprocess.DEVNULL, start_new_session=True)
@@ -601,6 +611,14 @@ class LocalBatch:
             live = [j for j in self.jobs.values() if j["status"] not in _FINAL]
         for job in live:
             self._stop(job, "LocalCloud stopped", exit_code=None)
+
+
+def _gpus(job: dict) -> int:
+    """The GPUs a job asks for (its definition's, or its overrides')."""
+    wanted = {r["type"]: r["value"] for r in
+              (job["_def"]["containerProperties"].get("resourceRequirements") or [])
+              + (job["_overrides"].get("resourceRequirements") or [])}
+    return int(float(wanted.get("GPU", 0) or 0))
 
 
 def _container(job_id: str) -> str:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 
 import boto3
 import pytest
@@ -247,3 +248,60 @@ def test_a_disabled_queue_or_a_missing_job_definition_is_refused_before_submitti
         wf.run(plugin=BatchPlugin(plugin_args=dict(args, job_definition="my-def:7")))
     assert cloud.batch.submitted == 0
     assert not boto3.client("sqs").list_queues(QueueNamePrefix="nipype-s3-").get("QueueUrls")
+
+
+def test_a_node_asks_for_gpus_for_its_own_job(cloud, tmp_path):
+    """Refused before submitting where the queue has no GPU instances (and outside a
+    job of its own); else its job asks Batch for them, and waits where there are none
+    (LocalCloud here, as a queue without GPU instances)."""
+    import threading
+
+    from nipype import Function, Node, Workflow
+
+    from nipype_s3.exceptions import BatchError
+
+    boto3.client("s3").create_bucket(Bucket="my-bucket")
+
+    def one():
+        return 1
+
+    def workflow(**node_args):
+        wf = Workflow("gpu", base_dir=str(tmp_path))
+        node = Node(Function(output_names=["y"], function=one), name="train")
+        node.plugin_args = node_args
+        wf.add_nodes([node])
+        return wf
+
+    args = {"s3_prefix": PREFIX, "image": "nipype-s3-test/nipype:local",
+            "max_boot_failures": 1, "max_attempts": 1}
+    with pytest.raises(ConfigurationError, match="'gpus'.*Batch job of its own"):
+        workflow(gpus=1).run(plugin=BatchPlugin(plugin_args=dict(
+            args, job_queue=cloud.batch.QUEUE)))
+    made = setup(BatchEnvironment("cpu-only", PREFIX, max_vcpus=8), boto3.client, poll=0.1)
+    with pytest.raises(ConfigurationError, match=r"asks for 1 GPU.*no GPU instances.*"
+                                                 r"--instance-types optimal g5"):
+        workflow(batch="job", gpus=1).run(plugin=BatchPlugin(plugin_args=dict(
+            args, **made)))
+    assert cloud.batch.submitted == 0
+    setup(BatchEnvironment("gpu-too", PREFIX, max_vcpus=8, instance_types=("optimal", "g5")),
+          boto3.client, poll=0.1)
+
+    held = {}
+
+    def reclaim_when_held():  # the job waits for a GPU: end it as a reclaim would
+        deadline = time.time() + 60
+        while time.time() < deadline and not held:
+            for job in list(cloud.batch.jobs.values()):
+                if job["status"] == "RUNNABLE" and "no GPU" in job.get("statusReason", ""):
+                    held.update(job["_overrides"])
+                    cloud.batch._stop(job, "Host EC2 (instance i-0) terminated.", None)
+            time.sleep(0.2)
+
+    watcher = threading.Thread(target=reclaim_when_held)
+    watcher.start()
+    with pytest.raises(BatchError, match="Host EC2"):
+        workflow(batch="job", gpus=1).run(plugin=BatchPlugin(plugin_args=dict(
+            args, job_queue="gpu-too")))
+    watcher.join()
+    assert {"type": "GPU", "value": "1"} in held["resourceRequirements"]
+    assert all(j["status"] in ("SUCCEEDED", "FAILED") for j in cloud.batch.jobs.values())

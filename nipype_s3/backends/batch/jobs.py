@@ -42,6 +42,8 @@ class _AgentFleet:
     jobs: dict = field(default_factory=dict)
     #: one node's own Batch job (node.plugin_args = {"batch": "job"}): its name
     node: str | None = None
+    #: the GPUs that node's job asks Batch for (node.plugin_args["gpus"])
+    gpus: int = 0
 
     @property
     def key(self) -> str:

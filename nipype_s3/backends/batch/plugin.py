@@ -27,6 +27,7 @@ import json
 import logging
 import math
 import random
+import re
 import time
 
 import botocore.exceptions
@@ -44,7 +45,10 @@ logger = logging.getLogger("nipype.workflow")
 __all__ = ["BatchPlugin"]
 
 #: what a node's own plugin_args may say under BatchPlugin
-_NODE_ARGS = {"local": bool, "image": str, "batch": str}
+_NODE_ARGS = {"local": bool, "image": str, "batch": str, "gpus": int}
+#: instance types (or families) with GPUs: P and G (a compute environment without any
+#: runs no GPU job; 'optimal' has none)
+_GPU_FAMILY = re.compile(r"(p|g|gr)\d")
 _FINAL = ("SUCCEEDED", "FAILED")
 #: AWS's limits, held before calling (moto holds none)
 OVERRIDES_LIMIT = 8192
@@ -75,12 +79,17 @@ class BatchPlugin(RemotePlugin):
                 raise ConfigurationError(
                     f"Node {node.fullname}: plugin_args['batch'] can only be 'job' (the "
                     f"node runs as a Batch job of its own), not {args['batch']!r}.")
+            if "gpus" in args and (args.get("batch") != "job" or args["gpus"] < 1):
+                raise ConfigurationError(
+                    f"Node {node.fullname}: plugin_args['gpus'] ({args['gpus']!r}) is for a "
+                    "node with a Batch job of its own: give {'batch': 'job', 'gpus': N} "
+                    "with N >= 1 (the agents have no GPUs).")
             if args["local"] if "local" in args else self._kind_runs_here(node):
                 continue
             n_procs = max(1, int(getattr(node, "n_procs", 1) or 1))
             mem_gb = float(getattr(node, "mem_gb", 0) or 0)
             if args.get("batch") == "job":  # its own job, sized for it
-                self._own_jobs.append((node.fullname, n_procs))
+                self._own_jobs.append((node.fullname, n_procs, int(args.get("gpus", 0))))
                 continue
             if n_procs > s.vcpus or mem_gb > s.mem_gb:
                 too_big.append((node.fullname, n_procs, mem_gb))
@@ -160,12 +169,23 @@ class BatchPlugin(RemotePlugin):
             raise ConfigurationError(f"BatchPlugin's agents have {s.vcpus} vCPUs "
                                      f"(agent_vcpus), but {where}. Lower agent_vcpus or "
                                      "raise maxvCpus. Nothing was submitted.")
-        for name, n_procs in getattr(self, "_own_jobs", []):
+        types = sorted({t for c in found
+                        for t in (c.get("computeResources") or {}).get("instanceTypes", [])})
+        gpus = any(_GPU_FAMILY.match(t) for t in types)
+        for name, n_procs, want_gpus in getattr(self, "_own_jobs", []):
             if n_procs > cap:
                 raise ConfigurationError(
                     f"Node {name} asks for {n_procs} CPUs (n_procs) for its own Batch job, "
                     f"but {where}. Lower its n_procs or raise maxvCpus. Nothing was "
                     "submitted.")
+            if want_gpus and not gpus:
+                raise ConfigurationError(
+                    f"Node {name} asks for {want_gpus} GPU(s), but job queue "
+                    f"{s.job_queue}'s compute environments have no GPU instances "
+                    f"(instance types: {', '.join(types) or 'none'}; 'optimal' has none): "
+                    "Batch would hold its job for ever. Give the queue GPU instance types "
+                    "(nipype-s3 batch setup --instance-types optimal g5), or name another "
+                    "job_queue. Nothing was submitted.")
 
     # -- where a job goes --------------------------------------------------------------
     def _fleet(self, instance_type: str, image: str | None = None) -> _AgentFleet:
@@ -200,7 +220,7 @@ class BatchPlugin(RemotePlugin):
         config.mem_gb = max(mem_gb, 0.5)
         config.extra = dict(config.extra, one_node=True)  # its one node, then it stops
         fleet = _AgentFleet(image, queue, base.job_definition, config.to_json(), n_procs,
-                            config.mem_gb, node=name)
+                            config.mem_gb, node=name, gpus=int(node_args.get("gpus", 0)))
         self._fleets[fleet.key] = fleet
         return fleet
 
@@ -302,7 +322,8 @@ class BatchPlugin(RemotePlugin):
         if fleet.node:  # sized for its node
             overrides["resourceRequirements"] = [
                 {"type": "VCPU", "value": str(fleet.vcpus)},
-                {"type": "MEMORY", "value": str(int(fleet.mem_gb * 1024))}]
+                {"type": "MEMORY", "value": str(int(fleet.mem_gb * 1024))}] + (
+                [{"type": "GPU", "value": str(fleet.gpus)}] if fleet.gpus else [])
         size = len(json.dumps(overrides, separators=(",", ":")))
         if size > OVERRIDES_LIMIT:
             raise ConfigurationError(

@@ -36,6 +36,7 @@ SETUP_TAG = BATCH_SETUP_TAG
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{1,43}[A-Za-z0-9]")
 _SUBNET = re.compile(r"subnet-[0-9a-f]{8,17}")
 _GROUP = re.compile(r"sg-[0-9a-f]{8,17}")
+_TYPE = re.compile(r"optimal|default_(x86_64|arm64)|[a-z][a-z0-9-]*\d[a-z0-9-]*(\.[a-z0-9]+)?")
 _JOB_POLICY = "nipype-s3-agent"
 
 
@@ -70,6 +71,7 @@ class BatchEnvironment:
     subnets: tuple[str, ...] = ()
     security_groups: tuple[str, ...] = ()
     data_buckets: tuple[str, ...] = ()
+    instance_types: tuple[str, ...] = ("optimal",)
 
     def __post_init__(self) -> None:
         checked_name(self.name)
@@ -89,8 +91,12 @@ class BatchEnvironment:
         if not isinstance(self.max_vcpus, int) or not 1 <= self.max_vcpus <= 100_000:
             raise ConfigurationError(f"--max-vcpus {self.max_vcpus!r}: give a whole number "
                                      "of vCPUs from 1 to 100000.")
+        if not self.instance_types:
+            raise ConfigurationError("--instance-types: give at least one (e.g. optimal, "
+                                     "or optimal g5 for GPU nodes).")
         for value, pattern, what in [(s, _SUBNET, "--subnets") for s in self.subnets] + \
-                [(g, _GROUP, "--security-groups") for g in self.security_groups]:
+                [(g, _GROUP, "--security-groups") for g in self.security_groups] + \
+                [(t, _TYPE, "--instance-types") for t in self.instance_types]:
             if not pattern.fullmatch(value):
                 raise ConfigurationError(f"{what} {value!r} is not an id of that kind "
                                          "(subnet-..., sg-...).")
@@ -126,7 +132,8 @@ class BatchEnvironment:
         return {"type": "SPOT" if spot else "EC2",
                 "allocationStrategy": "SPOT_PRICE_CAPACITY_OPTIMIZED" if spot
                 else "BEST_FIT_PROGRESSIVE",
-                "minvCpus": 0, "maxvCpus": self.max_vcpus, "instanceTypes": ["optimal"],
+                "minvCpus": 0, "maxvCpus": self.max_vcpus,
+                "instanceTypes": list(self.instance_types),
                 "subnets": subnets, "securityGroupIds": security_groups,
                 "instanceRole": instance_profile,
                 "launchTemplate": {"launchTemplateName": self.launch_template,
@@ -435,7 +442,9 @@ def setup(env: BatchEnvironment, client, *, say=logger.info, timeout: float = 60
                     "teardown first, or choose another --name.")
             for key, given, flag in (("subnets", env.subnets, "--subnets"),
                                      ("securityGroupIds", env.security_groups,
-                                      "--security-groups")):
+                                      "--security-groups"),
+                                     ("instanceTypes", env.instance_types,
+                                      "--instance-types")):
                 if given and sorted(have.get(key) or []) != sorted(given):
                     raise ConfigurationError(
                         f"Compute environment {env.name} has {key} "
