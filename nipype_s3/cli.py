@@ -176,7 +176,7 @@ def _cmd_policy(args) -> int:
     from .iam import agent_policy, batch_controller_policy, batch_setup_policy, controller_policy
 
     if args.who.startswith("batch-"):
-        from .backends.batch.setup import checked_name
+        from .backends.batch.environment import checked_name
 
         if not args.name:
             raise ConfigurationError(f"nipype-s3 policy {args.who} needs --name: the Batch "
