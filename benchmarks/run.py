@@ -608,7 +608,9 @@ def main(argv=None) -> int:
             nodes, agents = (8, 2) if args.quick else (50, 4)
             print(f"case plugin: {nodes} trivial nodes, up to {agents} LocalCloud instances",
                   flush=True)
-            plugin_rows = plugin.run(nodes, agents, 3, work=os.path.join(work, "plugin"),
+            # quick: one repeat (it catches regressions in CI; the full run times them)
+            plugin_rows = plugin.run(nodes, agents, 1 if args.quick else 3,
+                                     work=os.path.join(work, "plugin"),
                                      large_n=300_000 if args.quick else 3_000_000,
                                      scale=(8, 2.0) if args.quick else (50, 10.0))
         print(write_report(bench, args.out, args, plugin_rows))

@@ -302,7 +302,8 @@ class CollectMixin:
         here = PathMap(root if isinstance(root, str) and os.path.isabs(root) else "/")
         tail = str(report.get("log_tail") or "")
         if tail:
-            where += "[nipype_s3] log tail:\n" + here.text_to_controller(tail).rstrip("\n")
+            where += "[nipype_s3] log tail:\n" + plain(
+                here.text_to_controller(tail), 1 << 20, lines=True).rstrip("\n")
             where += "\n[nipype_s3] end of the log tail; the node's error:\n\n"
         result_file = os.path.join(job.node_dir, f"result_{job.node.name}.pklz")
         data = None
@@ -320,21 +321,24 @@ class CollectMixin:
             # workflow's final error and the crash file show them
             # where it ran and its log first: the error itself stays the last line, as
             # under Linear and MultiProc
-            data["traceback"] = [where] + [here.text_to_controller(str(line))
-                                           for line in data["traceback"]]
+            data["traceback"] = [where] + [_shown(here, line) for line in data["traceback"]]
             savepkl(result_file, data)
         else:
-            lines = [here.text_to_controller(str(line))
-                     for line in report.get("traceback") or []] or [
+            lines = [_shown(here, line) for line in report.get("traceback") or []] or [
                 f"RemoteNodeError: job {job.job_id} did not finish "
                 f"({plain(report.get('status'))}).\n"]
             write_failure_result(job.node, [where] + lines)
 
 
+def _shown(here, line) -> str:
+    """A traceback line of the report, in this machine's paths, as plain text."""
+    return plain(here.text_to_controller(str(line)), 1 << 20, lines=True)
+
+
 def plain(value, limit: int = 120, *, lines: bool = False) -> str:
     """What a report says, as one short line of plain text (``lines``: newlines kept)
     (a report is a claim: its fields may hold anything, terminal escapes included)."""
-    text = "".join(c if c.isprintable() or (lines and c == "\n") else "?"
+    text = "".join(c if c.isprintable() or (lines and c in "\n\t") else "?"
                    for c in str(value))
     return text if len(text) <= limit else text[:limit] + "..."
 

@@ -114,6 +114,8 @@ def _unreachable(monkeypatch, tmp_path):
     (["demo", "--keep", "/proc/nope"], None, "demo --keep '/proc/nope': cannot write"),
     (["policy", "batch-controller", "--name", "bad name", "--s3-prefix", "s3://my-bucket/r"],
      None, "Batch environment name 'bad name'"),
+    (["batch", "template", "--name", "neuro", "--s3-prefix", "s3://my-bucket/${aws:userid}"],
+     None, "no wildcards or policy variables"),
 ])
 def test_every_cli_failure_is_one_line_saying_what_to_do(capsys, monkeypatch, tmp_path, argv,
                                                         setup, says):

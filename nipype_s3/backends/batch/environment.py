@@ -67,9 +67,10 @@ class BatchEnvironment:
         # they become ARNs in the job role's policy: a wildcard would widen it
         for value, what in [(self.s3_prefix, "--s3-prefix")] + [
                 (b, "--data-bucket") for b in self.data_buckets]:
-            if any(c in str(value) for c in "*?"):
-                raise ConfigurationError(f"{what} {value!r}: no wildcards ('*', '?'); name "
-                                         "the bucket (and prefix) itself.")
+            if any(c in str(value) for c in "*?$"):
+                raise ConfigurationError(f"{what} {value!r}: no wildcards or policy "
+                                         "variables ('*', '?', '$'); name the bucket (and "
+                                         "prefix) itself.")
         from ...s3.uri import parse_s3_uri
 
         for bucket in self.data_buckets:

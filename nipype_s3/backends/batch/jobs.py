@@ -3,9 +3,12 @@ image (or one node), and whether a registered job definition holds what a run ne
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 
 __all__ = ["_BOOT", "_AgentFleet", "_holds"]
+
+logger = logging.getLogger("nipype.workflow")
 
 # What an agent job runs: the controller's code, fetched from the content store and run
 # only when its SHA-256 is the one the controller sent (the image is not changed).
@@ -59,6 +62,16 @@ _DESCRIBED = {"jobDefinitionName", "jobDefinitionArn", "revision", "status", "ty
 _OURS = {"image", "command", "resourceRequirements", "jobRoleArn"}
 
 
+def _empty(value) -> bool:
+    """Nothing set: None, False, or containers holding only empty things (a default
+    Batch may describe as ``{"devices": []}``)."""
+    if isinstance(value, dict):
+        return all(_empty(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return all(_empty(v) for v in value)
+    return not value
+
+
 def _holds(described: dict, props: dict) -> bool:
     """Whether a registered job definition runs exactly what ``props`` says, and nothing
     more: every other field empty (no log driver, ulimits, timeout, retries, mounts,
@@ -69,8 +82,12 @@ def _holds(described: dict, props: dict) -> bool:
                       for r in d.get("resourceRequirements") or [])
 
     there = described.get("containerProperties") or {}
-    extra = [k for k, v in described.items() if k not in _DESCRIBED and v] + \
-        [k for k, v in there.items() if k not in _OURS and v]
+    extra = [k for k, v in described.items() if k not in _DESCRIBED and not _empty(v)] + \
+        [k for k, v in there.items() if k not in _OURS and not _empty(v)]
+    if extra:
+        logger.info("BatchPlugin: job definition %s:%s is not reused: it sets %s",
+                    described.get("jobDefinitionName"), described.get("revision"),
+                    ", ".join(sorted(extra)[:5]))
     return (not extra and described.get("type") == "container"
             and not described.get("parameters") and not described.get("propagateTags")
             and described.get("platformCapabilities", ["EC2"]) == ["EC2"]

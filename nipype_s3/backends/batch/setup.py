@@ -263,6 +263,12 @@ def setup(env: BatchEnvironment, client, *, say=logger.info, timeout: float = 60
                         f"({flag}): setup changes only the maximum vCPUs of one that "
                         "exists. Run nipype-s3 batch teardown first, or choose another "
                         "--name.")
+            template = (have.get("launchTemplate") or {}).get("launchTemplateName")
+            if template != env.launch_template:
+                raise ConfigurationError(
+                    f"Compute environment {env.name} does not use the launch template "
+                    f"{env.launch_template} (it has {template!r}): run nipype-s3 batch "
+                    "teardown first, or choose another --name.")
             if have.get("maxvCpus") != env.max_vcpus:
                 _wait(compute, f"compute environment {env.name}", settled, timeout, poll)
                 batch.update_compute_environment(
