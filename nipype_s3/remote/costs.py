@@ -51,6 +51,23 @@ def dispatch_summary(timings: list[dict]) -> dict:
 class CostMixin:
     """The run's cost report and cost cap (the backend gives ``_fleets``)."""
 
+    def _store_cost_report(self, end: float, own: dict) -> dict:
+        """The report: what every backend says of a run (times, busy seconds, jobs,
+        bytes, dispatch) and the backend's ``own`` figures, kept as ``cost_report`` and
+        written to ``runs/<run>/cost.json``."""
+        report = {
+            "run_id": self.run_id, "started": self.started, "finished": end,
+            "wall_seconds": round(end - self.started, 1),
+            "busy_seconds": round(self._busy_seconds, 1),
+            "jobs_remote": self.stats["remote_done"], "jobs_local": self.stats["local"],
+            "bytes_staged": self.store.bytes_up, "bytes_fetched": self.store.bytes_down,
+            "dispatch": dispatch_summary(self.timings), **own}
+        self.cost_report = report
+        self.s3.put_object(Bucket=self.layout.bucket, Key=self.layout.cost_key,
+                           Body=json.dumps(report, indent=1).encode(),
+                           ContentType="application/json")
+        return report
+
     def _write_cost_report(self) -> None:
         fleets = list((getattr(self, "_fleets", None) or {}).values())
         if not fleets:
@@ -74,22 +91,13 @@ class CostMixin:
                               "spot": info.get("spot", False), "seconds": round(seconds, 1),
                               "billed_seconds": round(billed_seconds(seconds), 1),
                               "usd_estimate": cost})
-        report = {
-            "run_id": self.run_id, "started": self.started, "finished": end,
-            "wall_seconds": round(end - self.started, 1), "instances": instances,
+        self._store_cost_report(end, {
+            "instances": instances,
             "instance_seconds": round(ran, 1), "billed_seconds": round(billed, 1),
-            "busy_seconds": round(self._busy_seconds, 1),
             "usd_estimate": round(total_cost, 4), "peak_instances": self.peak,
-            "jobs_remote": self.stats["remote_done"], "jobs_local": self.stats["local"],
-            "bytes_staged": self.store.bytes_up, "bytes_fetched": self.store.bytes_down,
-            "dispatch": dispatch_summary(self.timings),
             "note": "estimate from on-demand list prices (us-east-1), per-second billing "
                     "with a 60 s minimum; not a bill",
-        }
-        self.cost_report = report
-        self.s3.put_object(Bucket=self.layout.bucket, Key=self.layout.cost_key,
-                           Body=json.dumps(report, indent=1).encode(),
-                           ContentType="application/json")
+        })
         logger.info("EC2Plugin: run %s cost: %d instances, %.0f instance-s billed (60 s minimum "
                     "each), %.0f s busy, "
                     "~$%.4f, %d B staged, %d B fetched (s3://%s/%s)", self.run_id,

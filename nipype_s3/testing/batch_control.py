@@ -8,6 +8,7 @@ import json
 import os
 import shutil
 import subprocess
+import time
 
 __all__ = ["ControlPlaneMixin", "SandboxJobsMixin"]
 
@@ -106,9 +107,13 @@ class SandboxJobsMixin:
     """What runs a job: Docker, or the sandbox where there is none."""
 
     def _engine(self) -> tuple[str | None, str]:
-        """(what runs the jobs now, why nothing can)."""
-        docker = shutil.which("docker") is not None and subprocess.run(
-            ["docker", "info"], capture_output=True, timeout=60).returncode == 0
+        """(what runs the jobs now, why nothing can). The engine is asked at most every
+        10 s, not once per job."""
+        seen, docker = getattr(self, "_docker_seen", (0.0, False))
+        if time.monotonic() - seen > 10:
+            docker = shutil.which("docker") is not None and subprocess.run(
+                ["docker", "info"], capture_output=True, timeout=60).returncode == 0
+            self._docker_seen = (time.monotonic(), docker)
         if self.engine in (None, "docker") and docker:
             return "docker", ""
         if self.engine == "docker":

@@ -375,8 +375,6 @@ class BatchPlugin(ChecksMixin, RemotePlugin):
     def _write_cost_report(self) -> None:
         """vCPU-seconds and GiB-seconds of the agent jobs (from Batch's start and stop
         times), as EC2Plugin's report gives instance-seconds."""
-        from ...remote.costs import dispatch_summary
-
         fleets = list((getattr(self, "_fleets", None) or {}).values())
         if not fleets:
             return
@@ -391,22 +389,12 @@ class BatchPlugin(ChecksMixin, RemotePlugin):
                 jobs.append({"job_id": agent, "status": info["status"],
                              "seconds": round(seconds, 1), "vcpus": fleet.vcpus,
                              "image": fleet.image})
-        report = {
-            "run_id": self.run_id, "backend": "batch", "started": self.started,
-            "finished": end, "wall_seconds": round(end - self.started, 1),
-            "agent_jobs": jobs, "vcpu_seconds": round(vcpu_s, 1),
-            "gib_seconds": round(gib_s, 1), "busy_seconds": round(self._busy_seconds, 1),
-            "peak_agents": self.peak, "jobs_remote": self.stats["remote_done"],
-            "jobs_local": self.stats["local"], "bytes_staged": self.store.bytes_up,
-            "bytes_fetched": self.store.bytes_down,
-            "dispatch": dispatch_summary(self.timings),
+        self._store_cost_report(end, {
+            "backend": "batch", "agent_jobs": jobs, "vcpu_seconds": round(vcpu_s, 1),
+            "gib_seconds": round(gib_s, 1), "peak_agents": self.peak,
             "note": "vCPU- and GiB-seconds of the agent jobs (Batch's start and stop "
                     "times); the compute environment's instances are billed by EC2",
-        }
-        self.cost_report = report
-        self.s3.put_object(Bucket=self.layout.bucket, Key=self.layout.cost_key,
-                           Body=json.dumps(report, indent=1).encode(),
-                           ContentType="application/json")
+        })
         logger.info("BatchPlugin: run %s: %d agent jobs, %.0f vCPU-s, %.0f s busy (s3://%s/%s)",
                     self.run_id, len(jobs), vcpu_s, self._busy_seconds, self.layout.bucket,
                     self.layout.cost_key)
