@@ -138,6 +138,16 @@ def test_setup_leaves_alone_a_role_it_did_not_make_or_whose_trust_changed(cloud)
     assert iam.list_role_policies(RoleName="nipype-s3-neuro-job")["PolicyNames"] == []
     assert not [r for r in iam.list_roles()["Roles"]  # nothing else was made either
                 if r["RoleName"] in ("nipype-s3-neuro-instance", "nipype-s3-theirs-instance")]
+    # a compute environment and job queue of that name someone else made: refused before
+    # anything is made
+    with pytest.raises(ConfigurationError, match="(compute environment|job queue) "
+                                                 "nipype-s3-local exists that.*nothing was "
+                                                 "changed"):
+        setup(BatchEnvironment(cloud.batch.QUEUE, PREFIX), boto3.client, poll=0.1)
+    assert not [r for r in iam.list_roles()["Roles"] if "nipype-s3-local" in r["RoleName"]]
+    with pytest.raises(boto3.client("ec2").exceptions.ClientError):
+        boto3.client("ec2").describe_launch_templates(
+            LaunchTemplateNames=["nipype-s3-nipype-s3-local"])
 
 
 def test_localcloud_batch_refuses_deletes_aws_refuses(cloud):

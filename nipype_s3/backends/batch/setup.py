@@ -109,7 +109,7 @@ def _instance_profile(iam, env: BatchEnvironment, say) -> str:
     return profile["Arn"]
 
 
-def _launch_template(ec2, env: BatchEnvironment, say) -> None:
+def _launch_template(ec2, env: BatchEnvironment, say, *, check_only: bool = False) -> None:
     name = env.launch_template
     try:
         found = ec2.describe_launch_templates(LaunchTemplateNames=[name])["LaunchTemplates"]
@@ -122,8 +122,12 @@ def _launch_template(ec2, env: BatchEnvironment, say) -> None:
         if tags.get(SETUP_TAG) != env.name:
             raise ConfigurationError(
                 f"A launch template {name} exists that nipype-s3 batch setup did not make "
-                f"for {env.name}: choose another --name, or delete that template.")
-        say(f"launch template {name}: exists")
+                f"for {env.name}: nothing was changed. Choose another --name, or delete "
+                "that template.")
+        if not check_only:
+            say(f"launch template {name}: exists")
+        return
+    if check_only:
         return
     ec2.create_launch_template(
         LaunchTemplateName=name, LaunchTemplateData=env.launch_template_data(),
@@ -165,6 +169,12 @@ def _wait(describe, what: str, ready, timeout: float, poll: float, *, strict=Tru
         time.sleep(poll)
 
 
+def _foreign(kind: str, name: str) -> ConfigurationError:
+    return ConfigurationError(
+        f"A {kind} {name} exists that nipype-s3 batch setup did not make (no {SETUP_TAG} "
+        f"tag for {name}): nothing was changed. Choose another --name.")
+
+
 def _ours(found: dict | None, env_name: str) -> bool:
     return bool(found) and (found.get("tags") or {}).get(SETUP_TAG) == env_name
 
@@ -181,10 +191,29 @@ def setup(env: BatchEnvironment, client, *, say=logger.info, timeout: float = 60
         found_subnets, found_groups = _default_network(ec2)
         subnets = list(env.subnets) or found_subnets
         groups = list(env.security_groups) or found_groups
-    try:
+
+    def compute():
+        found = batch.describe_compute_environments(
+            computeEnvironments=[env.name])["computeEnvironments"]
+        found = [c for c in found if c.get("status") != "DELETED"]
+        return found[0] if found else None
+
+    def queue():
+        found = batch.describe_job_queues(jobQueues=[env.name])["jobQueues"]
+        found = [q for q in found if q.get("status") != "DELETED"]
+        return found[0] if found else None
+
+    def settled(found):
+        return found is not None and found.get("status") == "VALID"
+
+    try:  # everything of this name that exists checked before any change
         for name, service in ((env.instance_role, "ec2.amazonaws.com"),
                               (env.job_role, "ecs-tasks.amazonaws.com")):
-            _existing_role(iam, name, service, env.tags)  # both checked before any change
+            _existing_role(iam, name, service, env.tags)
+        for kind, found in (("compute environment", compute()), ("job queue", queue())):
+            if found is not None and not _ours(found, env.name):
+                raise _foreign(kind, env.name)
+        _launch_template(ec2, env, say, check_only=True)
         _role(iam, env.instance_role, "ec2.amazonaws.com", env.tags, say)
         iam.attach_role_policy(RoleName=env.instance_role, PolicyArn=BATCH_INSTANCE_POLICY_ARN)
         profile = _instance_profile(iam, env, say)
@@ -204,20 +233,6 @@ def setup(env: BatchEnvironment, client, *, say=logger.info, timeout: float = 60
         service_role = _service_role(iam)
     except botocore.exceptions.ClientError as exc:
         raise _aws("make the roles", exc) from exc
-
-    def compute():
-        found = batch.describe_compute_environments(
-            computeEnvironments=[env.name])["computeEnvironments"]
-        found = [c for c in found if c.get("status") != "DELETED"]
-        return found[0] if found else None
-
-    def queue():
-        found = batch.describe_job_queues(jobQueues=[env.name])["jobQueues"]
-        found = [q for q in found if q.get("status") != "DELETED"]
-        return found[0] if found else None
-
-    def settled(found):
-        return found is not None and found.get("status") == "VALID"
 
     try:
         _launch_template(ec2, env, say)
@@ -241,9 +256,7 @@ def setup(env: BatchEnvironment, client, *, say=logger.info, timeout: float = 60
             say(f"compute environment {env.name}: created "
                 f"({wanted['type']}, up to {env.max_vcpus} vCPUs)")
         elif not _ours(existing, env.name):
-            raise ConfigurationError(
-                f"A compute environment {env.name} exists that nipype-s3 batch setup did "
-                f"not make (no {SETUP_TAG} tag): choose another --name.")
+            raise _foreign("compute environment", env.name)
         else:
             have = existing.get("computeResources") or {}
             if have.get("type") != wanted["type"]:
@@ -284,9 +297,7 @@ def setup(env: BatchEnvironment, client, *, say=logger.info, timeout: float = 60
                                    tags=env.tags)
             say(f"job queue {env.name}: created")
         elif not _ours(existing_queue, env.name):
-            raise ConfigurationError(
-                f"A job queue {env.name} exists that nipype-s3 batch setup did not make "
-                f"(no {SETUP_TAG} tag): choose another --name.")
+            raise _foreign("job queue", env.name)
         else:
             say(f"job queue {env.name}: exists")
         _wait(queue, f"job queue {env.name}", settled, timeout, poll)
