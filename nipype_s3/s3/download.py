@@ -155,6 +155,30 @@ def _set_mtime(item: DownloadItem) -> None:
 _OPEN_AHEAD = 64
 
 
+#: the least part size given to the native engine (see :func:`_part_size`)
+_MIN_PART = 1024 * 1024
+
+
+def _part_size(items, settings: TransferSettings) -> int:
+    """The native engine's part size for ``items``: the multipart chunk size, or, when
+    every object is known to be smaller, the least power of two from 1 MiB up that
+    holds the largest.
+
+    The CRT sets a part's worth of memory aside for every GET in flight, however small
+    the object, and keeps those within its memory limit: with 8 MiB parts no more than
+    16 GETs ran at once whatever the concurrency asked for (measured at 50 ms a round
+    trip: 60 objects of 256 KiB took 0.31 s on 16 connections, 0.18 s on 60 with 1 MiB
+    parts; 500 took 1.89 s and 0.62 s).
+    """
+    sizes = [item.size for item in items]
+    if not sizes or any(size is None for size in sizes):
+        return settings.multipart_chunksize
+    part = _MIN_PART
+    while part < max(sizes) and part < settings.multipart_chunksize:
+        part *= 2
+    return min(part, settings.multipart_chunksize)
+
+
 def _native_first(client, bucket, settings, items, request_payer, progress):
     """Download what the native engine can; hand back ``(outcomes, small, large)``.
 
@@ -169,7 +193,7 @@ def _native_first(client, bucket, settings, items, request_payer, progress):
     requests makes no system call of its own.
     """
     engine = native_engine(client, bucket, max_concurrency=settings.max_concurrency,
-                           part_size=settings.multipart_chunksize) if items else None
+                           part_size=_part_size(items, settings)) if items else None
     left = items
     outcomes = []
     if engine is not None:

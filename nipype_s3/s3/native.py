@@ -45,6 +45,11 @@ _PUT_HEADERS = {
     "ContentType": "Content-Type",
 }
 
+#: what the CRT counts on one connection to carry when it sizes its pool from the
+#: throughput target (aws-c-s3's figure): the target is set so the pool reaches the
+#: concurrency asked for
+_GBPS_PER_CONNECTION = 0.5
+
 #: Bytes of parts the CRT may hold in memory (received, not yet written, or read ahead);
 #: 256 MiB is the least it accepts.
 _MEMORY_LIMIT = 256 * 1024 * 1024
@@ -296,6 +301,10 @@ class NativeEngine:
             # through s3transfer
             multipart_upload_threshold=max(part_size, 5 * 1024 * 1024 * 1024),
             max_active_connections_override=max(1, max_concurrency),
+            # the CRT opens at most this target's worth of connections (0.4 Gbps each),
+            # whatever the override: at its default of 10 Gbps, 25 (measured at 50 ms a
+            # round trip: 60 small PUTs went on 25 connections in 0.30 s, on 60 in 0.23)
+            throughput_target_gbps=max(10.0, _GBPS_PER_CONNECTION * max(1, max_concurrency)),
             # parts held in memory (received, not yet written): bounded whatever the file
             # sizes. Left to its default the CRT takes gigabytes when the disk is slower
             # than the network (measured: 520 MB resident for 4 x 200 MiB; 270 MB with
@@ -400,7 +409,7 @@ class NativeEngine:
 
         return self._run(jobs, start, on_bytes, stall_seconds, cleanup=True, on_done=on_done)
 
-    def upload(self, jobs, *, extra: dict, on_bytes=None,
+    def upload(self, jobs, *, extra: dict, on_bytes=None, etags: dict | None = None,
                stall_seconds: float = 60.0) -> dict[int, BaseException]:
         """PUT each ``(key, source_path)`` of ``jobs`` as one request.
 
@@ -409,7 +418,8 @@ class NativeEngine:
         ``(key, path, metadata, content_md5)`` and a SHA-256 checksum (base64) when it
         is ``(key, path, metadata, content_md5, sha256)``: the server refuses a body that
         does not match them. Raises ``ValueError`` for arguments the engine cannot send
-        (use botocore then).
+        (use botocore then). ``etags``, when given, gets ``{key: ETag}`` from each
+        successful answer (what a LIST after the upload would say, without the LIST).
         """
         from awscrt.s3 import S3RequestType
 
@@ -428,7 +438,14 @@ class NativeEngine:
                             ("x-amz-checksum-sha256", sha256)]
             return self._client.make_request(
                 type=S3RequestType.PUT_OBJECT, request=self._request("PUT", key, headers),
-                send_filepath=path, on_progress=progress)
+                send_filepath=path, on_progress=progress,
+                on_headers=None if etags is None else functools.partial(_keep_etag, key))
+
+        def _keep_etag(key, status_code, headers, **_kwargs):
+            if status_code == 200:
+                for name, value in headers:
+                    if name.lower() == "etag":
+                        etags[key] = value.strip('"')
 
         return self._run(jobs, start, on_bytes, stall_seconds, cleanup=False)
 

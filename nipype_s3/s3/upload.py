@@ -122,22 +122,33 @@ def _version(path: str):
 
 
 def _remember_etags(client, bucket: str, items, done: list[str], versions: dict,
-                    settings: TransferSettings) -> None:
-    """One LIST of what was just written: each uploaded file's ETag kept for the version
-    of it that was sent (best effort: without it the next run reads the files)."""
-    try:
-        listed = list_objects(client, bucket, common_prefix(done))
-    except (NipypeS3Error, botocore.exceptions.BotoCoreError,
-            botocore.exceptions.ClientError) as exc:
-        logger.debug("the ETags of the uploads are not kept: %s", exc)
-        return
+                    settings: TransferSettings, answered: dict[str, str]) -> None:
+    """Each uploaded file's ETag kept for the version of it that was sent (best effort:
+    without it the next run reads the files).
+
+    ``answered`` holds the ETags the PUTs' answers gave (``{key: etag}``); one LIST of
+    what was written brings the others (multipart uploads, whose ETag s3transfer does
+    not hand back). A LIST costs a round trip: 50 ms at a distance, a tenth of sending
+    60 small files.
+    """
     sent = set(done)
+    missing = [key for key in done if key not in answered]
+    listed: dict[str, tuple[int | None, str]] = {}
+    if missing:
+        try:
+            listed = {key: (info.size, info.etag) for key, info in
+                      list_objects(client, bucket, common_prefix(missing)).items()}
+        except (NipypeS3Error, botocore.exceptions.BotoCoreError,
+                botocore.exceptions.ClientError) as exc:
+            logger.debug("the ETags of the uploads are not kept: %s", exc)
     for item in items:
-        info, version = listed.get(item.key), versions.get(item.source)
-        if item.key in sent and info is not None and version is not None and \
-                info.size == version.st_size:
-            remember_etag(item.source, info.etag, version,
-                          part_size=settings.multipart_chunksize)
+        version = versions.get(item.source)
+        if item.key not in sent or version is None:
+            continue
+        size, etag = (None, answered[item.key]) if item.key in answered else \
+            listed.get(item.key, (-1, ""))
+        if etag and size in (None, version.st_size):
+            remember_etag(item.source, etag, version, part_size=settings.multipart_chunksize)
 
 
 def _unchanged(client, bucket: str, item: UploadItem, size: int, remote: ObjectInfo | None,
@@ -157,11 +168,12 @@ def _unchanged(client, bucket: str, item: UploadItem, size: int, remote: ObjectI
     return False
 
 
-def _native_first(client, bucket, settings, small, args, kms, progress):
+def _native_first(client, bucket, settings, small, args, kms, progress, etags):
     """PUT the small files the native engine can; hand back ``(outcomes, left)``.
 
     ``left`` are the ``(item, size)`` pairs for botocore: all of them when there is no
-    engine or ``args`` hold something the engine does not send.
+    engine or ``args`` hold something the engine does not send. ``etags`` gets the
+    ETags the answers gave (``{key: etag}``).
     """
     engine = native_engine(client, bucket, max_concurrency=settings.max_concurrency,
                            part_size=settings.multipart_chunksize) if small else None
@@ -187,7 +199,7 @@ def _native_first(client, bucket, settings, small, args, kms, progress):
         # digests are computed ahead, in two threads, while the first requests go out
         pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="nipype-s3-md5")
         try:
-            failed = engine.upload(pool.map(job, small), extra=args,
+            failed = engine.upload(pool.map(job, small), extra=args, etags=etags,
                                    on_bytes=progress.update, stall_seconds=cfg.read_timeout())
         finally:
             pool.shutdown(cancel_futures=True)
@@ -277,6 +289,7 @@ def upload_files(client, bucket: str, items, *, settings: TransferSettings | Non
         # version, so the next unchanged run compares it without reading the file
         versions = {item.source: _version(item.source) for item, _ in todo} \
             if skip_unchanged and not kms else {}
+        etags: dict[str, str] = {}  # {key: ETag} as the PUTs' answers gave them
         if todo:
             progress = Progress(sum(s for _, s in todo), "upload", settings.progress)
 
@@ -289,9 +302,11 @@ def upload_files(client, bucket: str, items, *, settings: TransferSettings | Non
             def put_small(pair):
                 item, size = pair
                 with open(item.source, "rb") as body:
-                    client.put_object(Bucket=bucket, Key=item.key, Body=body,
-                                      **object_args(item),
-                                      **checksum_args(item.sha256, multipart=False))
+                    answer = client.put_object(Bucket=bucket, Key=item.key, Body=body,
+                                               **object_args(item),
+                                               **checksum_args(item.sha256, multipart=False))
+                if answer.get("ETag"):
+                    etags[item.key] = str(answer["ETag"]).strip('"')
                 progress.update(size)
 
             def submit_large(manager, pair):
@@ -307,7 +322,7 @@ def upload_files(client, bucket: str, items, *, settings: TransferSettings | Non
             fitted = fit_concurrency(settings, observed_rtt(client), len(small))
             try:
                 outcomes, small = _native_first(client, bucket, fitted, small, args, kms,
-                                                progress)
+                                                progress, etags)
                 outcomes += run_transfers(client, settings, small, put_small, large,
                                           submit_large, small_settings=fitted)
             finally:
@@ -327,7 +342,7 @@ def upload_files(client, bucket: str, items, *, settings: TransferSettings | Non
                 logger.debug("upload failed: %s -> s3://%s/%s: %s", item.source, bucket,
                              item.key, exc)
         if versions and summary.done:
-            _remember_etags(client, bucket, items, summary.done, versions, settings)
+            _remember_etags(client, bucket, items, summary.done, versions, settings, etags)
     summary.seconds = timer.seconds
     if failures:
         first_src, first_err = failures[0]

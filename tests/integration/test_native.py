@@ -413,3 +413,70 @@ def test_crt_callbacks_keep_their_thread_state_on_the_process_shared_event_loops
     assert 1 <= len(counts) <= loops  # three engines, one set of threads
     # 90 downloads of 1-120 KiB: the thread states saw all their threads' callbacks
     assert sum(counts.values()) >= 3 * N
+
+
+def _delay_proxy(url, rtt):
+    """benchmarks/latency.py's proxy: one round trip more per connection and request."""
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks", "latency.py")
+    spec = importlib.util.spec_from_file_location("bench_latency", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.DelayProxy(url, rtt)
+
+
+def test_small_objects_go_on_as_many_connections_as_asked_for(seaweedfs, weed_bucket,
+                                                             tmp_path):
+    """The CRT sizes its pool from a throughput target (25 connections at its default)
+    and sets a part's memory aside for each GET (16 at once with 8 MiB parts): a
+    concurrency of 40 asked for 40 small objects gets 40 connections both ways."""
+    root = tmp_path / "src"
+    root.mkdir()
+    for i in range(40):
+        (root / f"s{i:02d}.bin").write_bytes(os.urandom(64 * 1024) + bytes([i]))
+    with _delay_proxy(seaweedfs.url, 0.05) as proxy:
+        client = _client(proxy.url)
+        items = [UploadItem(str(p), f"c/{p.name}") for p in sorted(root.iterdir())]
+        settings = TransferSettings(max_concurrency=40)
+        before = proxy.connections
+        assert upload_files(client, weed_bucket, items, settings=settings,
+                            skip_unchanged=False).files == 40
+        assert proxy.connections - before >= 40
+        dest = tmp_path / "dest"
+        before = proxy.connections
+        down = download_files(client, weed_bucket,
+                              [DownloadItem(i.key, str(dest / os.path.basename(i.source)),
+                                            os.path.getsize(i.source)) for i in items],
+                              settings=settings, skip_unchanged=False)
+        assert down.files == 40 and proxy.connections - before >= 40
+    assert _sums(dest) == _sums(root)
+
+
+def test_an_upload_keeps_the_etags_its_answers_gave_without_a_list(seaweedfs, weed_bucket,
+                                                                  files, tmp_path,
+                                                                  monkeypatch):
+    """Single PUTs (native or botocore) give their ETags in their answers: no LIST after
+    the upload, and the first unchanged re-run still reads no file."""
+    from nipype_s3.s3 import hashing
+
+    monkeypatch.setenv("NIPYPE_S3_DIGEST_CACHE", str(tmp_path / "cache" / "d.sqlite"))
+    root, _ = files
+    items = [UploadItem(str(p), f"e/{p.name}") for p in sorted(root.iterdir())]
+    for engine in ("auto", "botocore"):
+        monkeypatch.setenv("NIPYPE_S3_ENGINE", engine)
+        with RecordingProxy(seaweedfs.url) as rec:
+            client = _client(rec.url)
+            prefixed = [UploadItem(i.source, f"{engine}/{i.key}") for i in items]
+            assert upload_files(client, weed_bucket, prefixed).files == N
+            assert rec.count("GET", query_has="list-type") == 1  # the one before
+            assert rec.count("PUT") == N
+            read = []
+            real = hashing.file_md5
+            monkeypatch.setattr(hashing, "file_md5",
+                                lambda p, read=read, real=real: read.append(p) or real(p))
+            rec.clear()
+            again = upload_files(client, weed_bucket, prefixed)
+            monkeypatch.setattr(hashing, "file_md5", real)
+            assert (again.files, again.skipped, read) == (0, N, [])
+            assert rec.count("PUT") == 0

@@ -139,3 +139,19 @@ def test_large_objects_through_s3transfer_land_in_place_and_leave_nothing(s3_inp
     with pytest.raises(TransferFailed, match="1 of 2 objects failed"):
         download_files(s3_inprocess, "big-bucket", items, settings=settings)
     assert sorted(os.listdir(tmp_path)) == sorted(blobs)
+
+
+def test_the_native_part_size_follows_the_largest_small_object():
+    from nipype_s3.s3.download import DownloadItem, _part_size
+    from nipype_s3.s3.transfer import TransferSettings
+
+    settings = TransferSettings()  # 16 MiB chunks
+    MiB = 1024 * 1024
+
+    def items(*sizes):
+        return [DownloadItem(f"k{i}", f"/d/{i}", size) for i, size in enumerate(sizes)]
+
+    assert _part_size(items(256 * 1024, 1000), settings) == MiB
+    assert _part_size(items(3 * MiB), settings) == 4 * MiB
+    assert _part_size(items(200 * MiB), settings) == 16 * MiB
+    assert _part_size(items(1000, None), settings) == 16 * MiB  # a size not known
