@@ -64,20 +64,23 @@ def iter_objects(client, bucket: str, prefix: str = "", *,
                                  "using botocore", bucket, prefix, exc)
                     engine = None
             if page is not None:
+                keys = len(page["objects"])
+                if first:
+                    _seen(endpoint, time.monotonic() - asked, keys)
                 for key, size, etag, modified in page["objects"]:
                     yield ObjectInfo(key, size, etag, modified)
                 truncated, token = page["truncated"], page["token"]
             else:
                 answer = client.list_objects_v2(**kwargs)
+                if first:
+                    _seen(endpoint, time.monotonic() - asked, len(answer.get("Contents", ())))
                 for item in answer.get("Contents", ()):
                     yield ObjectInfo(item["Key"], int(item.get("Size", 0)),
                                      str(item.get("ETag", "")).strip('"'),
                                      item.get("LastModified"))
                 truncated = answer.get("IsTruncated")
                 token = answer.get("NextContinuationToken")
-            if first:  # how far the server is: what a request costs, at least
-                _SEEN_RTT[endpoint] = time.monotonic() - asked
-                first = False
+            first = False
             if not truncated or not token:
                 return
             if token == kwargs.get("ContinuationToken"):
@@ -88,9 +91,21 @@ def iter_objects(client, bucket: str, prefix: str = "", *,
             kwargs["ContinuationToken"] = token
 
 
-#: endpoint -> seconds the latest LIST's first page took: a request's round trip at
-#: most (the transfers after it choose how many requests to keep in flight from it)
+#: endpoint -> seconds the latest LIST's first page took, less the server's time for
+#: its keys: about a request's round trip (the transfers after it choose how many
+#: requests to keep in flight from it)
 _SEEN_RTT: dict[str, float] = {}
+
+#: seconds a server spends on each key of a LIST page, discounted from the page's time.
+#: Listing is work that grows with the keys: SeaweedFS on this machine answered an empty
+#: page in 4 ms and 500 keys in 17 ms, which, taken for a round trip, kept four times
+#: as many requests in flight as on loopback suits (500 small files came down in 0.8 s
+#: instead of 0.6)
+_LIST_SECONDS_PER_KEY = 25e-6
+
+
+def _seen(endpoint: str, seconds: float, keys: int) -> None:
+    _SEEN_RTT[endpoint] = max(0.0, seconds - keys * _LIST_SECONDS_PER_KEY)
 
 
 def observed_rtt(client) -> float | None:
