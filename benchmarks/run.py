@@ -346,9 +346,45 @@ class Bench:
         if rtt_ms:
             with self.at_distance(rtt_ms):
                 return self.transfer_case(f"{case}@{rtt_ms}ms", count, size)
+        bucket = self.case_bucket(case)
+        try:
+            self._transfer_case(case, count, size, src, bucket)
+        finally:
+            self.drop_bucket(bucket)
+
+    def case_bucket(self, case: str) -> str:
+        """A bucket of the case's own (``small@20ms`` -> ``bench-small-20ms``)."""
+        name = "bench-" + "".join(c if c.isalnum() else "-" for c in case.lower())
+        self.client.create_bucket(Bucket=name)
+        return name
+
+    def drop_bucket(self, bucket: str) -> None:
+        """Remove ``bucket`` and all it holds, so its space is free for the next case.
+
+        A case writes every run's upload to the server (the medium case: 960 MiB for
+        each of 4 tools, 5 times, 19 GB); kept for the whole run, the cases filled the
+        server's volumes and it answered InternalError. SeaweedFS gives a deleted
+        bucket's volumes (its collection) back at once; deleted objects only at its
+        next vacuum.
+        """
+        token = None
+        while True:
+            kwargs = {"Bucket": bucket, **({"ContinuationToken": token} if token else {})}
+            page = self.client.list_objects_v2(**kwargs)
+            keys = [{"Key": o["Key"]} for o in page.get("Contents", ())]
+            if keys:
+                self.client.delete_objects(Bucket=bucket, Delete={"Objects": keys,
+                                                                   "Quiet": True})
+            token = page.get("NextContinuationToken")
+            if not page.get("IsTruncated"):
+                break
+        self.client.delete_bucket(Bucket=bucket)
+
+    def _transfer_case(self, case: str, count: int, size: int, src: str,
+                       bucket: str) -> None:
         nbytes = count * size
         py = sys.executable
-        up = lambda tool, rep: f"s3://bench/{case}/{tool}/{rep}"  # noqa: E731
+        up = lambda tool, rep: f"s3://{bucket}/{case}/{tool}/{rep}"  # noqa: E731
 
         # the objects downloaded, put there by one untimed S3DataSink run. Downloads
         # come before the uploads: the uploads leave the server's copies of all they
@@ -356,23 +392,24 @@ class Bench:
         # server keeps in its own memory, not its client's (measured: our large
         # downloads after them took 0.92-1.49 s, against 0.71-0.80 s on a quiet
         # machine; s5cmd's, which needs 16 MB where we need 276, 0.66-0.75 s either way)
-        run_timed([py, "-c", OURS_UPLOAD, src, f"s3://bench/{case}/seed",
+        run_timed([py, "-c", OURS_UPLOAD, src, f"s3://{bucket}/{case}/seed",
                    os.path.join(self.work, "n", case, "seed")], self.env)
         key_prefix = f"{case}/seed/data/"
         dest = lambda tool, r: os.path.join(self.work, "dl", case, tool, str(r))  # noqa: E731
         downs = [("S3DataGrabber", lambda r: [
-            py, "-c", OURS_DOWNLOAD, "bench", key_prefix, dest("ours", r),
+            py, "-c", OURS_DOWNLOAD, bucket, key_prefix, dest("ours", r),
             os.path.join(self.work, "n", case, f"g{r}")], None,
             lambda r: dest("ours", r))]
         if self.s5cmd:
             downs.append(("s5cmd", lambda r: [
                 self.s5cmd, "--endpoint-url", self.endpoint, "cp",
-                f"s3://bench/{key_prefix}*", dest("s5cmd", r) + "/"], None,
+                f"s3://{bucket}/{key_prefix}*", dest("s5cmd", r) + "/"], None,
                 lambda r: dest("s5cmd", r)))
         if self.aws:
             downs.append(("aws s3 cp", lambda r: [
                 self.aws, "--endpoint-url", self.endpoint, "s3", "cp", "--recursive",
-                "--only-show-errors", f"s3://bench/{key_prefix}", dest("awscli", r)], None,
+                "--only-show-errors", f"s3://{bucket}/{key_prefix}", dest("awscli", r)],
+                None,
                 lambda r: dest("awscli", r)))
         downs.append(("cp -r (local disk)", lambda r: ["cp", "-r", src, dest("cp", r)],
                       lambda r: os.makedirs(os.path.dirname(dest("cp", r)), exist_ok=True),
