@@ -176,13 +176,20 @@ class SeaweedFS:
         mini`` picks 1 GiB here). Making volumes takes the write that crosses the limit
         most of a second longer, so a benchmark that writes gigabytes sets it above
         what it writes.
+    volume_max : int, optional
+        Volumes the server may hold (``weed mini`` sets it from the free disk space
+        divided by the volume size: with large volumes, two or three). Each bucket is a
+        collection with volumes of its own: a benchmark that makes a bucket per case
+        needs more.
     """
 
     def __init__(self, directory: str | None = None, *, access_key: str = FAKE_ACCESS_KEY,
                  secret_key: str = FAKE_SECRET_KEY, public_buckets: tuple = (),
-                 volume_size_limit_mb: int | None = None) -> None:
+                 volume_size_limit_mb: int | None = None,
+                 volume_max: int | None = None) -> None:
         self.public_buckets = tuple(public_buckets)
         self.volume_size_limit_mb = volume_size_limit_mb
+        self.volume_max = volume_max
         self._own_dir = directory is None
         self.directory = directory or tempfile.mkdtemp(prefix="nipype-s3-weed-")
         self.access_key = access_key
@@ -233,6 +240,8 @@ class SeaweedFS:
             args += [f"-{name}={port}" for name, port in ports.items()]
             if self.volume_size_limit_mb:
                 args.append(f"-master.volumeSizeLimitMB={int(self.volume_size_limit_mb)}")
+            if self.volume_max:
+                args.append(f"-volume.max={int(self.volume_max)}")
             self._log = open(self.log_path, "ab")
             self._proc = _popen(args, stdout=self._log, stderr=subprocess.STDOUT,
                                 cwd=self.directory)
