@@ -160,9 +160,9 @@ _MIN_PART = 1024 * 1024
 
 
 def _part_size(items, settings: TransferSettings) -> int:
-    """The native engine's part size for ``items``: the multipart chunk size, or, when
-    every object is known to be smaller, the least power of two from 1 MiB up that
-    holds the largest.
+    """The native engine's part size for ``items``: 1 MiB when every object is known to
+    be no larger, else the multipart chunk size (two sizes, not one per batch: each is
+    an engine of its own, with its connections, for as long as the client lives).
 
     The CRT sets a part's worth of memory aside for every GET in flight, however small
     the object, and keeps those within its memory limit: with 8 MiB parts no more than
@@ -171,12 +171,9 @@ def _part_size(items, settings: TransferSettings) -> int:
     parts; 500 took 1.89 s and 0.62 s).
     """
     sizes = [item.size for item in items]
-    if not sizes or any(size is None for size in sizes):
-        return settings.multipart_chunksize
-    part = _MIN_PART
-    while part < max(sizes) and part < settings.multipart_chunksize:
-        part *= 2
-    return min(part, settings.multipart_chunksize)
+    if sizes and all(size is not None for size in sizes) and max(sizes) <= _MIN_PART:
+        return min(_MIN_PART, settings.multipart_chunksize)
+    return settings.multipart_chunksize
 
 
 def _native_first(client, bucket, settings, items, request_payer, progress):

@@ -74,7 +74,10 @@ def fit_concurrency(settings: TransferSettings, rtt: float | None,
     base = settings.max_concurrency
     if base != cfg.DEFAULT_MAX_CONCURRENCY or rtt is None or rtt < _DISTANT or small <= base:
         return settings
-    wanted = min(MAX_SMALL_CONCURRENCY, small, base * max(1, round(rtt / 0.005)))
+    wanted = min(MAX_SMALL_CONCURRENCY, base * max(1, round(rtt / 0.005)))
+    # no more than the files, rounded up to a power of two: engines are kept per
+    # concurrency, so one per batch size would pile up in a process sinking many batches
+    wanted = min(wanted, 1 << (small - 1).bit_length())
     return replace(settings, max_concurrency=max(base, wanted))
 
 

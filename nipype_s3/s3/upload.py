@@ -147,6 +147,9 @@ def _remember_etags(client, bucket: str, items, done: list[str], versions: dict,
             continue
         size, etag = (None, answered[item.key]) if item.key in answered else \
             listed.get(item.key, (-1, ""))
+        if size is not None and etag.rpartition("-")[2] != str(
+                -(-version.st_size // settings.multipart_chunksize)):
+            continue  # not the parts this upload sent: written by someone else since
         if etag and size in (None, version.st_size):
             remember_etag(item.source, etag, version, part_size=settings.multipart_chunksize)
 
@@ -305,7 +308,9 @@ def upload_files(client, bucket: str, items, *, settings: TransferSettings | Non
                     answer = client.put_object(Bucket=bucket, Key=item.key, Body=body,
                                                **object_args(item),
                                                **checksum_args(item.sha256, multipart=False))
-                if answer.get("ETag"):
+                if answer.get("ETag") and answer.get("ServerSideEncryption") in (
+                        None, "AES256") and not answer.get("SSECustomerAlgorithm"):
+                    # (under SSE-KMS, the bucket's default say, an ETag is no MD5)
                     etags[item.key] = str(answer["ETag"]).strip('"')
                 progress.update(size)
 
@@ -322,7 +327,7 @@ def upload_files(client, bucket: str, items, *, settings: TransferSettings | Non
             fitted = fit_concurrency(settings, observed_rtt(client), len(small))
             try:
                 outcomes, small = _native_first(client, bucket, fitted, small, args, kms,
-                                                progress, etags)
+                                                progress, etags if versions else None)
                 outcomes += run_transfers(client, settings, small, put_small, large,
                                           submit_large, small_settings=fitted)
             finally:

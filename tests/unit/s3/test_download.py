@@ -152,6 +152,7 @@ def test_the_native_part_size_follows_the_largest_small_object():
         return [DownloadItem(f"k{i}", f"/d/{i}", size) for i, size in enumerate(sizes)]
 
     assert _part_size(items(256 * 1024, 1000), settings) == MiB
-    assert _part_size(items(3 * MiB), settings) == 4 * MiB
+    assert _part_size(items(MiB), settings) == MiB
+    assert _part_size(items(3 * MiB), settings) == 16 * MiB
     assert _part_size(items(200 * MiB), settings) == 16 * MiB
     assert _part_size(items(1000, None), settings) == 16 * MiB  # a size not known

@@ -12,7 +12,8 @@ from nipype_s3.s3.transfer import MAX_SMALL_CONCURRENCY, TransferSettings, fit_c
     (0.001, 500, cfg.DEFAULT_MAX_CONCURRENCY),    # loopback: the CPU sets the pace
     (0.020, 500, 64),                              # 20 ms: four times as many
     (0.050, 500, MAX_SMALL_CONCURRENCY),           # 50 ms: the cap
-    (0.050, 40, 40),                               # no more than there are files
+    (0.050, 40, 64),                               # the files, to a power of two
+    (0.050, 64, 64),
     (0.050, 10, cfg.DEFAULT_MAX_CONCURRENCY),     # few files: as they were
 ])
 def test_the_default_grows_with_the_distance(rtt, small, expected):
@@ -35,5 +36,5 @@ def test_a_lists_round_trip_is_its_time_less_the_servers_time_for_its_keys():
     assert near < 0.015 < far and listing._SEEN_RTT["http://empty"] == 0.004
     assert fit_concurrency(TransferSettings(), near, 500).max_concurrency == 16
     assert fit_concurrency(TransferSettings(), far, 500).max_concurrency == MAX_SMALL_CONCURRENCY
-    listing._seen("http://odd", 0.001, 1000)  # never below nothing
-    assert listing._SEEN_RTT["http://odd"] == 0.0
+    listing._seen("http://odd", 0.010, 1000)  # never less than half of what it took
+    assert listing._SEEN_RTT["http://odd"] == 0.005

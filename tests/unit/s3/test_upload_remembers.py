@@ -45,3 +45,48 @@ def test_the_first_unchanged_rerun_reads_no_file(s3_inprocess, tmp_path, reads,
     assert (third.files, third.skipped) == (1, 1)
     head = s3_inprocess.get_object(Bucket="out-bucket", Key="derivs/small.json")
     assert head["Body"].read() == b'{"a": 2}'
+
+
+def test_an_etag_that_is_no_md5_is_not_kept(s3_inprocess, tmp_path, monkeypatch):
+    """Under SSE-KMS (here the bucket's default) an answer's ETag is not the body's MD5:
+    kept as one, it would stand for the file's digest."""
+    from nipype_s3.s3 import upload
+
+    monkeypatch.setenv("NIPYPE_S3_DIGEST_CACHE", str(tmp_path / "cache" / "d.sqlite"))
+    kept = []
+    monkeypatch.setattr(upload, "remember_etag", lambda path, etag, *a, **k: kept.append(
+        (os.path.basename(path), etag)))
+    (tmp_path / "a.json").write_bytes(b"{}")
+    item = [UploadItem(str(tmp_path / "a.json"), "k/a.json")]
+    s3_inprocess.create_bucket(Bucket="plain-bucket")
+    upload_files(s3_inprocess, "plain-bucket", item)
+    assert [name for name, _ in kept] == ["a.json"]
+    kept.clear()
+    s3_inprocess.create_bucket(Bucket="kms-bucket")
+    s3_inprocess.put_bucket_encryption(
+        Bucket="kms-bucket", ServerSideEncryptionConfiguration={"Rules": [{
+            "ApplyServerSideEncryptionByDefault": {"SSEAlgorithm": "aws:kms"}}]})
+    upload_files(s3_inprocess, "kms-bucket", item)
+    assert kept == []
+
+
+def test_a_listed_etag_of_other_parts_than_sent_is_not_kept(tmp_path, monkeypatch):
+    """A multipart upload's ETag comes from a LIST after it: an object written there
+    since, in one PUT or in other parts, is not taken for this file's."""
+    from nipype_s3.s3 import upload
+    from nipype_s3.s3.listing import ObjectInfo
+
+    path = tmp_path / "big.bin"
+    path.write_bytes(b"x" * (12 * MiB))
+    settings = TransferSettings(multipart_threshold=5 * MiB, multipart_chunksize=5 * MiB)
+    item = UploadItem(str(path), "k/big.bin")
+    kept = []
+    monkeypatch.setattr(upload, "remember_etag", lambda p, etag, *a, **k: kept.append(etag))
+    for listed, expected in (("0" * 32, []), ("ab" * 16 + "-2", []),
+                             ("ab" * 16 + "-3", ["ab" * 16 + "-3"])):
+        kept.clear()
+        monkeypatch.setattr(upload, "list_objects", lambda *a, listed=listed, **k: {
+            "k/big.bin": ObjectInfo("k/big.bin", 12 * MiB, listed)})
+        upload._remember_etags(None, "b", [item], ["k/big.bin"], {str(path): path.stat()},
+                               settings, {})
+        assert kept == expected, listed
