@@ -562,9 +562,11 @@ def _split_case(case: str) -> tuple[str, int]:
 
 
 def _chart(rows: list[dict], path: str) -> None:
-    """One panel per case and direction; in each, bars grouped by round trip, each tool
-    as its speed relative to s5cmd (above 1: faster), s5cmd itself the line at 1 and
-    ``cp -r`` a dashed reference line (a bar of it flattened all the others)."""
+    """A grid of panels, downloads above uploads, one column per case size; in each, bars
+    grouped by round trip, each tool as its speed relative to s5cmd (above 1: faster),
+    s5cmd itself the line at 1. ``cp -r`` (local disk) is a dashed reference line where
+    it fits the panel, else a note at its top: drawn to scale it made every other bar
+    a sliver (31x s5cmd in the medium upload)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -572,37 +574,60 @@ def _chart(rows: list[dict], path: str) -> None:
 
     timed = [r for r in rows if r["seconds"] and r["case"] != "rerun"]
     s5 = {(r["case"], r["direction"]): r["seconds"] for r in timed if r["tool"] == "s5cmd"}
-    panels = sorted({(_split_case(r["case"])[0], r["direction"]) for r in timed},
-                    key=lambda p: (["small", "medium", "large"].index(p[0])
-                                   if p[0] in ("small", "medium", "large") else 9, p[1]))
+    order = ["small", "medium", "large"]
+    bases = sorted({_split_case(r["case"])[0] for r in timed},
+                   key=lambda b: order.index(b) if b in order else 9)
+    directions = [d for d in ("download", "upload") if any(r["direction"] == d for r in timed)]
     tools = [t for t in dict.fromkeys(r["tool"] for r in timed)
              if t != "s5cmd" and not t.startswith("cp -r")]
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6), squeeze=False)
-    for ax, (base, direction) in zip(axes[0], panels, strict=True):
-        cases = sorted({r["case"] for r in timed if _split_case(r["case"])[0] == base
-                        and r["direction"] == direction}, key=lambda c: _split_case(c)[1])
-        width = 0.8 / max(1, len(tools))
-        for t_index, tool in enumerate(tools):
-            ratios = []
-            for case in cases:
-                row = next((r for r in timed if r["case"] == case and r["tool"] == tool
-                            and r["direction"] == direction), None)
-                ref = s5.get((case, direction))
-                ratios.append(ref / row["seconds"] if row and ref else 0.0)
-            ax.bar([i + t_index * width for i in range(len(cases))], ratios, width,
-                   label=tool)
-        ax.axhline(1.0, color="black", linewidth=1, label="s5cmd")
-        cp = next((r for r in timed if r["case"] == base and r["direction"] == direction
-                   and r["tool"].startswith("cp -r")), None)
-        if cp and s5.get((base, direction)):
-            ax.axhline(s5[(base, direction)] / cp["seconds"], color="grey", linestyle="--",
-                       linewidth=1, label="cp -r (local disk)")
-        ax.set_xticks([i + 0.4 - width / 2 for i in range(len(cases))],
-                      [f"{_split_case(c)[1]} ms" for c in cases])
-        ax.set_title(f"{base} {direction}")
-        ax.set_ylabel("speed / s5cmd's")
-    axes[0][0].legend(fontsize=7, loc="upper left")
-    fig.tight_layout()
+    colours = {tool: f"C{i}" for i, tool in enumerate(tools)}
+    fig, axes = plt.subplots(len(directions), len(bases), squeeze=False,
+                             figsize=(4.4 * len(bases), 3.3 * len(directions)))
+    for row_axes, direction in zip(axes, directions, strict=True):
+        for ax, base in zip(row_axes, bases, strict=True):
+            cases = sorted({r["case"] for r in timed if _split_case(r["case"])[0] == base
+                            and r["direction"] == direction},
+                           key=lambda c: _split_case(c)[1])
+            here = [t for t in tools if any(r["tool"] == t and r["direction"] == direction
+                                            and r["case"] in cases for r in timed)]
+            width = 0.8 / max(1, len(here))
+            top = 1.0
+            for t_index, tool in enumerate(here):
+                ratios = []
+                for case in cases:
+                    row = next((r for r in timed if r["case"] == case and r["tool"] == tool
+                                and r["direction"] == direction), None)
+                    ref = s5.get((case, direction))
+                    ratios.append(ref / row["seconds"] if row and ref else 0.0)
+                top = max([top] + ratios)
+                bars = ax.bar([i + t_index * width for i in range(len(cases))], ratios, width,
+                              label=tool, color=colours[tool])
+                ax.bar_label(bars, fmt="%.2f", fontsize=6, padding=1)
+            limit = max(1.5, top * 1.2)
+            ax.set_ylim(0, limit)
+            ax.axhline(1.0, color="black", linewidth=1, label="s5cmd")
+            cp = next((r for r in timed if r["case"] == base and r["direction"] == direction
+                       and r["tool"].startswith("cp -r")), None)
+            if cp and s5.get((base, direction)):
+                local = s5[(base, direction)] / cp["seconds"]
+                if local <= limit:
+                    ax.axhline(local, color="grey", linestyle="--", linewidth=1,
+                               label="cp -r (local disk)")
+                else:
+                    ax.text(0.99, 0.97, f"cp -r (local disk): {local:.1f}× s5cmd, off the scale",
+                            transform=ax.transAxes, ha="right", va="top", fontsize=7,
+                            color="grey")
+            ax.set_xticks([i + 0.4 - width / 2 for i in range(len(cases))],
+                          [f"{_split_case(c)[1]} ms" for c in cases])
+            ax.set_title(f"{base} {direction}", fontsize=10)
+            ax.set_ylabel("speed / s5cmd's")
+    legend = {}
+    for ax in axes.flat:  # one legend for the figure: every tool, s5cmd, cp -r
+        for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
+            legend.setdefault(label, handle)
+    fig.legend(list(legend.values()), list(legend), loc="lower center", ncol=len(legend),
+               fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
     fig.savefig(path, dpi=90)
     plt.close(fig)
 
