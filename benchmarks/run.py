@@ -353,7 +353,11 @@ class Bench:
         try:
             self._transfer_case(case, count, size, src, bucket)
         finally:
-            self.drop_bucket(bucket)
+            try:
+                self.drop_bucket(bucket)
+            except Exception as exc:  # noqa: BLE001 - never in place of the case's error
+                print(f"  could not remove bucket {bucket}: {exc}", file=sys.stderr,
+                      flush=True)
 
     def case_bucket(self, case: str) -> str:
         """A bucket of the case's own (``small@20ms`` -> ``bench-small-20ms``)."""
