@@ -24,10 +24,11 @@ from s3transfer.subscribers import BaseSubscriber
 from .. import config as cfg
 from ..exceptions import ConfigurationError, NipypeS3Error, TransferFailed
 from ..localfs import make_folder
+from . import ranged
 from .errors import translate
 from .hashing import etag_matches
 from .listing import observed_rtt
-from .native import native_engine, open_empty
+from .native import engine_choice, native_engine, open_empty
 from .session import endpoint_of
 from .transfer import (
     Progress,
@@ -77,11 +78,6 @@ class _ProvideSize(BaseSubscriber):
             future.meta.provide_object_etag(f'"{self._etag.strip(chr(34))}"')
 
 
-_STREAM_ERRORS = (botocore.exceptions.ReadTimeoutError,
-                  botocore.exceptions.ResponseStreamingError,
-                  botocore.exceptions.IncompleteReadError,
-                  botocore.exceptions.ConnectionClosedError, ConnectionError)
-_ATTEMPTS = 3
 
 
 def _get_to_temp(client, bucket: str, item: DownloadItem, extra: dict) -> None:
@@ -91,7 +87,7 @@ def _get_to_temp(client, bucket: str, item: DownloadItem, extra: dict) -> None:
     here. On failure nothing is left at the destination path, nor a temporary file.
     """
     tmp = f"{item.dest}.nipype-s3-{os.getpid()}-{threading.get_ident()}.part"
-    for attempt in range(1, _ATTEMPTS + 1):
+    for attempt in range(1, ranged.ATTEMPTS + 1):
         try:
             resp = client.get_object(Bucket=bucket, Key=item.key, **extra)
             read = functools.partial(resp["Body"].read, 1024 * 1024)
@@ -103,8 +99,8 @@ def _get_to_temp(client, bucket: str, item: DownloadItem, extra: dict) -> None:
                     actual_bytes=os.path.getsize(tmp), expected_bytes=item.size)
             os.replace(tmp, item.dest)
             return
-        except _STREAM_ERRORS:
-            if attempt == _ATTEMPTS:
+        except ranged.STREAM_ERRORS:
+            if attempt == ranged.ATTEMPTS:
                 _remove(tmp)
                 raise
         except BaseException:
@@ -201,14 +197,8 @@ def _native_first(client, bucket, settings, items, request_payer, progress):
         def put_in_place(index):
             if stopped:
                 return
-            item, tmp = items[index], temps[index]
             try:
-                size = _size(tmp)
-                if item.size is not None and size != item.size:
-                    raise botocore.exceptions.IncompleteReadError(
-                        actual_bytes=size, expected_bytes=item.size)
-                os.replace(tmp, item.dest)
-                _set_mtime(item)
+                _put_in_place(items[index], temps[index])
             except Exception:
                 raise
             except BaseException as exc:
@@ -273,6 +263,67 @@ def _native_first(client, bucket, settings, items, request_payer, progress):
         fits = item.size is not None and item.size < settings.multipart_threshold
         (small if fits else large).append(item)
     return outcomes, small, large
+
+
+def _put_in_place(item: DownloadItem, tmp: str) -> None:
+    """Rename the complete temporary file ``tmp`` to ``item.dest``, if it has the size
+    listed, and give it the object's time."""
+    size = _size(tmp)
+    if item.size is not None and size != item.size:
+        raise botocore.exceptions.IncompleteReadError(actual_bytes=size,
+                                                      expected_bytes=item.size)
+    os.replace(tmp, item.dest)
+    _set_mtime(item)
+
+
+def _ranged_first(client, bucket, settings, items, extra, progress, rtt):
+    """Stream the objects of ``multipart_threshold`` bytes or more whose size is known
+    (:mod:`.ranged`); hand back ``(outcomes, rest, again)``.
+
+    ``outcomes`` are the items done, or refused by the server (with its error: an object
+    written again since its LIST, say), ``rest`` those not tried here, and ``again``
+    those cut off or stalled past the retries, for s3transfer to try.
+    ``NIPYPE_S3_ENGINE=botocore`` keeps large objects on s3transfer, as before.
+    """
+    big = [item for item in items
+           if item.size is not None and item.size >= settings.multipart_threshold]
+    if not big or not ranged.AVAILABLE or engine_choice() == "botocore":
+        return [], items, []
+    chosen = {id(item) for item in big}
+    rest = [item for item in items if id(item) not in chosen]
+    temps = [f"{item.dest}.nipype-s3-{os.getpid()}-r.part" for item in big]
+    unplaced: dict[int, BaseException] = {}
+
+    def place(index):
+        try:
+            _put_in_place(big[index], temps[index])
+        except Exception as exc:  # noqa: BLE001 - s3transfer tries it again
+            unplaced[index] = exc
+            _remove(temps[index])
+
+    # every range in flight is one thread reading a megabyte at a time, whatever the
+    # range's size: at a distance more of them wait out the round trips, within the
+    # client's connection pool
+    ranges = sum(len(ranged.ranges(item.size)) for item in big)
+    threads = min(fit_concurrency(settings, rtt, ranges).max_concurrency,
+                  client.meta.config.max_pool_connections)
+    failed = ranged.ranged_download(
+        client, bucket, [(item.key, tmp, item.size, item.etag)
+                         for item, tmp in zip(big, temps, strict=True)],
+        threads=threads, extra=extra, on_bytes=progress.update, on_done=place)
+    failed.update(unplaced)
+    outcomes, again = [], []
+    for index, item in enumerate(big):
+        exc = failed.get(index)
+        if isinstance(exc, botocore.exceptions.ClientError):
+            outcomes.append((item, exc))  # the server's answer: s3transfer would get it too
+        elif exc is not None:
+            logger.debug("ranged download of %s did not complete (%s); retrying with "
+                         "s3transfer", item.key, exc)
+            again.append(item)
+        else:
+            outcomes.append((item, None))
+    return outcomes, rest, again
 
 
 def _close_opened(opened: dict) -> None:
@@ -408,16 +459,21 @@ def download_files(client, bucket: str, items, *, settings: TransferSettings | N
                 return manager.download(bucket, item.key, tmp, extra_args=extra,
                                         subscribers=subs)
 
-            # at a distance, more small files in flight (a large one's parts stay as
-            # many as they were: each in flight holds a part's memory)
-            fitted = settings if any(
-                (item.size or 0) >= settings.multipart_threshold for item in todo) else \
-                fit_concurrency(settings, observed_rtt(client), len(todo))
+            rtt = observed_rtt(client)
             try:
-                outcomes, small, large = _native_first(client, bucket, fitted, todo,
-                                                       request_payer, progress)
-                outcomes += run_transfers(client, settings, small, get_small, large,
-                                          submit_large, small_settings=fitted)
+                outcomes, rest, again = _ranged_first(client, bucket, settings, todo, extra,
+                                                      progress, rtt)
+                # at a distance, more small files in flight (a large one's parts stay
+                # as many as they were: in the CRT each holds a part's memory)
+                fitted = settings if any(
+                    (item.size or 0) >= settings.multipart_threshold for item in rest) \
+                    else fit_concurrency(settings, rtt, len(rest))
+                done, small, large = _native_first(client, bucket, fitted, rest,
+                                                   request_payer, progress)
+                outcomes += done
+                outcomes += run_transfers(client, settings, small, get_small,
+                                          large + again, submit_large,
+                                          small_settings=fitted)
             except BaseException:
                 for tmp in large_temps.values():
                     _remove(tmp)

@@ -27,6 +27,8 @@ __all__ = ["translate", "s3_errors", "error_code", "what_to_do"]
 
 _NOT_FOUND_BUCKET = {"NoSuchBucket"}
 _NOT_FOUND_KEY = {"NoSuchKey", "NotFound", "404", "NoSuchUpload"}
+#: an If-Match that no longer holds: the object was written again since it was listed
+_CHANGED = {"PreconditionFailed", "412"}
 _DENIED = {"AccessDenied", "403", "AllAccessDisabled", "Forbidden", "AccountProblem",
            "RequestTimeTooSkewed", "InvalidToken"}
 _BAD_KEY_ID = {"InvalidAccessKeyId", "InvalidClientTokenId", "UnrecognizedClientException"}
@@ -144,6 +146,11 @@ def translate(exc: BaseException, *, bucket: str | None = None, key: str | None 
         return S3AccessDenied(
             f"Access denied to {action} {where}{at} ({code}). Check the IAM or bucket policy "
             "for this operation; for a public bucket use anon=True.", **kw)
+    if code in _CHANGED:
+        return S3Error(
+            f"{where} changed after it was listed ({code}, while trying to {action} it): "
+            "it was written again while this run read it. Run again once it is no longer "
+            "being written.", **kw)
     if code in _NOT_FOUND_KEY:
         return S3ObjectNotFound(f"{where} does not exist{at} (while trying to {action} it).",
                                 **kw)

@@ -135,7 +135,8 @@ class RecordingProxy:
         Fraction of requests answered with a fault instead of being forwarded.
     faults : tuple of str
         Which faults: ``"503"`` (SlowDown), ``"500"``, ``"drop"`` (close the connection
-        without an answer), ``"stall"`` (answer nothing for ``stall_seconds``).
+        without an answer), ``"stall"`` (answer nothing for ``stall_seconds``), ``"cut"``
+        (forward, then send the answer's headers and half its body, and close).
     fault_filter : callable, optional
         ``fault_filter(method, path, query) -> bool``: only matching requests may fail
         (e.g. object GETs but not LISTs).
@@ -309,6 +310,12 @@ class RecordingProxy:
                 else:
                     self.send_header("Content-Length", str(len(data)))
                 self.end_headers()
+                if fault == "cut" and self.command != "HEAD":
+                    self.wfile.write(data[:len(data) // 2])  # its full length was announced
+                    self.wfile.flush()
+                    self.close_connection = True
+                    self.connection.shutdown(2)
+                    return
                 if self.command != "HEAD":
                     self.wfile.write(data)
 
