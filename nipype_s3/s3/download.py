@@ -276,6 +276,11 @@ def _put_in_place(item: DownloadItem, tmp: str) -> None:
     _set_mtime(item)
 
 
+#: what a ranged download hands to s3transfer: bodies cut off or stalled past retries,
+#: and a file that came out short
+_CUT_OFF = ranged.STREAM_ERRORS + (botocore.exceptions.EndpointConnectionError,)
+
+
 def _ranged_first(client, bucket, settings, items, extra, progress, rtt):
     """Stream the objects of ``multipart_threshold`` bytes or more whose size is known
     (:mod:`.ranged`); hand back ``(outcomes, rest, again)``.
@@ -297,14 +302,14 @@ def _ranged_first(client, bucket, settings, items, extra, progress, rtt):
     def place(index):
         try:
             _put_in_place(big[index], temps[index])
-        except Exception as exc:  # noqa: BLE001 - s3transfer tries it again
+        except Exception as exc:  # noqa: BLE001 - reported below
             unplaced[index] = exc
             _remove(temps[index])
 
     # every range in flight is one thread reading a megabyte at a time, whatever the
     # range's size: at a distance more of them wait out the round trips, within the
     # client's connection pool
-    ranges = sum(len(ranged.ranges(item.size)) for item in big)
+    ranges = sum(ranged.range_count(item.size) for item in big)
     threads = min(fit_concurrency(settings, rtt, ranges).max_concurrency,
                   client.meta.config.max_pool_connections)
     failed = ranged.ranged_download(
@@ -315,8 +320,10 @@ def _ranged_first(client, bucket, settings, items, extra, progress, rtt):
     outcomes, again = [], []
     for index, item in enumerate(big):
         exc = failed.get(index)
-        if isinstance(exc, botocore.exceptions.ClientError):
-            outcomes.append((item, exc))  # the server's answer: s3transfer would get it too
+        if exc is not None and not isinstance(exc, _CUT_OFF):
+            # the server's answer (a refusal, another object than listed) or this
+            # machine's (a folder where the file goes): s3transfer would meet it too
+            outcomes.append((item, exc))
         elif exc is not None:
             logger.debug("ranged download of %s did not complete (%s); retrying with "
                          "s3transfer", item.key, exc)
@@ -484,10 +491,11 @@ def download_files(client, bucket: str, items, *, settings: TransferSettings | N
                 tmp = large_temps.get(item.dest)
                 if tmp is not None:
                     if exc is None:
-                        try:
-                            os.replace(tmp, item.dest)
-                            _set_mtime(item)
+                        try:  # s3transfer's file too must have the size listed
+                            _put_in_place(item, tmp)
                         except OSError as err:
+                            exc = err
+                        except botocore.exceptions.IncompleteReadError as err:
                             exc = err
                     _remove(tmp)
                 if exc is None:
