@@ -28,7 +28,7 @@ from . import ranged
 from .errors import translate
 from .hashing import etag_matches
 from .listing import observed_rtt
-from .native import engine_choice, native_engine, open_empty
+from .native import engine_choice, native_engine, open_empty, remove_if_there
 from .session import endpoint_of
 from .transfer import (
     Progress,
@@ -108,11 +108,7 @@ def _get_to_temp(client, bucket: str, item: DownloadItem, extra: dict) -> None:
             raise
 
 
-def _remove(path: str) -> None:
-    try:
-        os.remove(path)
-    except FileNotFoundError:
-        pass
+_remove = remove_if_there
 
 
 def _quick_check(item: DownloadItem) -> bool | None:

@@ -478,7 +478,7 @@ class NativeEngine:
             except Exception as exc:  # handed back: botocore tries again and reports
                 failed[index] = exc
                 if cleanup:
-                    _remove(job[1])
+                    remove_if_there(job[1])
                 return True
             if done is not None:
                 try:
@@ -671,7 +671,12 @@ def _write_at(fd: int, chunk, offset: int, **_kwargs) -> None:
     An exception here (a full disk) fails the request; botocore then tries it again.
     """
     _keep_thread_state()
-    view = memoryview(chunk)
+    write_at(fd, chunk, offset)
+
+
+def write_at(fd: int, data, offset: int) -> None:
+    """Write all of ``data`` at ``offset`` of ``fd``, in slices of :data:`_WRITE_SLICE`."""
+    view = memoryview(data)
     end = len(view)
     pos = 0
     while pos < end:
@@ -685,7 +690,8 @@ def _close(fd: int) -> None:
         pass
 
 
-def _remove(path: str) -> None:
+def remove_if_there(path: str) -> None:
+    """Remove the file ``path``; nothing if there is none."""
     try:
         os.remove(path)
     except FileNotFoundError:

@@ -25,7 +25,13 @@ from concurrent.futures import ThreadPoolExecutor
 import botocore.exceptions
 
 from ..exceptions import S3Error
-from .native import _O_CLOEXEC, _PREALLOCATE_FROM, _preallocate
+from .native import (
+    _O_CLOEXEC,
+    _PREALLOCATE_FROM,
+    _preallocate,
+    remove_if_there,
+    write_at,
+)
 
 __all__ = ["AVAILABLE", "STREAM_ERRORS", "WrongAnswer", "range_count", "ranged_download",
            "ranges"]
@@ -49,9 +55,6 @@ RANGE_SIZE = 32 * 1024 * 1024
 #: bytes read from the socket at a time
 _READ = 1024 * 1024
 _O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
-#: bytes written at a time (measured on this VM: a write of a megabyte or more into the
-#: page cache cost several times the kernel time of the same bytes in 64 KiB writes)
-_WRITE_SLICE = 64 * 1024
 
 
 #: the largest object S3 stores (5 TiB): a listed size above it is not believed
@@ -203,14 +206,14 @@ class _Batch:
                 os.close(fd)
             if gone:
                 if ours:
-                    _remove(self.jobs[index][1])
+                    remove_if_there(self.jobs[index][1])
             elif self.on_done is not None:
                 self.on_done(index)
         except Exception as err:  # noqa: BLE001 - that object fails, not the batch
             with self.lock:
                 self.failed.setdefault(index, err)
             if ours:
-                _remove(self.jobs[index][1])
+                remove_if_there(self.jobs[index][1])
 
     def descriptor(self, index: int) -> int:
         with self.lock:
@@ -239,7 +242,7 @@ class _Batch:
         with self.lock:
             made = [self.jobs[index][1] for index in self.created]
         for tmp in made:  # what is there and not ours (a link, say) is left alone
-            _remove(tmp)
+            remove_if_there(tmp)
 
     def stopped(self, index: int) -> bool:
         return self.stop.is_set() or index in self.failed
@@ -276,7 +279,7 @@ class _Batch:
                     chunk = body.read(min(_READ, length - done))
                     if not chunk:
                         break
-                    _write_at(fd, chunk, offset + done)
+                    write_at(fd, chunk, offset + done)
                     done += len(chunk)
                     if self.on_bytes is not None and done > counted:
                         self.on_bytes(done - counted)
@@ -341,18 +344,3 @@ def open_new(path: str, size: int) -> int:
         os.close(fd)
         raise
     return fd
-
-
-def _write_at(fd: int, data: bytes, offset: int) -> None:
-    view = memoryview(data)
-    end = len(view)
-    pos = 0
-    while pos < end:
-        pos += os.pwrite(fd, view[pos:pos + _WRITE_SLICE], offset + pos)
-
-
-def _remove(path: str) -> None:
-    try:
-        os.remove(path)
-    except FileNotFoundError:
-        pass

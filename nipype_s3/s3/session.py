@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import collections.abc
 import contextlib
 import datetime as _dt
 import gc
 import logging
+import os
 import re
 import threading
 from urllib.parse import urlsplit
 
 import boto3
 import botocore.exceptions
+import botocore.loaders
 import botocore.utils
 from botocore import UNSIGNED
 from botocore.config import Config
@@ -159,7 +162,8 @@ def _share_loader(session: boto3.Session) -> None:
     parses the S3 model again (measured: 0.07 s a client; 0.01 s with the loader
     shared). A loader only caches the read-only JSON it finds on its search path, so
     sessions whose loaders are of the same kind with the same search path
-    (``AWS_DATA_PATH``, or paths a user added) can share one.
+    (``AWS_DATA_PATH``, or paths a user added) can share one. A loader of botocore's own
+    kind becomes a :class:`_QuickLoader`.
     """
     try:
         core = session._session
@@ -167,10 +171,59 @@ def _share_loader(session: boto3.Session) -> None:
         key = (type(own), tuple(own.search_paths))
         with _region_lock:
             shared = _loaders.setdefault(key, own)
+            if type(shared) is botocore.loaders.Loader and \
+                    hasattr(shared, "_potential_locations"):
+                shared.__class__ = _QuickLoader  # the same loader, one method quicker
         if shared is not own:
             core.register_component("data_loader", shared)
     except Exception as exc:  # noqa: BLE001 - a speed-up only
         logger.debug("botocore data loader not shared: %s", exc)
+
+
+class _QuickLoader(botocore.loaders.Loader):
+    """botocore's loader, answering "is there such a service?" without listing them all.
+
+    Loading a model first checks that the service is in the list of every service on
+    the search path: some 2,900 ``stat`` calls, 18 ms of the 73 ms a fresh process spent
+    making its first S3 client (measured: 53 ms with this). The list given here looks up
+    only the name asked about, in the same places; anything else asked of it (its length,
+    its items) is botocore's own list, made then.
+    """
+
+    def list_available_services(self, type_name):
+        return _ServiceNames(self, type_name)
+
+
+class _ServiceNames(collections.abc.Sequence):
+    """The services with a ``type_name`` model, as botocore lists them; ``in`` is quick."""
+
+    def __init__(self, loader, type_name: str) -> None:
+        self._loader = loader
+        self._type_name = type_name
+        self._names: list | None = None
+
+    def __contains__(self, name) -> bool:
+        try:
+            for folder in self._loader._potential_locations(name, is_dir=True):
+                for version in os.listdir(folder):
+                    if self._loader.file_loader.exists(
+                            os.path.join(folder, version, self._type_name)):
+                        return True
+            return False
+        except Exception:  # noqa: BLE001 - botocore's own list decides instead
+            return name in self._all()
+
+    def _all(self) -> list:
+        if self._names is None:
+            self._names = botocore.loaders.Loader.list_available_services(
+                self._loader, self._type_name)
+        return self._names
+
+    def __getitem__(self, index):
+        return self._all()[index]
+
+    def __len__(self) -> int:
+        return len(self._all())
 
 
 def check_endpoint_url(url: str) -> str:

@@ -279,3 +279,20 @@ def test_tls_setups_that_cannot_work_are_not_retried(reason, final):
     else:
         assert _tls_misconfiguration_is_final(caught_exception=exc, attempts=1) is None
     assert _tls_misconfiguration_is_final(caught_exception=None, attempts=1) is None
+
+
+def test_shared_loader_answers_for_one_service_as_botocore_would():
+    import botocore.exceptions
+    import botocore.loaders
+
+    session = boto3.Session(region_name="us-east-1")
+    s3session._share_loader(session)
+    loader = session._session.get_component("data_loader")
+    assert isinstance(loader, s3session._QuickLoader)
+    names = loader.list_available_services("service-2")
+    assert "s3" in names and "ec2" in names and "no-such-service" not in names
+    # anything else asked of the list is botocore's own list
+    assert list(names) == botocore.loaders.Loader.list_available_services(loader, "service-2")
+    assert session.client("s3").meta.service_model.service_name == "s3"
+    with pytest.raises(botocore.exceptions.UnknownServiceError):
+        session.client("no-such-service")
