@@ -351,7 +351,7 @@ def _sweep_dead_temps(folder: str) -> None:
     """Remove our temporary files in ``folder`` left by processes that no longer run.
 
     A download killed with SIGKILL cannot clean up after itself; its
-    ``<dest>.nipype-s3-<pid>-<n>.part`` (or s3transfer's ``….part.<8 hex digits>``)
+    ``<dest>.nipype-s3-<pid>-<tag>.part`` (or s3transfer's ``….part.<8 hex digits>``)
     stays beside the destination (never at it).
     The next download into the same folder removes those whose process is gone.
     """
