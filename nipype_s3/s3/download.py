@@ -78,8 +78,6 @@ class _ProvideSize(BaseSubscriber):
             future.meta.provide_object_etag(f'"{self._etag.strip(chr(34))}"')
 
 
-
-
 def _get_to_temp(client, bucket: str, item: DownloadItem, extra: dict) -> None:
     """GET one object into a temporary file beside ``item.dest``, renamed when complete.
 
@@ -489,9 +487,7 @@ def download_files(client, bucket: str, items, *, settings: TransferSettings | N
                     if exc is None:
                         try:  # s3transfer's file too must have the size listed
                             _put_in_place(item, tmp)
-                        except OSError as err:
-                            exc = err
-                        except botocore.exceptions.IncompleteReadError as err:
+                        except (OSError, botocore.exceptions.IncompleteReadError) as err:
                             exc = err
                     _remove(tmp)
                 if exc is None:

@@ -33,8 +33,8 @@ from .native import (
     write_at,
 )
 
-__all__ = ["AVAILABLE", "STREAM_ERRORS", "WrongAnswer", "range_count", "ranged_download",
-           "ranges"]
+__all__ = ["AVAILABLE", "STREAM_ERRORS", "WrongAnswer", "range_at", "range_count",
+           "ranged_download", "ranges"]
 
 logger = logging.getLogger(__name__)
 
@@ -77,17 +77,20 @@ def range_count(size: int) -> int:
     return max(1, -(-size // RANGE_SIZE))
 
 
-def ranges(size: int):
-    """``(offset, length)`` of each range of an object of ``size`` bytes, in order, all
-    of about the same length and none above :data:`RANGE_SIZE` (one range, of the whole
-    object, when it fits; an empty object is one range of nothing). An iterator: a
-    listed size is not believed enough to make a list of it."""
-    if not size:
-        yield 0, 0
-        return
+def range_at(size: int, number: int) -> tuple[int, int]:
+    """``(offset, length)`` of range ``number`` of an object of ``size`` bytes: ranges of
+    about the same length, none above :data:`RANGE_SIZE` (one range, of the whole
+    object, when it fits; an empty object is one range of nothing)."""
     step = -(-size // range_count(size))
-    for offset in range(0, size, step):
-        yield offset, min(step, size - offset)
+    offset = number * step
+    return offset, max(0, min(step, size - offset))
+
+
+def ranges(size: int):
+    """Every :func:`range_at` of an object of ``size`` bytes, in order. An iterator: a
+    listed size is not believed enough to make a list of it."""
+    for number in range(range_count(size)):
+        yield range_at(size, number)
 
 
 def ranged_download(client, bucket: str, jobs, *, threads: int, extra: dict,
@@ -164,9 +167,7 @@ class _Batch:
                         self.cursor[:] = [index + 1, 0]
                         continue
                     self.cursor[1] = number + 1
-                    step = -(-size // count)
-                    offset = number * step
-                    return index, offset, max(0, min(step, size - offset))
+                    return (index, *range_at(size, number))
                 return None
         finally:
             for index in settled:
